@@ -5,6 +5,8 @@
 
 pub mod auth;
 pub mod batch;
+pub mod cli;
+pub mod client;
 pub mod disk;
 pub mod error;
 pub mod limits;
