@@ -1,1 +1,55 @@
-fn main() {}
+//! `bench`: measures the failback data path. Also acts as `agent`, `process-server` or
+//! `master-target` when run under those names (see `bench::roles`), which is how the demo
+//! starts each role as a real process.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bench",
+    version,
+    about = "failback bench: replication demo and throughput runs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Replicate a generated disk through a local agent -> process server -> master target
+    /// chain, report MB/s and 4 KiB blocks/s, and verify the VMDK against the source.
+    Demo(bench::demo::DemoArgs),
+    /// Emulate a WAN link (delay, rate, queue, window) as a TCP proxy between a process
+    /// server and a master target.
+    Wan(bench::wan::WanArgs),
+}
+
+fn main() -> ExitCode {
+    if let Some(code) = bench::roles::dispatch() {
+        return code;
+    }
+    let cli = Cli::parse();
+    let result = std::env::current_exe()
+        .map_err(anyhow::Error::from)
+        .and_then(|exe| match &cli.command {
+            Cmd::Demo(args) => bench::demo::run(args, &exe).map(|_| ()),
+            Cmd::Wan(args) => tokio::runtime::Runtime::new()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| {
+                    rt.block_on(bench::wan::serve(
+                        args.clone(),
+                        protocol::cli::shutdown_signal(),
+                    ))
+                }),
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

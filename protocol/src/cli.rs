@@ -23,9 +23,13 @@ pub struct SecurityArgs {
     /// PEM private key for --tls-cert (mode 600).
     #[arg(long, value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
-    /// PEM CA: clients trust servers it signed; a server given it requires client certificates.
+    /// PEM CA that signed the server's certificate: clients (and a process server towards
+    /// its master target) trust servers it signed; `https://` URLs need it.
     #[arg(long, value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
+    /// Servers: require client certificates signed by this PEM CA (mutual TLS).
+    #[arg(long, value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl SecurityArgs {
@@ -36,6 +40,7 @@ impl SecurityArgs {
             tls_cert: self.tls_cert.or(file.tls_cert),
             tls_key: self.tls_key.or(file.tls_key),
             tls_ca: self.tls_ca.or(file.tls_ca),
+            tls_client_ca: self.tls_client_ca.or(file.tls_client_ca),
         }
     }
 
@@ -48,6 +53,7 @@ impl SecurityArgs {
             cert: self.tls_cert.clone(),
             key: self.tls_key.clone(),
             ca: self.tls_ca.clone(),
+            client_ca: self.tls_client_ca.clone(),
         }
     }
 }

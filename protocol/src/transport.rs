@@ -49,13 +49,15 @@ impl Default for WanTuning {
     }
 }
 
-/// Certificate files; a server needs `cert` and `key`, a client `ca` (and `cert`/`key` for
-/// mutual TLS). A server given `ca` requires client certificates signed by it.
+/// Certificate files. A server serves TLS when it has `cert` and `key`, and requires client
+/// certificates signed by `client_ca` when that is set (mutual TLS). A client trusts servers
+/// signed by `ca` and presents `cert`/`key` when it has them.
 #[derive(Debug, Clone, Default)]
 pub struct TlsFiles {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
     pub ca: Option<PathBuf>,
+    pub client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,8 +91,9 @@ fn read(what: &'static str, path: &PathBuf) -> Result<Vec<u8>, TransportError> {
 }
 
 impl TlsFiles {
-    pub fn enabled(&self) -> bool {
-        self.cert.is_some() || self.key.is_some() || self.ca.is_some()
+    /// Whether a server with these files serves TLS.
+    pub fn serves_tls(&self) -> bool {
+        self.cert.is_some() || self.key.is_some() || self.client_ca.is_some()
     }
 
     fn identity(&self) -> Result<Option<Identity>, TransportError> {
@@ -124,13 +127,13 @@ impl TlsFiles {
 
     /// The server-side TLS configuration, or `None` when TLS is off.
     pub fn server_config(&self) -> Result<Option<ServerTlsConfig>, TransportError> {
-        if !self.enabled() {
+        if !self.serves_tls() {
             return Ok(None);
         }
         let identity = self.identity()?.ok_or(TransportError::HalfIdentity)?;
         let mut cfg = ServerTlsConfig::new().identity(identity);
-        if let Some(ca) = &self.ca {
-            cfg = cfg.client_ca_root(Certificate::from_pem(read("TLS CA", ca)?));
+        if let Some(ca) = &self.client_ca {
+            cfg = cfg.client_ca_root(Certificate::from_pem(read("TLS client CA", ca)?));
         }
         Ok(Some(cfg))
     }

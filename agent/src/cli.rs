@@ -1,0 +1,423 @@
+//! The `agent` command line (the public contract of `DESIGN.md`), its TOML config file, and
+//! their merge into a validated [`SyncConfig`]. Flags win over the config file; the file's
+//! keys are the long flag names with `_` for `-`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use protocol::auth::ClientAuth;
+use protocol::cli::{LogFormat, SecurityArgs, WanArgs, parse_size};
+use protocol::limits::{DEFAULT_BATCH_DATA, MAX_BATCH_DATA, MAX_NAME_LEN};
+use protocol::pb::DiskFormat;
+use serde::Deserialize;
+
+use crate::scan::ZERO_BLOCK;
+use crate::session::Target;
+use crate::sync::{SyncConfig, disk_info};
+
+/// Default bound of unacknowledged bytes in flight.
+pub const DEFAULT_WINDOW: u64 = 64 << 20;
+/// Default time an unreachable process server is retried.
+pub const DEFAULT_RETRY_FOR: Duration = Duration::from_secs(600);
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "agent",
+    version,
+    about = "Failback agent: reads a source disk and replicates it to a process server"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Copy a disk to the process server once (full pass), then exit.
+    ///
+    /// Exits 0 once every batch is durable in the process server's cache, or with --wait once
+    /// the master target has applied it all. An unreachable process server is retried with
+    /// backoff (error 95226) for --retry-for; other refusals end the sync at once.
+    Sync(Box<SyncArgs>),
+}
+
+/// How the disk is compared with the target.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Read and send the whole disk (all-zero blocks and holes as zero extents).
+    Full,
+    /// Send only chunks whose hash differs from the target's (not available yet).
+    Differential,
+}
+
+/// Layout of the target VMDK if the master target has to create it.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Format {
+    /// ESXi layout: descriptor (createType="vmfs") plus NAME-flat.vmdk.
+    Vmfs,
+    /// One descriptor plus one flat extent.
+    MonolithicFlat,
+    /// Thin, grain-allocated single file.
+    MonolithicSparse,
+}
+
+impl From<Format> for DiskFormat {
+    fn from(f: Format) -> Self {
+        match f {
+            Format::Vmfs => DiskFormat::Vmfs,
+            Format::MonolithicFlat => DiskFormat::MonolithicFlat,
+            Format::MonolithicSparse => DiskFormat::MonolithicSparse,
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone, Default)]
+// --tls-client-ca comes with the shared flags but only servers use it.
+#[command(mut_arg("tls_client_ca", |a| a.hide(true)))]
+pub struct SyncArgs {
+    /// TOML file with any of these options (keys as the flags, `_` for `-`).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Process server URL: http://HOST:PORT or https://HOST:PORT.
+    #[arg(long, value_name = "URL")]
+    pub process_server: Option<String>,
+    /// Source disk: raw image file or block device (read only).
+    #[arg(long, value_name = "FILE")]
+    pub disk: Option<PathBuf>,
+    /// The source disk's UUID (1..=128 of [A-Za-z0-9._:-]).
+    #[arg(long, value_name = "ID")]
+    pub disk_id: Option<String>,
+    /// Target VMDK name on the datastore: DATASTORE/NAME.vmdk.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Sync mode [default: full].
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
+    /// Target layout when the master target creates the disk [default: vmfs].
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+    /// Cut a user marker with this tag at the end of the pass.
+    #[arg(long, value_name = "TAG")]
+    pub marker: Option<String>,
+    /// Exit only once the master target has applied and made durable the whole pass.
+    #[arg(long)]
+    pub wait: bool,
+    /// Unacknowledged bytes kept in flight (at least bandwidth x RTT) [default: 64M].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub window: Option<u64>,
+    /// Uncompressed data per batch, a multiple of 4K up to 4M [default: 1M].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub batch_size: Option<u64>,
+    /// Name this agent gives the process server [default: the host name].
+    #[arg(long, value_name = "NAME")]
+    pub identity: Option<String>,
+    /// How long to keep retrying an unreachable process server, e.g. 30s, 10m, 2h
+    /// [default: 10m].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub retry_for: Option<Duration>,
+    /// Log format on stderr [default: text].
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+    #[command(flatten)]
+    pub security: SecurityArgs,
+    #[command(flatten)]
+    pub wan: WanArgs,
+}
+
+/// A size in a config file: a number of bytes or a string such as "64M".
+#[derive(Deserialize, Debug, Clone)]
+#[serde(untagged)]
+enum Size {
+    Bytes(u64),
+    Text(String),
+}
+
+impl Size {
+    fn bytes(&self, key: &str) -> anyhow::Result<u64> {
+        match self {
+            Size::Bytes(n) => Ok(*n),
+            Size::Text(s) => parse_size(s).map_err(|e| anyhow::anyhow!("{key}: {e}")),
+        }
+    }
+}
+
+/// The `--config` file of `agent sync`.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct SyncFile {
+    process_server: Option<String>,
+    disk: Option<PathBuf>,
+    disk_id: Option<String>,
+    name: Option<String>,
+    mode: Option<Mode>,
+    format: Option<Format>,
+    marker: Option<String>,
+    wait: Option<bool>,
+    window: Option<Size>,
+    batch_size: Option<Size>,
+    identity: Option<String>,
+    retry_for: Option<String>,
+    log_format: Option<LogFormat>,
+    passphrase_file: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    h2_stream_window: Option<Size>,
+    h2_connection_window: Option<Size>,
+}
+
+fn size(file: &Option<Size>, key: &str) -> anyhow::Result<Option<u64>> {
+    file.as_ref().map(|s| s.bytes(key)).transpose()
+}
+
+impl SyncArgs {
+    /// Fills every option not given as a flag from the `--config` file.
+    pub fn merged(self) -> anyhow::Result<SyncArgs> {
+        let f: SyncFile =
+            protocol::cli::load_config(self.config.as_deref()).map_err(anyhow::Error::msg)?;
+        let retry_for = f
+            .retry_for
+            .as_deref()
+            .map(humantime::parse_duration)
+            .transpose()
+            .context("retry_for")?;
+        Ok(SyncArgs {
+            config: self.config,
+            process_server: self.process_server.or(f.process_server),
+            disk: self.disk.or(f.disk),
+            disk_id: self.disk_id.or(f.disk_id),
+            name: self.name.or(f.name),
+            mode: self.mode.or(f.mode),
+            format: self.format.or(f.format),
+            marker: self.marker.or(f.marker),
+            wait: self.wait || f.wait.unwrap_or(false),
+            window: self.window.or(size(&f.window, "window")?),
+            batch_size: self.batch_size.or(size(&f.batch_size, "batch_size")?),
+            identity: self.identity.or(f.identity),
+            retry_for: self.retry_for.or(retry_for),
+            log_format: self.log_format.or(f.log_format),
+            security: self.security.or(SecurityArgs {
+                passphrase_file: f.passphrase_file,
+                tls_cert: f.tls_cert,
+                tls_key: f.tls_key,
+                tls_ca: f.tls_ca,
+                ..SecurityArgs::default()
+            }),
+            wan: self.wan.or(WanArgs {
+                h2_stream_window: size(&f.h2_stream_window, "h2_stream_window")?,
+                h2_connection_window: size(&f.h2_connection_window, "h2_connection_window")?,
+            }),
+        })
+    }
+
+    /// Validates the merged options into a [`SyncConfig`] (reads the passphrase).
+    pub fn into_config(self) -> anyhow::Result<SyncConfig> {
+        let need = |v: Option<String>, flag: &str| {
+            v.with_context(|| {
+                format!(
+                    "missing --{flag} (or {} in --config)",
+                    flag.replace('-', "_")
+                )
+            })
+        };
+        let url = need(self.process_server, "process-server")?;
+        let disk = self.disk.context("missing --disk (or disk in --config)")?;
+        let disk_id = need(self.disk_id, "disk-id")?;
+        let name = need(self.name, "name")?;
+        if self.mode == Some(Mode::Differential) {
+            bail!(
+                "--mode differential is not available yet in this agent; use --mode full (a full \
+                 pass sends all-zero blocks as zero extents, without data)"
+            );
+        }
+        let batch_data = self.batch_size.unwrap_or(DEFAULT_BATCH_DATA as u64);
+        if batch_data < ZERO_BLOCK as u64
+            || batch_data > MAX_BATCH_DATA as u64
+            || !batch_data.is_multiple_of(ZERO_BLOCK as u64)
+        {
+            bail!(
+                "--batch-size {batch_data} must be a multiple of {ZERO_BLOCK} between \
+                 {ZERO_BLOCK} and {MAX_BATCH_DATA}"
+            );
+        }
+        let window_bytes = self.window.unwrap_or(DEFAULT_WINDOW);
+        if window_bytes == 0 {
+            bail!("--window must be above 0");
+        }
+        if let Some(tag) = &self.marker
+            && tag.len() > MAX_NAME_LEN
+        {
+            bail!("--marker tag must be at most {MAX_NAME_LEN} bytes");
+        }
+        let identity = match self.identity {
+            Some(i) => i,
+            None => hostname().context("cannot find the host name; pass --identity")?,
+        };
+        if identity.is_empty() || identity.len() > MAX_NAME_LEN {
+            bail!("--identity must be 1..={MAX_NAME_LEN} bytes");
+        }
+        if self.security.tls_client_ca.is_some() {
+            bail!(
+                "--tls-client-ca is a server option; the agent trusts its process server with \
+                 --tls-ca and proves itself with --tls-cert/--tls-key"
+            );
+        }
+        let passphrase = self.security.passphrase()?;
+        let format = self
+            .format
+            .map(DiskFormat::from)
+            .unwrap_or(DiskFormat::Vmfs);
+        Ok(SyncConfig {
+            target: Target {
+                url,
+                tuning: self.wan.tuning(),
+                tls: self.security.tls(),
+                auth: ClientAuth::new(passphrase, identity),
+                disk: disk_info(&disk_id, &name, format),
+            },
+            disk,
+            marker_tag: self.marker,
+            wait: self.wait,
+            window_bytes: usize::try_from(window_bytes).context("--window")?,
+            batch_data: batch_data as usize,
+            retry_for: self.retry_for.unwrap_or(DEFAULT_RETRY_FOR),
+        })
+    }
+}
+
+/// This host's name, the default identity.
+fn hostname() -> std::io::Result<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the whole call; gethostname
+    // writes at most that many bytes.
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> SyncArgs {
+        let mut full = vec!["agent", "sync"];
+        full.extend_from_slice(args);
+        match Cli::try_parse_from(full).unwrap().command {
+            Command::Sync(a) => *a,
+        }
+    }
+
+    #[test]
+    fn the_contract_flags_parse() {
+        let a = parse(&[
+            "--process-server",
+            "http://127.0.0.1:9443",
+            "--disk",
+            "/dev/sdb",
+            "--disk-id",
+            "6000C29a",
+            "--name",
+            "vm1_disk0",
+            "--mode",
+            "full",
+            "--format",
+            "monolithic-sparse",
+            "--marker",
+            "before-upgrade",
+            "--wait",
+            "--window",
+            "128M",
+            "--batch-size",
+            "2M",
+            "--retry-for",
+            "30s",
+            "--h2-stream-window",
+            "16M",
+            "--log-format",
+            "json",
+        ]);
+        assert_eq!(a.format, Some(Format::MonolithicSparse));
+        assert_eq!(a.window, Some(128 << 20));
+        assert_eq!(a.batch_size, Some(2 << 20));
+        assert_eq!(a.retry_for, Some(Duration::from_secs(30)));
+        assert_eq!(a.wan.h2_stream_window, Some(16 << 20));
+        assert!(a.wait);
+    }
+
+    #[test]
+    fn flags_win_over_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("agent.toml");
+        std::fs::write(
+            &cfg,
+            "process_server = \"http://file:1\"\ndisk_id = \"from-file\"\nwindow = \"8M\"\n\
+             batch_size = 65536\nwait = true\nretry_for = \"1m\"\n",
+        )
+        .unwrap();
+        let a = parse(&["--config", cfg.to_str().unwrap(), "--disk-id", "flag"])
+            .merged()
+            .unwrap();
+        assert_eq!(a.process_server.as_deref(), Some("http://file:1"));
+        assert_eq!(a.disk_id.as_deref(), Some("flag"));
+        assert_eq!(a.window, Some(8 << 20));
+        assert_eq!(a.batch_size, Some(65536));
+        assert_eq!(a.retry_for, Some(Duration::from_secs(60)));
+        assert!(a.wait);
+    }
+
+    #[test]
+    fn unknown_config_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("agent.toml");
+        std::fs::write(&cfg, "proces_server = \"x\"\n").unwrap();
+        let e = parse(&["--config", cfg.to_str().unwrap()])
+            .merged()
+            .unwrap_err();
+        assert!(e.to_string().contains("proces_server"), "{e}");
+    }
+
+    #[test]
+    fn differential_mode_is_refused_for_now() {
+        let e = parse(&[
+            "--process-server",
+            "http://x:1",
+            "--disk",
+            "d",
+            "--disk-id",
+            "i",
+            "--name",
+            "n",
+            "--mode",
+            "differential",
+        ])
+        .into_config()
+        .unwrap_err();
+        assert!(e.to_string().contains("not available yet"), "{e}");
+    }
+
+    #[test]
+    fn odd_batch_sizes_are_refused() {
+        let e = parse(&[
+            "--process-server",
+            "http://x:1",
+            "--disk",
+            "d",
+            "--disk-id",
+            "i",
+            "--name",
+            "n",
+            "--batch-size",
+            "5000",
+        ])
+        .into_config()
+        .unwrap_err();
+        assert!(e.to_string().contains("--batch-size"), "{e}");
+    }
+}

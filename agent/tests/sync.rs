@@ -1,0 +1,439 @@
+//! `agent sync --mode full` against an in-process fake process server on 127.0.0.1:0.
+//!
+//! The fake follows `docs/internals.md` hop 1 strictly (challenge/auth, welcome, next seq
+//! only, cumulative acks) and rebuilds the disk from the batches it receives, so the tests
+//! can compare the result with the source byte for byte. Scripted faults: a stream dropped
+//! once mid-transfer (after storing a batch, before acking it), a refusal of the hello, and
+//! a pause.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agent::session::{SessionError, Target};
+use agent::sync::{SyncConfig, SyncError, disk_info, run};
+use protocol::auth::{ClientAuth, Passphrase, ServerAuth};
+use protocol::batch::{decode_into, flags};
+use protocol::error::{Code, Refusal};
+use protocol::limits::MAX_MESSAGE_BYTES;
+use protocol::pb::agent_message::Body as AgentBody;
+use protocol::pb::process_server_message::Body as ServerBody;
+use protocol::pb::process_server_server::{ProcessServer, ProcessServerServer};
+use protocol::pb::{
+    AgentMessage, ChallengeReply, ChallengeRequest, DiskFormat, DiskProgress, Marker, Pause,
+    ProcessServerMessage, ServerWelcome, StatusReply, StatusRequest,
+};
+use protocol::transport::{TlsFiles, WanTuning};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+const PASS: &str = "a test passphrase";
+const DISK: &str = "6000C29a-test";
+/// Batches already on the wire when a pause is sent may still arrive within this time.
+const PAUSE_GRACE: Duration = Duration::from_millis(100);
+
+/// What the fake process server holds and saw.
+#[derive(Debug, Default)]
+struct State {
+    /// The target disk, rebuilt from batches; starts as garbage so that a missing zero
+    /// extent shows.
+    disk: Vec<u8>,
+    cached_seq: u64,
+    /// Seqs in the order they were stored (each once).
+    stored: Vec<u64>,
+    markers: Vec<Marker>,
+    last_flags: u32,
+    connections: u32,
+    /// Seqs received more than once (resends after a reconnect).
+    duplicates: u32,
+    /// When the pause was sent and lifted, and the seqs received while paused (after a
+    /// grace period for what was already in flight).
+    paused_at: Option<Instant>,
+    unpaused_at: Option<Instant>,
+    sent_while_paused: Vec<u64>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Script {
+    /// Drop the stream once, after storing this many batches of the pass (the last unacked).
+    drop_after: Option<usize>,
+    /// Answer the first hello(s) with this refusal.
+    refuse: Option<(Code, u32)>,
+    /// Pause intake for this long right after the first welcome.
+    pause_for: Option<Duration>,
+}
+
+struct Fake {
+    auth: ServerAuth,
+    state: Arc<Mutex<State>>,
+    script: Mutex<Script>,
+}
+
+type Reply = Result<ProcessServerMessage, Status>;
+
+fn msg(body: ServerBody) -> Reply {
+    Ok(ProcessServerMessage { body: Some(body) })
+}
+
+#[tonic::async_trait]
+impl ProcessServer for Fake {
+    async fn challenge(
+        &self,
+        _: Request<ChallengeRequest>,
+    ) -> Result<Response<ChallengeReply>, Status> {
+        Ok(Response::new(ChallengeReply {
+            server_nonce: self.auth.challenge().into(),
+        }))
+    }
+
+    type ReplicateStream = ReceiverStream<Reply>;
+
+    async fn replicate(
+        &self,
+        req: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::ReplicateStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let first = inbound.message().await?.and_then(|m| m.body);
+        let Some(AgentBody::Hello(hello)) = first else {
+            return Err(Status::invalid_argument("first message must be hello"));
+        };
+        let proof = match self.auth.verify(hello.auth.as_ref()) {
+            Ok(p) => p,
+            Err(r) => {
+                tx.send(msg(ServerBody::Error(r.to_report()))).await.ok();
+                return Ok(Response::new(ReceiverStream::new(rx)));
+            }
+        };
+        let (script, refusal) = {
+            let mut s = self.script.lock().unwrap();
+            let refusal = s.refuse.map(|(code, n)| {
+                s.refuse = (n > 1).then_some((code, n - 1));
+                Refusal::for_disk(code, DISK, "scripted refusal")
+            });
+            let script = s.clone();
+            // Faults happen once: later connections run clean.
+            s.pause_for = None;
+            s.drop_after = None;
+            (script, refusal)
+        };
+        if let Some(r) = refusal {
+            tx.send(msg(ServerBody::Error(r.to_report()))).await.ok();
+            return Ok(Response::new(ReceiverStream::new(rx)));
+        }
+        let disk = &hello.disks[0];
+        let cached = {
+            let mut st = self.state.lock().unwrap();
+            st.connections += 1;
+            if st.disk.is_empty() {
+                st.disk = vec![0xA5; disk.capacity as usize];
+            }
+            st.cached_seq
+        };
+        let progress = DiskProgress {
+            disk_id: disk.disk_id.clone(),
+            cached_seq: cached,
+            applied_seq: cached,
+        };
+        tx.send(msg(ServerBody::Welcome(ServerWelcome {
+            server_proof: proof.into(),
+            disks: vec![progress],
+        })))
+        .await
+        .ok();
+        let state = self.state.clone();
+        if let Some(d) = script.pause_for {
+            pause(&tx, d, state.clone());
+        }
+        let capacity = disk.capacity;
+        tokio::spawn(serve_stream(
+            inbound,
+            tx,
+            state,
+            capacity,
+            script.drop_after,
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+        Err(Status::unimplemented("not in the fake"))
+    }
+}
+
+/// Pauses intake now and lifts the pause after `d`.
+fn pause(tx: &mpsc::Sender<Reply>, d: Duration, state: Arc<Mutex<State>>) {
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        let body = |paused| {
+            msg(ServerBody::Pause(Pause {
+                paused,
+                reason: "cache above its high-water mark".into(),
+            }))
+        };
+        state.lock().unwrap().paused_at = Some(Instant::now());
+        tx.send(body(true)).await.ok();
+        tokio::time::sleep(d).await;
+        state.lock().unwrap().unpaused_at = Some(Instant::now());
+        tx.send(body(false)).await.ok();
+    });
+}
+
+/// Stores batches in seq order and acks each; with `drop_after = N`, stores N batches,
+/// leaves the Nth unacked, and ends the stream when the next batch arrives.
+async fn serve_stream(
+    mut inbound: Streaming<AgentMessage>,
+    tx: mpsc::Sender<Reply>,
+    state: Arc<Mutex<State>>,
+    capacity: u64,
+    drop_after: Option<usize>,
+) {
+    let mut buf = Vec::new();
+    let mut stored_here = 0usize;
+    while let Ok(Some(m)) = inbound.message().await {
+        let Some(AgentBody::Batch(b)) = m.body else {
+            continue;
+        };
+        let ack = {
+            let mut st = state.lock().unwrap();
+            if st.unpaused_at.is_none() && st.paused_at.is_some_and(|t| t.elapsed() > PAUSE_GRACE) {
+                st.sent_while_paused.push(b.seq);
+            }
+            if Some(stored_here) == drop_after {
+                // The batch after the last stored one arrived: drop the stream, so this one
+                // (and any behind it) must be resent and the unacked stored one must not.
+                Err(None)
+            } else if b.seq <= st.cached_seq {
+                st.duplicates += 1;
+                Ok(Some(st.cached_seq))
+            } else if b.seq != st.cached_seq + 1 {
+                Err(Some(Refusal::for_disk(
+                    Code::OutOfSequence,
+                    DISK,
+                    format!("seq {}", b.seq),
+                )))
+            } else {
+                let d = decode_into(&b, capacity, &mut buf).expect("a valid batch");
+                for (off, data) in d.writes() {
+                    st.disk[off as usize..off as usize + data.len()].copy_from_slice(data);
+                }
+                for z in &b.zeros {
+                    st.disk[z.offset as usize..(z.offset + z.length) as usize].fill(0);
+                }
+                st.markers.extend(b.markers.iter().cloned());
+                st.last_flags = b.flags;
+                st.cached_seq = b.seq;
+                st.stored.push(b.seq);
+                stored_here += 1;
+                Ok((Some(stored_here) != drop_after).then_some(b.seq))
+            }
+        };
+        let seq = match ack {
+            Ok(Some(seq)) => seq,
+            Ok(None) => continue,
+            // Scripted drop: end the stream.
+            Err(None) => return,
+            Err(Some(r)) => {
+                tx.send(msg(ServerBody::Error(r.to_report()))).await.ok();
+                return;
+            }
+        };
+        let p = DiskProgress {
+            disk_id: b.disk_id.clone(),
+            cached_seq: seq,
+            applied_seq: seq,
+        };
+        if tx.send(msg(ServerBody::Ack(p))).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn start_fake(script: Script, cached_seq: u64) -> (String, Arc<Mutex<State>>) {
+    let state = Arc::new(Mutex::new(State {
+        cached_seq,
+        ..State::default()
+    }));
+    let fake = Fake {
+        auth: ServerAuth::new(Passphrase::new(PASS).unwrap()),
+        state: state.clone(),
+        script: Mutex::new(script),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let svc = ProcessServerServer::new(fake)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    tokio::spawn(
+        WanTuning::default()
+            .server(&TlsFiles::default())
+            .unwrap()
+            .add_service(svc)
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    (url, state)
+}
+
+/// A 6 MiB source: data, written zeros, a hole, more data, and a data tail.
+fn source_disk() -> (tempfile::NamedTempFile, Vec<u8>) {
+    use std::os::unix::fs::FileExt;
+    let cap = 6 << 20;
+    let mut content = vec![0u8; cap];
+    for (i, b) in content[..(1 << 20)].iter_mut().enumerate() {
+        *b = (i * 7 % 253) as u8 + 1;
+    }
+    for (i, b) in content[(3 << 20)..(3 << 20) + 1_500_000]
+        .iter_mut()
+        .enumerate()
+    {
+        *b = (i % 97) as u8;
+    }
+    content[cap - 512..].fill(0xEE);
+    let f = tempfile::NamedTempFile::new().unwrap();
+    f.as_file().set_len(cap as u64).unwrap();
+    f.as_file().write_all_at(&content[..2 << 20], 0).unwrap();
+    f.as_file()
+        .write_all_at(&content[3 << 20..], 3 << 20)
+        .unwrap();
+    (f, content)
+}
+
+fn config(url: &str, disk: &std::path::Path) -> SyncConfig {
+    SyncConfig {
+        target: Target {
+            url: url.to_string(),
+            tuning: WanTuning::default(),
+            tls: TlsFiles::default(),
+            auth: ClientAuth::new(Passphrase::new(PASS).unwrap(), "test-agent"),
+            disk: disk_info(DISK, "vm1_disk0", DiskFormat::Vmfs),
+        },
+        disk: disk.to_path_buf(),
+        marker_tag: Some("after-sync".into()),
+        wait: true,
+        window_bytes: 256 << 10,
+        batch_data: 64 << 10,
+        retry_for: Duration::from_secs(10),
+    }
+}
+
+async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(30), f)
+        .await
+        .expect("the sync finished in time")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_sync_survives_a_dropped_stream_and_rebuilds_the_disk() {
+    let (url, state) = start_fake(
+        Script {
+            drop_after: Some(10),
+            ..Script::default()
+        },
+        41,
+    )
+    .await;
+    let (file, content) = source_disk();
+    let summary = bounded(run(config(&url, file.path()))).await.unwrap();
+
+    let st = state.lock().unwrap();
+    assert_eq!(st.connections, 2, "one reconnect");
+    assert_eq!(summary.first_seq, 42, "seqs continue after the cached ones");
+    let expected: Vec<u64> = (42..=summary.last_seq).collect();
+    assert_eq!(st.stored, expected, "every seq stored once, in order");
+    assert!(
+        st.disk == content,
+        "the rebuilt disk differs from the source"
+    );
+    assert_eq!(st.last_flags, flags::RESYNC | flags::RESYNC_END);
+    assert_eq!(st.markers.len(), 1);
+    assert_eq!(st.markers[0].tag, "after-sync");
+    assert!(summary.applied);
+    assert!(summary.resent_bytes > 0, "what was in flight is resent");
+    assert_eq!(
+        st.duplicates, 0,
+        "nothing the welcome said was stored is resent"
+    );
+    assert_eq!(summary.data_bytes + summary.zero_bytes, 6 << 20);
+    assert!(summary.read_bytes < 6 << 20, "the hole is not read");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_retryable_refusal_ends_the_sync_with_its_code() {
+    let (url, state) = start_fake(
+        Script {
+            refuse: Some((Code::DiskConflict, 1)),
+            ..Script::default()
+        },
+        0,
+    )
+    .await;
+    let (file, _) = source_disk();
+    let err = bounded(run(config(&url, file.path()))).await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            SyncError::Session(SessionError::Refused(r)) if r.code == Code::DiskConflict
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().starts_with("error 8: scripted refusal"));
+    assert!(state.lock().unwrap().stored.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retryable_refusal_is_retried_until_it_clears() {
+    let (url, state) = start_fake(
+        Script {
+            refuse: Some((Code::Unavailable, 2)),
+            ..Script::default()
+        },
+        0,
+    )
+    .await;
+    let (file, content) = source_disk();
+    let summary = bounded(run(config(&url, file.path()))).await.unwrap();
+    assert_eq!(summary.first_seq, 1);
+    assert!(state.lock().unwrap().disk == content);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_process_server_is_given_up_after_retry_for() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    let (file, _) = source_disk();
+    let mut cfg = config(&url, file.path());
+    cfg.retry_for = Duration::from_millis(400);
+    let started = Instant::now();
+    let err = bounded(run(cfg)).await.unwrap_err();
+    assert!(matches!(err, SyncError::GaveUp(_)), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.starts_with(&format!("error 95226: cannot reach process server {url}")),
+        "{text}"
+    );
+    assert!(text.contains("gave up after"), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_batch_is_sent_while_the_process_server_pauses_intake() {
+    let (url, state) = start_fake(
+        Script {
+            pause_for: Some(Duration::from_millis(500)),
+            ..Script::default()
+        },
+        0,
+    )
+    .await;
+    let (file, content) = source_disk();
+    bounded(run(config(&url, file.path()))).await.unwrap();
+    let st = state.lock().unwrap();
+    assert!(st.unpaused_at.is_some());
+    assert!(
+        st.sent_while_paused.is_empty(),
+        "sent while paused: {:?}",
+        st.sent_while_paused
+    );
+    assert!(st.disk == content);
+}

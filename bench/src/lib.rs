@@ -1,0 +1,10 @@
+//! failback bench: the local replication demo and the harness that runs the real roles as
+//! processes (shared with the end-to-end tests).
+
+pub mod cluster;
+pub mod demo;
+pub mod roles;
+pub mod tls;
+pub mod verify;
+pub mod wan;
+pub mod workload;

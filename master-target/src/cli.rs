@@ -1,0 +1,290 @@
+//! The command line (the public contract of DESIGN.md): `serve`, `status`,
+//! `recovery-points`. The only place that uses `anyhow`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, anyhow, bail};
+use clap::{Args, Parser, Subcommand};
+use protocol::auth::{ClientAuth, ServerAuth};
+use protocol::cli::{LogFormat, SecurityArgs, WanArgs, init_logging, load_config, parse_size};
+use protocol::error::Refusal;
+use serde::Deserialize;
+
+use crate::server::{ServeOptions, serve};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "master-target",
+    version,
+    about = "Applies replicated batches to VMDK disks on a datastore, durably and in order"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve MasterTarget.Apply for process servers.
+    Serve(ServeArgs),
+    /// Show the disks of a running master target.
+    Status(StatusArgs),
+    /// List the recovery points recorded for a disk.
+    RecoveryPoints(RecoveryPointsArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Address to listen on, HOST:PORT (port 0 picks a free one; the log says which).
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: Option<String>,
+    /// Datastore directory holding the target VMDKs (DATASTORE/NAME.vmdk).
+    #[arg(long, value_name = "DIR")]
+    datastore: Option<PathBuf>,
+    /// Retention volume directory (disk state files and marker logs).
+    #[arg(long, value_name = "DIR")]
+    retention: Option<PathBuf>,
+    /// TOML file with the same keys as the flags (`_` for `-`); flags win.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Log format on stderr [default: text].
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
+    /// Name reported by `status` [default: the host name].
+    #[arg(long, value_name = "NAME")]
+    identity: Option<String>,
+    /// Serve Prometheus metrics on http://HOST:PORT/metrics.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_listen: Option<String>,
+    #[command(flatten)]
+    security: SecurityArgs,
+    #[command(flatten)]
+    wan: WanArgs,
+}
+
+/// A size in a config file: a number of bytes or a string such as "32M".
+#[derive(Deserialize, Debug, Clone)]
+#[serde(untagged)]
+enum Size {
+    Bytes(u64),
+    Text(String),
+}
+
+impl Size {
+    fn bytes(&self) -> anyhow::Result<u64> {
+        match self {
+            Size::Bytes(n) => Ok(*n),
+            Size::Text(s) => parse_size(s).map_err(|e| anyhow!(e)),
+        }
+    }
+}
+
+/// `serve --config FILE`: the keys of [`ServeArgs`].
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct ServeFile {
+    listen: Option<String>,
+    datastore: Option<PathBuf>,
+    retention: Option<PathBuf>,
+    log_format: Option<LogFormat>,
+    identity: Option<String>,
+    metrics_listen: Option<String>,
+    passphrase_file: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
+    h2_stream_window: Option<Size>,
+    h2_connection_window: Option<Size>,
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    /// URL of the master target (http://HOST:PORT or https://HOST:PORT).
+    #[arg(long, value_name = "URL")]
+    connect: String,
+    /// Print the reply as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    security: SecurityArgs,
+}
+
+#[derive(Args, Debug)]
+struct RecoveryPointsArgs {
+    /// Retention volume directory of the master target.
+    #[arg(long, value_name = "DIR")]
+    retention: PathBuf,
+    /// Disk id whose points to list.
+    #[arg(long, value_name = "DISK_ID")]
+    disk: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Parses the process arguments, runs the command, and maps errors to a message on stderr
+/// and exit status 1.
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(a) => run_serve(a).await,
+            Command::Status(a) => run_status(a).await,
+            Command::RecoveryPoints(a) => run_recovery_points(a),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{}", user_message(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `error <code>: <what>` for refusals (whose message may already carry that prefix when
+/// it came back from a server), `error: <what>` for everything else.
+fn user_message(e: &anyhow::Error) -> String {
+    match e.downcast_ref::<Refusal>() {
+        Some(r) if r.message.starts_with("error ") => r.message.clone(),
+        Some(r) => r.to_string(),
+        None => format!("error: {e:#}"),
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "master-target".into())
+}
+
+async fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
+    let file: ServeFile = load_config(a.config.as_deref()).map_err(|e| anyhow!(e))?;
+    init_logging(a.log_format.or(file.log_format).unwrap_or_default());
+    let security = a.security.or(SecurityArgs {
+        passphrase_file: file.passphrase_file,
+        tls_cert: file.tls_cert,
+        tls_key: file.tls_key,
+        tls_ca: file.tls_ca,
+        tls_client_ca: file.tls_client_ca,
+    });
+    let wan = a.wan.or(WanArgs {
+        h2_stream_window: file.h2_stream_window.map(|s| s.bytes()).transpose()?,
+        h2_connection_window: file.h2_connection_window.map(|s| s.bytes()).transpose()?,
+    });
+    let listen = a
+        .listen
+        .or(file.listen)
+        .context("--listen HOST:PORT is required (flag or config key)")?;
+    let datastore = a
+        .datastore
+        .or(file.datastore)
+        .context("--datastore DIR is required (flag or config key)")?;
+    let retention = a
+        .retention
+        .or(file.retention)
+        .context("--retention DIR is required (flag or config key)")?;
+    let passphrase = security.passphrase()?;
+    // Poll the shared signal future once now, which installs the SIGTERM/SIGINT handlers
+    // before "listening on" is logged: a signal sent right after it must stop us cleanly.
+    let mut signal = Box::pin(protocol::cli::shutdown_signal());
+    tokio::select! {
+        biased;
+        () = &mut signal => return Ok(()),
+        () = std::future::ready(()) => {}
+    }
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let metrics = match a.metrics_listen.or(file.metrics_listen) {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(&addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for metrics"))?,
+        ),
+        None => None,
+    };
+    let opts = ServeOptions {
+        datastore,
+        retention,
+        auth: ServerAuth::new(passphrase),
+        tls: security.tls(),
+        tuning: wan.tuning(),
+        identity: a.identity.or(file.identity).unwrap_or_else(host_name),
+        metrics,
+    };
+    serve(opts, listener, signal)
+        .await
+        .map_err(|e| anyhow!(Refusal::new(e.code(), e.to_string())))
+}
+
+async fn run_status(a: StatusArgs) -> anyhow::Result<()> {
+    init_logging(LogFormat::Text);
+    let auth = ClientAuth::new(a.security.passphrase()?, "cli");
+    let tuning = protocol::transport::WanTuning::default();
+    let mut client =
+        protocol::client::master_target(&a.connect, &tuning, &a.security.tls()).await?;
+    let reply = protocol::client::status(&mut client, &auth).await?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&crate::status::to_json(&reply))?
+        );
+    } else {
+        print!("{}", crate::status::to_table(&reply));
+    }
+    Ok(())
+}
+
+fn run_recovery_points(a: RecoveryPointsArgs) -> anyhow::Result<()> {
+    if !protocol::disk::is_safe_name(&a.disk) {
+        bail!("disk id '{}' is not valid", a.disk.escape_debug());
+    }
+    let points = crate::recovery::points(&a.retention, &a.disk)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&crate::recovery::to_json(&a.disk, &points))?
+        );
+    } else {
+        print!("{}", crate::recovery::to_table(&points));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn config_file_keys_parse() {
+        let f: ServeFile = toml::from_str(
+            "listen = \"127.0.0.1:9444\"\ndatastore = \"/ds\"\nretention = \"/r\"\n\
+             h2_stream_window = \"64M\"\nh2_connection_window = 1048576\nlog_format = \"json\"\n",
+        )
+        .unwrap();
+        assert_eq!(f.h2_stream_window.unwrap().bytes().unwrap(), 64 << 20);
+        assert_eq!(f.h2_connection_window.unwrap().bytes().unwrap(), 1 << 20);
+        assert!(toml::from_str::<ServeFile>("bogus = 1").is_err());
+    }
+}

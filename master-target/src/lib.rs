@@ -1,0 +1,28 @@
+//! The master target of the failback data path: it receives the process server's
+//! `MasterTarget.Apply` streams and applies each disk's batches, strictly in seq order, to
+//! VMDK images on a datastore directory through memory maps, durably, acknowledging a batch
+//! only once its data, markers and state are on stable storage.
+//!
+//! ```text
+//!  server (gRPC, per connection) -> registry (disk id <-> name, open disks)
+//!        -> apply (one thread per disk: reorder, group commit)
+//!             -> vmdk (descriptor + flat extent through mmap)
+//!             -> markers (marker log)  -> state (applied seq)      [retention volume]
+//! ```
+
+pub mod apply;
+pub mod cli;
+pub mod markers;
+pub mod metrics;
+pub mod outbox;
+pub mod recovery;
+pub mod registry;
+pub mod server;
+pub mod state;
+pub mod status;
+pub mod vmdk;
+
+/// Entry point of the `master-target` binary (and of the test harness's wrappers).
+pub fn run_cli() -> std::process::ExitCode {
+    cli::run()
+}

@@ -1,0 +1,313 @@
+//! The disks this master target holds: which disk id owns which name, and the running
+//! applier of each open disk.
+//!
+//! Invariants: a disk id maps to one name and a name to one disk id, across restarts (the
+//! claims are rebuilt from the state files at start-up); a disk has at most one applier;
+//! opening is serialised (an async mutex held across the blocking open), so two connections
+//! declaring a new disk at once create it once.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use parking_lot::Mutex as SyncMutex;
+use protocol::disk::check_disk_info;
+use protocol::error::{Code, Refusal};
+use protocol::pb::{DiskFormat, DiskInfo};
+use tokio::sync::{Mutex, mpsc};
+
+use crate::apply::{Applier, ApplyCmd, DiskShared};
+use crate::markers::{self, MarkerLog};
+use crate::state::{self, DiskState};
+use crate::vmdk::{self, Claim, Disk, DiskSpec, VmdkError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("{0}")]
+    Datastore(#[from] VmdkError),
+    #[error("retention volume {path}: {reason}")]
+    Retention { path: PathBuf, reason: String },
+    #[error("{0}")]
+    State(#[from] state::StateError),
+}
+
+impl SetupError {
+    pub fn code(&self) -> Code {
+        match self {
+            SetupError::Datastore(e) => e.refusal("").code,
+            SetupError::Retention { .. } | SetupError::State(_) => Code::Io,
+        }
+    }
+}
+
+/// An open disk: its applier's input and what others may read of it.
+#[derive(Debug)]
+pub struct DiskEntry {
+    pub shared: Arc<DiskShared>,
+    pub tx: mpsc::Sender<ApplyCmd>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    open: HashMap<String, Arc<DiskEntry>>,
+    /// disk id -> (name, capacity) of every disk ever declared here.
+    known: HashMap<String, (String, u64)>,
+    /// name -> disk id.
+    names: HashMap<String, String>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+pub struct Registry {
+    datastore: PathBuf,
+    retention: PathBuf,
+    inner: Mutex<Inner>,
+    /// States of known disks that are not open, for `Status` (disk id -> state).
+    idle: SyncMutex<HashMap<String, DiskState>>,
+    /// Exclusive lock on `RETENTION/.lock` for the registry's lifetime: one master target
+    /// per retention volume.
+    _lock: std::fs::File,
+}
+
+fn same_or_nested(a: &Path, b: &Path) -> bool {
+    a.starts_with(b) || b.starts_with(a)
+}
+
+impl Registry {
+    /// Checks the datastore and retention volume and loads every disk's claim.
+    pub fn new(datastore: &Path, retention: &Path) -> Result<Registry, SetupError> {
+        vmdk::check_writable(datastore)?;
+        let bad = |reason: String| SetupError::Retention {
+            path: retention.to_path_buf(),
+            reason,
+        };
+        std::fs::create_dir_all(state::disks_dir(retention)).map_err(|e| {
+            bad(format!(
+                "cannot create {}: {e}",
+                state::disks_dir(retention).display()
+            ))
+        })?;
+        let lock = lock_retention(retention).map_err(bad)?;
+        let ds = datastore.canonicalize().map_err(|e| bad(e.to_string()))?;
+        let rt = retention.canonicalize().map_err(|e| bad(e.to_string()))?;
+        if same_or_nested(&ds, &rt) {
+            return Err(bad(format!(
+                "it overlaps the datastore {}; use a separate directory",
+                ds.display()
+            )));
+        }
+        let mut inner = Inner::default();
+        let mut idle = HashMap::new();
+        for s in DiskState::load_all(retention)? {
+            inner.names.insert(s.name.clone(), s.disk_id.clone());
+            inner
+                .known
+                .insert(s.disk_id.clone(), (s.name.clone(), s.capacity));
+            idle.insert(s.disk_id.clone(), s);
+        }
+        Ok(Registry {
+            datastore: datastore.to_path_buf(),
+            retention: retention.to_path_buf(),
+            inner: Mutex::new(inner),
+            idle: SyncMutex::new(idle),
+            _lock: lock,
+        })
+    }
+
+    pub fn datastore(&self) -> &Path {
+        &self.datastore
+    }
+
+    pub fn retention(&self) -> &Path {
+        &self.retention
+    }
+
+    /// Opens (or creates) the disk a peer declares and returns its entry; a disk already
+    /// open is resumed if a bad batch had stopped it.
+    pub async fn attach(&self, info: &DiskInfo) -> Result<Arc<DiskEntry>, Refusal> {
+        check_disk_info(info)?;
+        let id = info.disk_id.as_str();
+        let mut inner = self.inner.lock().await;
+        if let Some((name, capacity)) = inner.known.get(id) {
+            if *name != info.name {
+                return Err(Refusal::for_disk(
+                    Code::DiskConflict,
+                    id,
+                    format!(
+                        "disk id {id} is already replicated to {name}.vmdk, not {}.vmdk",
+                        info.name
+                    ),
+                ));
+            }
+            if *capacity != info.capacity {
+                return Err(Refusal::for_disk(
+                    Code::DiskConflict,
+                    id,
+                    format!(
+                        "disk {id} was declared with {capacity} bytes, now with {}",
+                        info.capacity
+                    ),
+                ));
+            }
+        }
+        if let Some(owner) = inner.names.get(&info.name)
+            && owner != id
+        {
+            return Err(Refusal::for_disk(
+                Code::DiskNameCollision,
+                id,
+                format!(
+                    "the name {} is already used by disk {owner} on this datastore; choose another name",
+                    info.name
+                ),
+            ));
+        }
+        if let Some(entry) = inner.open.get(id) {
+            // A full queue only delays the resume until the applier catches up.
+            let _ = entry.tx.send(ApplyCmd::Resume).await;
+            return Ok(entry.clone());
+        }
+        let (datastore, retention, info_owned) =
+            (self.datastore.clone(), self.retention.clone(), info.clone());
+        let opened = tokio::task::spawn_blocking(move || open(&datastore, &retention, &info_owned))
+            .await
+            .map_err(|e| {
+                Refusal::for_disk(Code::Internal, id, format!("open task failed: {e}"))
+            })??;
+        let (entry, thread) = opened;
+        inner.threads.push(thread);
+        inner
+            .known
+            .insert(id.to_string(), (info.name.clone(), info.capacity));
+        inner.names.insert(info.name.clone(), id.to_string());
+        inner.open.insert(id.to_string(), entry.clone());
+        self.idle.lock().remove(id);
+        Ok(entry)
+    }
+
+    /// Every open disk, and the last known state of the others.
+    pub async fn snapshot(&self) -> (Vec<Arc<DiskEntry>>, Vec<DiskState>) {
+        let open: Vec<_> = self.inner.lock().await.open.values().cloned().collect();
+        let idle = self.idle.lock().values().cloned().collect();
+        (open, idle)
+    }
+
+    /// Asks every applier to commit and stop, and waits for them.
+    pub async fn shutdown(&self) {
+        let (entries, threads) = {
+            let mut inner = self.inner.lock().await;
+            let entries: Vec<_> = inner.open.drain().map(|(_, e)| e).collect();
+            (entries, std::mem::take(&mut inner.threads))
+        };
+        for e in &entries {
+            let _ = e.tx.send(ApplyCmd::Shutdown).await;
+        }
+        drop(entries);
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+    }
+}
+
+/// Takes the retention volume's lock, or says who holds it.
+fn lock_retention(retention: &Path) -> Result<std::fs::File, String> {
+    use std::os::fd::AsRawFd;
+    let path = retention.join(".lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    // SAFETY: flock on a valid, owned descriptor; no memory is passed.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(format!(
+            "already claimed by another master target ({} is locked: {})",
+            path.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(f)
+}
+
+/// Opens a disk's state, image and marker log and starts its applier (blocking).
+fn open(
+    datastore: &Path,
+    retention: &Path,
+    info: &DiskInfo,
+) -> Result<(Arc<DiskEntry>, std::thread::JoinHandle<()>), Refusal> {
+    let id = info.disk_id.as_str();
+    let io = |e: &dyn std::fmt::Display| Refusal::for_disk(Code::Io, id, e.to_string());
+    let existing = DiskState::load(retention, id).map_err(|e| io(&e))?;
+    let claimed_now = existing.is_none();
+    let claim = match &existing {
+        None => Claim::New,
+        Some(s) if s.applied_seq == 0 => Claim::Unapplied,
+        Some(_) => Claim::Applied,
+    };
+    let state = match existing {
+        Some(s) => s,
+        None => {
+            // The claim comes first: a create interrupted after it is recognised as ours.
+            let s = DiskState {
+                disk_id: id.to_string(),
+                name: info.name.clone(),
+                capacity: info.capacity,
+                ..Default::default()
+            };
+            s.store(retention).map_err(|e| io(&e))?;
+            s
+        }
+    };
+    let spec = DiskSpec {
+        disk_id: id,
+        name: &info.name,
+        capacity: info.capacity,
+        format: DiskFormat::try_from(info.format).unwrap_or(DiskFormat::Unspecified),
+    };
+    let unclaim = |r: Refusal| {
+        if claimed_now {
+            let _ = std::fs::remove_file(state::state_path(retention, id));
+        }
+        r
+    };
+    let disk = Disk::open_or_create(datastore, &spec, claim).map_err(|e| unclaim(e.refusal(id)))?;
+    let log = MarkerLog::open(&markers::log_path(retention, id), state.applied_seq)
+        .map_err(|e| unclaim(io(&e)))?;
+    let shared = Arc::new(DiskShared {
+        disk_id: id.to_string(),
+        name: info.name.clone(),
+        capacity: info.capacity,
+        durable_seq: AtomicU64::new(state.applied_seq),
+        bytes_applied: AtomicU64::new(0),
+        state: SyncMutex::new(state.clone()),
+        stopped: SyncMutex::new(None),
+    });
+    tracing::info!(disk = id, name = %info.name, applied_seq = state.applied_seq, "disk open");
+    let applier = Applier::new(disk, log, retention.to_path_buf(), state, shared.clone());
+    let (tx, thread) = applier.spawn().map_err(|e| io(&e))?;
+    Ok((Arc::new(DiskEntry { shared, tx }), thread))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retention_volume_serves_one_master_target_and_not_inside_the_datastore() {
+        let t = tempfile::tempdir().unwrap();
+        let (ds, ret) = (t.path().join("ds"), t.path().join("ret"));
+        std::fs::create_dir_all(&ds).unwrap();
+        let first = Registry::new(&ds, &ret).unwrap();
+        let e = Registry::new(&ds, &ret).unwrap_err();
+        assert!(e.to_string().contains("already claimed"), "{e}");
+        drop(first);
+        Registry::new(&ds, &ret).unwrap();
+        let e = Registry::new(&ds, &ds.join("retention")).unwrap_err();
+        assert!(e.to_string().contains("overlaps the datastore"), "{e}");
+    }
+}

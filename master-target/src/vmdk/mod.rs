@@ -1,0 +1,657 @@
+//! Target disks: VMDK images on the datastore directory.
+//!
+//! ```text
+//!   DATASTORE/NAME.vmdk         text descriptor   (descriptor.rs: parse / render)
+//!   DATASTORE/NAME-flat.vmdk    raw extent        (flat.rs: locked, fallocated, mmapped)
+//!          \______________________ Disk (this module): open-or-create, identity, CID
+//! ```
+//!
+//! Invariants:
+//! * a disk is identified by `ddb.uuid`, derived from the replicated disk id
+//!   ([`uuid_for`]); an existing image whose uuid differs belongs to another disk and is
+//!   refused ([`VmdkError::NameCollision`]), one without a uuid (e.g. made by qemu-img) is
+//!   adopted and gets ours on its first descriptor rewrite;
+//! * the capacity declared by the replicating side equals the descriptor's, or the disk
+//!   is refused ([`VmdkError::CapacityMismatch`]);
+//! * the descriptor is only ever replaced atomically (tmp, fsync, rename, fsync dir);
+//!   the exclusive lock is therefore held on the flat extent (the file that is mapped and
+//!   never replaced), not on the descriptor, whose inode each rewrite replaces;
+//! * the CID is renewed once per open, before the first byte is written, as VMware and
+//!   qemu do, so tools that cache content by CID see the change; `ddb.uuid` never changes.
+
+pub mod descriptor;
+pub mod flat;
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use protocol::error::{Code, Refusal};
+use protocol::pb::DiskFormat;
+use sha2::{Digest, Sha256};
+
+use self::descriptor::{CreateType, Descriptor, DescriptorError};
+use self::flat::{FlatError, FlatExtent};
+
+/// Virtual hardware version written into new descriptors (ESXi 6.5+).
+const VIRTUAL_HW_VERSION: &str = "13";
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmdkError {
+    #[error("{path}: {source}")]
+    Descriptor {
+        path: PathBuf,
+        source: DescriptorError,
+    },
+    #[error("{0}")]
+    Flat(#[from] FlatError),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error(
+        "{path} belongs to another disk (ddb.uuid \"{found}\", disk id expects \"{expected}\"); \
+         choose another name or remove the image"
+    )]
+    NameCollision {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+    #[error("{path} exists without its descriptor; remove it or choose another name")]
+    OrphanExtent { path: PathBuf },
+    #[error(
+        "{path} is missing but the retention volume says the disk was replicated to it; \
+         restore the image, or remove the disk's state file to start a full sync"
+    )]
+    Missing { path: PathBuf },
+    #[error("{path} has {found} bytes but the disk declares {declared}")]
+    CapacityMismatch {
+        path: PathBuf,
+        found: u64,
+        declared: u64,
+    },
+    #[error("the datastore {path} is not usable: {reason}")]
+    DatastoreNotUsable { path: PathBuf, reason: String },
+    #[error("disk format {0:?} is not supported yet (vmfs and monolithicFlat are)")]
+    UnsupportedFormat(DiskFormat),
+}
+
+impl VmdkError {
+    fn io(op: &'static str, path: &Path, source: io::Error) -> VmdkError {
+        VmdkError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// The refusal sent to the peer for this error.
+    pub fn refusal(&self, disk_id: &str) -> Refusal {
+        let code = match self {
+            VmdkError::Descriptor {
+                source: DescriptorError::Delta { .. },
+                ..
+            } => Code::DiskHasSnapshots,
+            VmdkError::Descriptor { .. } => Code::DiskConflict,
+            VmdkError::Flat(FlatError::NoSpace { .. }) => Code::NoSpace,
+            VmdkError::Flat(FlatError::Locked { .. } | FlatError::WrongSize { .. }) => {
+                Code::DiskConflict
+            }
+            VmdkError::Flat(FlatError::Io { .. }) | VmdkError::Io { .. } => Code::Io,
+            VmdkError::NameCollision { .. } | VmdkError::OrphanExtent { .. } => {
+                Code::DiskNameCollision
+            }
+            VmdkError::CapacityMismatch { .. } | VmdkError::Missing { .. } => Code::DiskConflict,
+            VmdkError::DatastoreNotUsable { .. } => Code::DatastoreNotUsable,
+            VmdkError::UnsupportedFormat(_) => Code::BadRequest,
+        };
+        Refusal::for_disk(code, disk_id, self.to_string())
+    }
+}
+
+/// The `ddb.uuid` of a replicated disk: the first 16 bytes of SHA-256 over the disk id,
+/// with the leading bytes ESXi uses (`60 00 C2 9x`), printed as VMware prints it.
+pub fn uuid_for(disk_id: &str) -> String {
+    let h = Sha256::digest(format!("failback-disk-uuid\0{disk_id}").as_bytes());
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&h[..16]);
+    b[0] = 0x60;
+    b[1] = 0x00;
+    b[2] = 0xc2;
+    b[3] = 0x90 | (b[3] & 0x0f);
+    let hex: Vec<String> = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("{}-{}", hex[..8].join(" "), hex[8..].join(" "))
+}
+
+fn same_uuid(a: &str, b: &str) -> bool {
+    a.trim().eq_ignore_ascii_case(b.trim())
+}
+
+/// A random CID that is never one of the reserved values.
+fn new_cid() -> u32 {
+    loop {
+        let c: u32 = rand::random();
+        if c < 0xffff_fffe {
+            return c;
+        }
+    }
+}
+
+/// Replaces `path` with `bytes` atomically and durably: tmp -> fsync -> rename -> fsync dir.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    File::open(dir)?.sync_all()
+}
+
+/// What the retention volume knew of a disk before this open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Nothing: the disk is new here. An extent without a descriptor is someone else's.
+    New,
+    /// Claimed by an earlier run, nothing applied: an extent without a descriptor is what
+    /// an interrupted create left, and is redone.
+    Unapplied,
+    /// Batches were applied: the image must exist.
+    Applied,
+}
+
+/// What the replicating side declares about a disk.
+#[derive(Debug, Clone)]
+pub struct DiskSpec<'a> {
+    pub disk_id: &'a str,
+    pub name: &'a str,
+    pub capacity: u64,
+    pub format: DiskFormat,
+}
+
+/// An open target disk, ready to take writes.
+#[derive(Debug)]
+pub struct Disk {
+    descriptor_path: PathBuf,
+    descriptor: Descriptor,
+    extent: FlatExtent,
+    uuid: String,
+    /// Whether this open already gave the disk a new CID.
+    cid_renewed: bool,
+}
+
+impl Disk {
+    /// Path of the descriptor of disk `name` on `datastore`.
+    pub fn descriptor_path(datastore: &Path, name: &str) -> PathBuf {
+        datastore.join(format!("{name}.vmdk"))
+    }
+
+    /// Opens `DATASTORE/NAME.vmdk`, or creates it when neither it nor its extent exists.
+    /// `claim` says what the retention volume knows of this disk (see [`Claim`]).
+    pub fn open_or_create(
+        datastore: &Path,
+        spec: &DiskSpec<'_>,
+        claim: Claim,
+    ) -> Result<Disk, VmdkError> {
+        let desc = Self::descriptor_path(datastore, spec.name);
+        if desc.exists() {
+            return Self::open(datastore, &desc, spec);
+        }
+        let flat = datastore.join(format!("{}-flat.vmdk", spec.name));
+        match claim {
+            Claim::Applied => return Err(VmdkError::Missing { path: desc }),
+            Claim::New if flat.exists() => return Err(VmdkError::OrphanExtent { path: flat }),
+            Claim::Unapplied if flat.exists() => {
+                tracing::warn!(path = %flat.display(), "removing the extent of an interrupted create");
+                std::fs::remove_file(&flat).map_err(|e| VmdkError::io("remove", &flat, e))?;
+            }
+            Claim::New | Claim::Unapplied => {}
+        }
+        Self::create(datastore, &desc, spec)
+    }
+
+    fn open(datastore: &Path, desc: &Path, spec: &DiskSpec<'_>) -> Result<Disk, VmdkError> {
+        let bytes = read_limited(desc)?;
+        let descriptor = Descriptor::parse(&bytes).map_err(|source| VmdkError::Descriptor {
+            path: desc.to_path_buf(),
+            source,
+        })?;
+        let uuid = uuid_for(spec.disk_id);
+        if let Some(found) = descriptor.ddb_get("uuid")
+            && !same_uuid(found, &uuid)
+        {
+            return Err(VmdkError::NameCollision {
+                path: desc.to_path_buf(),
+                found: found.to_string(),
+                expected: uuid,
+            });
+        }
+        if descriptor.capacity() != spec.capacity {
+            return Err(VmdkError::CapacityMismatch {
+                path: desc.to_path_buf(),
+                found: descriptor.capacity(),
+                declared: spec.capacity,
+            });
+        }
+        let extent = FlatExtent::open(&datastore.join(&descriptor.extent_file), spec.capacity)?;
+        Ok(Disk {
+            descriptor_path: desc.to_path_buf(),
+            descriptor,
+            extent,
+            uuid,
+            cid_renewed: false,
+        })
+    }
+
+    fn create(datastore: &Path, desc: &Path, spec: &DiskSpec<'_>) -> Result<Disk, VmdkError> {
+        let create_type = match spec.format {
+            DiskFormat::Unspecified | DiskFormat::Vmfs => CreateType::Vmfs,
+            DiskFormat::MonolithicFlat => CreateType::MonolithicFlat,
+            other => return Err(VmdkError::UnsupportedFormat(other)),
+        };
+        check_writable(datastore)?;
+        let extent_file = format!("{}-flat.vmdk", spec.name);
+        let extent = FlatExtent::create(&datastore.join(&extent_file), spec.capacity)?;
+        let uuid = uuid_for(spec.disk_id);
+        let cid = new_cid();
+        let sectors = spec.capacity / 512;
+        let cylinders = (sectors / (255 * 63)).min(65535);
+        let mut header_extra = vec![("encoding".to_string(), "UTF-8".to_string())];
+        if create_type == CreateType::Vmfs {
+            header_extra.push(("isNativeSnapshot".into(), "no".into()));
+        }
+        let descriptor = Descriptor {
+            cid,
+            create_type,
+            sectors,
+            extent_file,
+            header_extra,
+            ddb: vec![
+                ("adapterType".into(), "lsilogic".into()),
+                ("geometry.cylinders".into(), cylinders.to_string()),
+                ("geometry.heads".into(), "255".into()),
+                ("geometry.sectors".into(), "63".into()),
+                ("longContentID".into(), long_content_id(cid)),
+                ("uuid".into(), uuid.clone()),
+                ("virtualHWVersion".into(), VIRTUAL_HW_VERSION.into()),
+            ],
+        };
+        let disk = Disk {
+            descriptor_path: desc.to_path_buf(),
+            descriptor,
+            extent,
+            uuid,
+            // A new disk's CID is fresh already.
+            cid_renewed: true,
+        };
+        disk.write_descriptor()?;
+        tracing::info!(path = %desc.display(), capacity = spec.capacity, "created disk");
+        Ok(disk)
+    }
+
+    fn write_descriptor(&self) -> Result<(), VmdkError> {
+        let text = self
+            .descriptor
+            .render()
+            .map_err(|source| VmdkError::Descriptor {
+                path: self.descriptor_path.clone(),
+                source,
+            })?;
+        write_atomic(&self.descriptor_path, text.as_bytes())
+            .map_err(|e| VmdkError::io("write descriptor", &self.descriptor_path, e))
+    }
+
+    /// Gives the disk a new CID (and matching longContentID, and our uuid if it had none)
+    /// unless this open did already. Call before the first write.
+    pub fn renew_cid(&mut self) -> Result<(), VmdkError> {
+        if self.cid_renewed {
+            return Ok(());
+        }
+        let cid = new_cid();
+        self.descriptor.cid = cid;
+        let long = match self.descriptor.ddb_get("longContentID") {
+            Some(old) if old.len() == 32 => format!("{}{cid:08x}", &old[..24]),
+            _ => long_content_id(cid),
+        };
+        self.descriptor.ddb_set("longContentID", long);
+        if self.descriptor.ddb_get("uuid").is_none() {
+            self.descriptor.ddb_set("uuid", self.uuid.clone());
+        }
+        self.write_descriptor()?;
+        self.cid_renewed = true;
+        Ok(())
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.extent.capacity()
+    }
+
+    pub fn extent(&mut self) -> &mut FlatExtent {
+        &mut self.extent
+    }
+
+    pub fn descriptor(&self) -> &Descriptor {
+        &self.descriptor
+    }
+}
+
+/// 32 hex digits, random but for the last 8, which are the CID.
+fn long_content_id(cid: u32) -> String {
+    let r: [u8; 12] = rand::random();
+    let hex: String = r.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{hex}{cid:08x}")
+}
+
+fn read_limited(path: &Path) -> Result<Vec<u8>, VmdkError> {
+    use std::io::Read;
+    let f = File::open(path).map_err(|e| VmdkError::io("open", path, e))?;
+    let mut bytes = Vec::new();
+    f.take(descriptor::MAX_DESCRIPTOR_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| VmdkError::io("read", path, e))?;
+    Ok(bytes)
+}
+
+/// Refuses a datastore that is missing, not a directory, or not writable (8061).
+pub fn check_writable(datastore: &Path) -> Result<(), VmdkError> {
+    let bad = |reason: String| VmdkError::DatastoreNotUsable {
+        path: datastore.to_path_buf(),
+        reason,
+    };
+    let meta = std::fs::metadata(datastore).map_err(|e| bad(e.to_string()))?;
+    if !meta.is_dir() {
+        return Err(bad("not a directory".into()));
+    }
+    if is_nfs(datastore) {
+        return Err(bad(
+            "it is on NFS; use a local (VMFS-like) filesystem".into()
+        ));
+    }
+    let probe = datastore.join(".failback-write-probe");
+    File::create(&probe)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| bad(format!("cannot create files: {e}")))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// Whether `path` is on an NFS mount (statfs magic 0x6969).
+fn is_nfs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    const NFS_SUPER_MAGIC: i64 = 0x6969;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path and `st` is valid for writes of a statfs; it is
+    // read only after statfs returned success.
+    let rc = unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return false;
+    }
+    // SAFETY: statfs returned 0, so the struct is initialised.
+    let st = unsafe { st.assume_init() };
+    // f_type's integer type differs between libc targets; the cast is a no-op on some.
+    #[allow(clippy::unnecessary_cast)]
+    let f_type = st.f_type as i64;
+    f_type == NFS_SUPER_MAGIC
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::process::Command;
+
+    /// Runs qemu-img with `args`; returns (success, stdout + stderr).
+    pub(crate) fn qemu_img(args: &[&str]) -> (bool, String) {
+        let out = Command::new("qemu-img").args(args).output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    /// Asserts that qemu-img accepts `vmdk` and finds it identical to `raw`.
+    pub(crate) fn assert_qemu_identical(vmdk: &Path, raw: &Path) {
+        let v = vmdk.to_str().unwrap();
+        let (ok, text) = qemu_img(&["info", v]);
+        assert!(ok, "qemu-img info: {text}");
+        let (ok, text) = qemu_img(&["check", v]);
+        assert!(ok, "qemu-img check: {text}");
+        let (ok, text) = qemu_img(&[
+            "compare",
+            "-f",
+            "vmdk",
+            "-F",
+            "raw",
+            v,
+            raw.to_str().unwrap(),
+        ]);
+        assert!(ok, "qemu-img compare: {text}");
+    }
+
+    fn spec<'a>(id: &'a str, name: &'a str, cap: u64, format: DiskFormat) -> DiskSpec<'a> {
+        DiskSpec {
+            disk_id: id,
+            name,
+            capacity: cap,
+            format,
+        }
+    }
+
+    #[test]
+    fn uuid_is_stable_and_esxi_shaped() {
+        let u = uuid_for("disk-1");
+        assert_eq!(u, uuid_for("disk-1"));
+        assert_ne!(u, uuid_for("disk-2"));
+        assert!(u.starts_with("60 00 c2 9"), "{u}");
+        assert_eq!(u.len(), 47);
+    }
+
+    fn write_pattern(disk: &mut Disk, raw: &mut [u8]) {
+        disk.renew_cid().unwrap();
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 + 3) as u8).collect();
+        disk.extent().write(3 * 512, &data);
+        raw[3 * 512..3 * 512 + data.len()].copy_from_slice(&data);
+        disk.extent().zero(4096, 128 * 1024).unwrap();
+        raw[4096..4096 + 128 * 1024].fill(0);
+        disk.extent().sync().unwrap();
+    }
+
+    #[test]
+    fn created_vmfs_and_monolithic_flat_disks_pass_qemu_img() {
+        for (format, ty) in [
+            (DiskFormat::Vmfs, "vmfs"),
+            (DiskFormat::MonolithicFlat, "monolithicFlat"),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let cap = 4 << 20;
+            let mut disk =
+                Disk::open_or_create(dir.path(), &spec("id-a", "a", cap, format), Claim::New)
+                    .unwrap();
+            let mut raw = vec![0u8; cap as usize];
+            write_pattern(&mut disk, &mut raw);
+            let text = std::fs::read_to_string(dir.path().join("a.vmdk")).unwrap();
+            assert!(text.contains(&format!("createType=\"{ty}\"")), "{text}");
+            assert!(text.contains("ddb.geometry.heads = \"255\""));
+            drop(disk);
+            let rawp = dir.path().join("ref.raw");
+            std::fs::write(&rawp, &raw).unwrap();
+            assert_qemu_identical(&dir.path().join("a.vmdk"), &rawp);
+            let (_, info) = qemu_img(&["info", dir.path().join("a.vmdk").to_str().unwrap()]);
+            assert!(info.contains(&format!("create type: {ty}")), "{info}");
+        }
+    }
+
+    #[test]
+    fn opens_and_writes_a_qemu_made_monolithic_flat_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("q.vmdk");
+        let (ok, text) = qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=monolithicFlat",
+            d.to_str().unwrap(),
+            "2M",
+        ]);
+        assert!(ok, "{text}");
+        let before = Descriptor::parse(&std::fs::read(&d).unwrap()).unwrap();
+        let mut disk = Disk::open_or_create(
+            dir.path(),
+            &spec("id-q", "q", 2 << 20, DiskFormat::Vmfs),
+            Claim::New,
+        )
+        .unwrap();
+        let mut raw = vec![0u8; 2 << 20];
+        write_pattern(&mut disk, &mut raw);
+        drop(disk);
+        let after = Descriptor::parse(&std::fs::read(&d).unwrap()).unwrap();
+        assert_ne!(after.cid, before.cid, "CID renewed on first write");
+        assert_eq!(after.ddb_get("uuid"), Some(uuid_for("id-q").as_str()));
+        let rawp = dir.path().join("ref.raw");
+        std::fs::write(&rawp, &raw).unwrap();
+        assert_qemu_identical(&d, &rawp);
+    }
+
+    #[test]
+    fn cid_changes_once_per_open_and_uuid_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = spec("id-c", "c", 1 << 20, DiskFormat::Vmfs);
+        let disk = Disk::open_or_create(dir.path(), &s, Claim::New).unwrap();
+        let first = disk.descriptor().clone();
+        assert!(
+            first
+                .ddb_get("longContentID")
+                .unwrap()
+                .ends_with(&format!("{:08x}", first.cid))
+        );
+        drop(disk);
+        let mut disk = Disk::open_or_create(dir.path(), &s, Claim::Unapplied).unwrap();
+        disk.renew_cid().unwrap();
+        let second = disk.descriptor().clone();
+        disk.renew_cid().unwrap();
+        assert_eq!(disk.descriptor().cid, second.cid, "once per open");
+        assert_ne!(second.cid, first.cid);
+        assert_eq!(second.ddb_get("uuid"), first.ddb_get("uuid"));
+        assert!(
+            second
+                .ddb_get("longContentID")
+                .unwrap()
+                .ends_with(&format!("{:08x}", second.cid))
+        );
+    }
+
+    #[test]
+    fn refuses_another_disks_image_and_a_capacity_change() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(
+            Disk::open_or_create(
+                dir.path(),
+                &spec("id-1", "x", 1 << 20, DiskFormat::Vmfs),
+                Claim::New,
+            )
+            .unwrap(),
+        );
+        let e = Disk::open_or_create(
+            dir.path(),
+            &spec("id-2", "x", 1 << 20, DiskFormat::Vmfs),
+            Claim::Unapplied,
+        )
+        .unwrap_err();
+        assert_eq!(e.refusal("id-2").code, Code::DiskNameCollision, "{e}");
+        let e = Disk::open_or_create(
+            dir.path(),
+            &spec("id-1", "x", 2 << 20, DiskFormat::Vmfs),
+            Claim::Unapplied,
+        )
+        .unwrap_err();
+        assert_eq!(e.refusal("id-1").code, Code::DiskConflict, "{e}");
+    }
+
+    #[test]
+    fn refuses_a_delta_disk_as_having_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.vmdk");
+        let d = dir.path().join("child.vmdk");
+        assert!(
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "vmdk",
+                "-o",
+                "subformat=monolithicFlat",
+                base.to_str().unwrap(),
+                "1M"
+            ])
+            .0
+        );
+        assert!(
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "vmdk",
+                "-b",
+                "base.vmdk",
+                "-F",
+                "vmdk",
+                d.to_str().unwrap()
+            ])
+            .0
+        );
+        let e = Disk::open_or_create(
+            dir.path(),
+            &spec("id", "child", 1 << 20, DiskFormat::Vmfs),
+            Claim::Unapplied,
+        )
+        .unwrap_err();
+        // qemu makes a monolithicSparse child: binary, so refused before the delta check.
+        assert!(
+            matches!(
+                e.refusal("id").code,
+                Code::DiskHasSnapshots | Code::DiskConflict
+            ),
+            "{e}"
+        );
+        let text = "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=87654321\ncreateType=\"vmfs\"\n\
+             parentFileNameHint=\"base.vmdk\"\nRW 2048 VMFS \"base-flat.vmdk\"\n";
+        std::fs::write(dir.path().join("delta.vmdk"), text).unwrap();
+        let e = Disk::open_or_create(
+            dir.path(),
+            &spec("id", "delta", 1 << 20, DiskFormat::Vmfs),
+            Claim::Unapplied,
+        )
+        .unwrap_err();
+        assert_eq!(e.refusal("id").code, Code::DiskHasSnapshots, "{e}");
+    }
+
+    #[test]
+    fn an_extent_without_descriptor_is_redone_only_if_ours() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = spec("id-o", "o", 1 << 20, DiskFormat::Vmfs);
+        std::fs::write(dir.path().join("o-flat.vmdk"), b"someone else's").unwrap();
+        let e = Disk::open_or_create(dir.path(), &s, Claim::New).unwrap_err();
+        assert_eq!(e.refusal("id-o").code, Code::DiskNameCollision, "{e}");
+        let e = Disk::open_or_create(dir.path(), &s, Claim::Applied).unwrap_err();
+        assert_eq!(e.refusal("id-o").code, Code::DiskConflict, "{e}");
+        let disk = Disk::open_or_create(dir.path(), &s, Claim::Unapplied).unwrap();
+        assert_eq!(disk.capacity(), 1 << 20);
+    }
+
+    #[test]
+    fn an_unwritable_datastore_is_not_usable() {
+        let e = check_writable(Path::new("/proc")).unwrap_err();
+        assert_eq!(e.refusal("").code, Code::DatastoreNotUsable);
+    }
+}

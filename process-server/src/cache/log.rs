@@ -1,0 +1,595 @@
+//! The segmented append-only log: recovery scan, the group-commit writer thread, record reads
+//! and segment deletion. Record and segment layout: [`super::segment`].
+//!
+//! Group commit (modelled on raft-engine's write barrier, without a timer): one dedicated
+//! thread drains the bounded queue of append requests, writes every queued record with
+//! buffered `pwrite`s, issues **one** `fdatasync`, then completes each request. A lone writer
+//! syncs at once; under load the queue fills while a sync runs, so the next group is larger.
+//!
+//! Failure model (PITFALLS §4):
+//! * `fdatasync`/`fsync` errors are fatal and never retried: Linux may have dropped the dirty
+//!   pages, so a retry could "succeed" over lost data. The writer reports it and stops.
+//! * `ENOSPC`/`EDQUOT` on a write: the partial write is truncated away, the cache reports
+//!   "no space" (agents are paused) and the same records are written again once a segment is
+//!   deleted (or after a second). Nothing acknowledged is touched.
+//! * Recovery: a torn record at the end of the newest segment is truncated away (and the
+//!   truncation synced) before anything is appended. A bad record followed by a valid one, or a
+//!   bad record in a sealed segment, is corruption in the middle of the log: it is reported as
+//!   [`Damage`] so that the disks concerned (only those) can be put into "resync required".
+
+use std::fs::{File, OpenOptions};
+use std::io::{ErrorKind, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use super::index::{Index, Loc};
+use super::segment::{self, Decoded, HEADER_LEN};
+
+/// Most requests one group commit takes from the queue.
+const MAX_GROUP: usize = 1024;
+/// Most record bytes one group commit writes before it syncs.
+const MAX_GROUP_BYTES: usize = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("cannot list cache directory {path}: {source}")]
+    ListingDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot open cache segment {path}: {source}")]
+    OpeningSegment {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot read cache segment {path}: {source}")]
+    ReadingSegment {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot write cache segment {path}: {source}")]
+    WritingSegment {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot truncate cache segment {path}: {source}")]
+    TruncatingSegment {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("fsync of {path} failed (fatal, never retried): {source}")]
+    Syncing {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot delete cache segment {path}: {source}")]
+    DeletingSegment {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("record of disk {disk} seq {seq} at {path} offset {offset} is corrupt")]
+    CorruptRecord {
+        path: String,
+        offset: u64,
+        disk: String,
+        seq: u64,
+    },
+    #[error("the cache log writer has stopped after a fatal error")]
+    WriterStopped,
+    #[error("a cache I/O task panicked")]
+    TaskFailed,
+}
+
+/// Whether an I/O error means the volume is full.
+pub fn is_no_space(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+/// Corruption found in the middle of the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    pub segment: u64,
+    pub offset: u64,
+    /// The disk the bad record's header names, when readable; `None` = any disk of the segment.
+    pub disk_hint: Option<String>,
+    pub what: String,
+}
+
+/// The state of the log after a recovery scan.
+#[derive(Debug)]
+pub struct Recovered {
+    pub index: Index,
+    pub damage: Vec<Damage>,
+    /// Total bytes of all segment files.
+    pub usage: u64,
+    /// Bytes cut off the newest segment's torn tail.
+    pub truncated: u64,
+    pub(super) active: Active,
+}
+
+/// The segment appends go to.
+#[derive(Debug)]
+pub(super) struct Active {
+    pub seq: u64,
+    pub file: File,
+    pub len: u64,
+}
+
+pub fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(segment::file_name(seq))
+}
+
+fn shown(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// fsync of a directory, so that created, renamed or deleted entries are durable.
+pub fn sync_dir(dir: &Path) -> Result<(), LogError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| LogError::Syncing {
+            path: shown(dir),
+            source,
+        })
+}
+
+/// Segment seqs in `dir`, ascending.
+pub fn list_segments(dir: &Path) -> Result<Vec<u64>, LogError> {
+    let err = |source| LogError::ListingDir {
+        path: shown(dir),
+        source,
+    };
+    let mut seqs = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(err)? {
+        let entry = entry.map_err(err)?;
+        if let Some(seq) = entry
+            .file_name()
+            .to_str()
+            .and_then(segment::parse_file_name)
+        {
+            seqs.push(seq);
+        }
+    }
+    seqs.sort_unstable();
+    Ok(seqs)
+}
+
+/// Scans every segment of `dir`, truncates a torn tail of the newest one (synced before
+/// returning), rebuilds the index and opens (or creates) the segment to append to.
+pub fn recover(dir: &Path) -> Result<Recovered, LogError> {
+    let seqs = list_segments(dir)?;
+    let mut index = Index::default();
+    let mut damage = Vec::new();
+    let mut usage = 0;
+    let mut truncated = 0;
+    let mut active = None;
+    for (i, &seq) in seqs.iter().enumerate() {
+        let newest = i + 1 == seqs.len();
+        let path = segment_path(dir, seq);
+        let data = read_whole(&path)?;
+        if let Err(e) = segment::decode_header(&data, seq) {
+            if newest && data.len() <= HEADER_LEN {
+                // Torn at creation: nothing in it was ever acknowledged.
+                tracing::warn!(
+                    segment = seq,
+                    "newest cache segment has a torn header ({e}); rewriting it"
+                );
+                active = Some(create_segment_file(dir, seq, true)?);
+                usage += HEADER_LEN as u64;
+                index.note_segment_len(seq, HEADER_LEN as u64);
+                continue;
+            }
+            // The records carry their own checks, seeded by the seq of the file name.
+            tracing::error!(
+                segment = seq,
+                "cache segment header is damaged ({e}); scanning its records anyway"
+            );
+        }
+        let end = scan(seq, &data, newest, &mut index, &mut damage);
+        index.note_segment_len(seq, end as u64);
+        if newest {
+            let file = open_rw(&path)?;
+            if end < data.len() {
+                truncated = (data.len() - end) as u64;
+                tracing::warn!(
+                    segment = seq,
+                    offset = end,
+                    bytes = truncated,
+                    "truncating the torn tail of the newest cache segment"
+                );
+                file.set_len(end as u64)
+                    .map_err(|source| LogError::TruncatingSegment {
+                        path: shown(&path),
+                        source,
+                    })?;
+                file.sync_all().map_err(|source| LogError::Syncing {
+                    path: shown(&path),
+                    source,
+                })?;
+            }
+            active = Some(Active {
+                seq,
+                file,
+                len: end as u64,
+            });
+            usage += end as u64;
+        } else {
+            usage += data.len() as u64;
+        }
+    }
+    let active = match active {
+        Some(a) => a,
+        None => {
+            let a = create_segment_file(dir, 1, false)?;
+            index.note_segment_len(1, HEADER_LEN as u64);
+            usage += HEADER_LEN as u64;
+            a
+        }
+    };
+    Ok(Recovered {
+        index,
+        damage,
+        usage,
+        truncated,
+        active,
+    })
+}
+
+/// Scans the records of one segment into `index`; returns the offset where valid data ends.
+fn scan(seq: u64, data: &[u8], newest: bool, index: &mut Index, damage: &mut Vec<Damage>) -> usize {
+    let mut off = HEADER_LEN.min(data.len());
+    loop {
+        match segment::decode_record(seq, &data[off..]) {
+            Decoded::Record(r) => {
+                index.insert(
+                    r.disk_id,
+                    r.seq,
+                    Loc {
+                        segment: seq,
+                        offset: off as u64,
+                        len: r.total_len as u32,
+                        time_unix_ms: r.time_unix_ms,
+                    },
+                );
+                off += r.total_len;
+            }
+            Decoded::End => {
+                if !newest && data[off..].iter().any(|&b| b != 0) {
+                    damage.push(Damage {
+                        segment: seq,
+                        offset: off as u64,
+                        disk_hint: None,
+                        what: "zeroed region followed by data in a sealed segment".into(),
+                    });
+                }
+                // In the newest segment anything after the end marker was never acknowledged.
+                return if newest { off } else { data.len() };
+            }
+            Decoded::Bad {
+                total_len,
+                disk_hint,
+            } => {
+                let next_valid = total_len.filter(|&t| {
+                    matches!(
+                        segment::decode_record(seq, &data[off + t..]),
+                        Decoded::Record(_)
+                    )
+                });
+                if let Some(t) = next_valid {
+                    damage.push(Damage {
+                        segment: seq,
+                        offset: off as u64,
+                        disk_hint,
+                        what: "corrupt record followed by valid records".into(),
+                    });
+                    off += t;
+                    continue;
+                }
+                if newest {
+                    // A torn tail: the write never completed, so it was never acknowledged.
+                    return off;
+                }
+                damage.push(Damage {
+                    segment: seq,
+                    offset: off as u64,
+                    disk_hint: None,
+                    what: "corrupt record in a sealed segment; the rest of it is unreadable".into(),
+                });
+                return data.len();
+            }
+        }
+    }
+}
+
+fn read_whole(path: &Path) -> Result<Vec<u8>, LogError> {
+    let mut data = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut data))
+        .map_err(|source| LogError::ReadingSegment {
+            path: shown(path),
+            source,
+        })?;
+    Ok(data)
+}
+
+fn open_rw(path: &Path) -> Result<File, LogError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|source| LogError::OpeningSegment {
+            path: shown(path),
+            source,
+        })
+}
+
+/// Creates segment `seq` with its header, then fsyncs the file and the directory.
+fn create_segment_file(dir: &Path, seq: u64, replace: bool) -> Result<Active, LogError> {
+    let path = segment_path(dir, seq);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .create_new(!replace)
+        .truncate(replace)
+        .open(&path)
+        .map_err(|source| LogError::OpeningSegment {
+            path: shown(&path),
+            source,
+        })?;
+    file.write_all_at(&segment::encode_header(seq), 0)
+        .map_err(|source| LogError::WritingSegment {
+            path: shown(&path),
+            source,
+        })?;
+    file.sync_all().map_err(|source| LogError::Syncing {
+        path: shown(&path),
+        source,
+    })?;
+    sync_dir(dir)?;
+    Ok(Active {
+        seq,
+        file,
+        len: HEADER_LEN as u64,
+    })
+}
+
+/// Reads and checks the record at `loc`; returns the batch bytes.
+pub fn read_record(dir: &Path, loc: Loc, disk: &str, seq: u64) -> Result<Bytes, LogError> {
+    let path = segment_path(dir, loc.segment);
+    let mut buf = vec![0u8; loc.len as usize];
+    File::open(&path)
+        .and_then(|f| f.read_exact_at(&mut buf, loc.offset))
+        .map_err(|source| LogError::ReadingSegment {
+            path: shown(&path),
+            source,
+        })?;
+    match segment::decode_record(loc.segment, &buf) {
+        Decoded::Record(r) if r.disk_id == disk && r.seq == seq => {
+            let range = r.batch.clone();
+            Ok(Bytes::from(buf).slice(range))
+        }
+        _ => Err(LogError::CorruptRecord {
+            path: shown(&path),
+            offset: loc.offset,
+            disk: disk.to_string(),
+            seq,
+        }),
+    }
+}
+
+/// Deletes a segment file and makes the deletion durable.
+pub fn delete_segment(dir: &Path, seq: u64) -> Result<(), LogError> {
+    let path = segment_path(dir, seq);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(LogError::DeletingSegment {
+                path: shown(&path),
+                source,
+            });
+        }
+    }
+    sync_dir(dir)
+}
+
+/// One append request.
+#[derive(Debug)]
+pub struct Append {
+    pub disk_id: String,
+    pub seq: u64,
+    pub time_unix_ms: i64,
+    /// The prost-encoded `Batch`.
+    pub batch: Bytes,
+    pub done: oneshot::Sender<Result<Loc, Arc<LogError>>>,
+    /// Its share of the queue's byte budget, released when the request is dropped.
+    pub budget: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// What the writer tells the rest of the cache.
+pub trait WriterEvents: Send + Sync {
+    /// The records of `group` are durable at `locs` (called before any request completes).
+    fn durable(&self, group: &[Append], locs: &[Loc]);
+    /// `bytes` more are in segment files outside records (a new segment's header).
+    fn grew(&self, bytes: u64);
+    /// The volume is full (`true`) or writing again (`false`).
+    fn no_space(&self, full: bool);
+    /// Blocks until space may have been freed, or a short while.
+    fn wait_for_space(&self);
+    /// A fatal error: the writer stops.
+    fn fatal(&self, error: &LogError);
+}
+
+/// The group-commit writer. Runs on its own thread (see [`Writer::run`]).
+pub(super) struct Writer {
+    pub dir: PathBuf,
+    pub active: Active,
+    pub segment_size: u64,
+    pub events: Arc<dyn WriterEvents>,
+    /// Number of data syncs done (one per group), for tests and status.
+    pub syncs: Arc<AtomicU64>,
+    /// Seq of the segment being appended to (never deleted).
+    pub active_seq: Arc<AtomicU64>,
+    pub buf: Vec<u8>,
+}
+
+impl Writer {
+    /// Serves append requests until every sender is gone or a fatal error.
+    pub fn run(mut self, mut rx: mpsc::Receiver<Append>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut bytes = first.batch.len();
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP && bytes < MAX_GROUP_BYTES {
+                match rx.try_recv() {
+                    Ok(a) => {
+                        bytes += a.batch.len();
+                        group.push(a);
+                    }
+                    Err(_) => break,
+                }
+            }
+            match self.commit(&group) {
+                Ok(locs) => {
+                    self.events.durable(&group, &locs);
+                    for (a, loc) in group.into_iter().zip(locs) {
+                        let _ = a.done.send(Ok(loc));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("cache log: {e}; no more batches are accepted");
+                    self.events.fatal(&e);
+                    let e = Arc::new(e);
+                    rx.close();
+                    for a in group {
+                        let _ = a.done.send(Err(e.clone()));
+                    }
+                    while let Ok(a) = rx.try_recv() {
+                        let _ = a.done.send(Err(e.clone()));
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Writes one group and syncs it; returns where each record went.
+    fn commit(&mut self, group: &[Append]) -> Result<Vec<Loc>, LogError> {
+        self.buf.clear();
+        let mut locs = Vec::with_capacity(group.len());
+        for a in group {
+            let rec_len = segment::record_len(&a.disk_id, a.batch.len()) as u64;
+            let end = self.active.len + self.buf.len() as u64;
+            if end + rec_len > self.segment_size && end > HEADER_LEN as u64 {
+                self.write_buf()?;
+                self.sync()?;
+                self.rotate()?;
+            }
+            let offset = self.active.len + self.buf.len() as u64;
+            segment::encode_record(
+                &mut self.buf,
+                self.active.seq,
+                &a.disk_id,
+                a.seq,
+                a.time_unix_ms,
+                &a.batch,
+            );
+            locs.push(Loc {
+                segment: self.active.seq,
+                offset,
+                len: rec_len as u32,
+                time_unix_ms: a.time_unix_ms,
+            });
+        }
+        self.write_buf()?;
+        self.sync()?;
+        Ok(locs)
+    }
+
+    fn path(&self) -> String {
+        shown(&segment_path(&self.dir, self.active.seq))
+    }
+
+    /// Writes the buffer at the end of the active segment, waiting out a full volume.
+    fn write_buf(&mut self) -> Result<(), LogError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let mut waited = false;
+        loop {
+            match self.active.file.write_all_at(&self.buf, self.active.len) {
+                Ok(()) => break,
+                Err(e) if is_no_space(&e) => {
+                    // Cut the partial write so the log ends on a record boundary.
+                    self.active
+                        .file
+                        .set_len(self.active.len)
+                        .map_err(|source| LogError::TruncatingSegment {
+                            path: self.path(),
+                            source,
+                        })?;
+                    if !waited {
+                        tracing::warn!(
+                            "cache volume full (ENOSPC) writing {}; pausing agents",
+                            self.path()
+                        );
+                    }
+                    waited = true;
+                    self.events.no_space(true);
+                    self.events.wait_for_space();
+                }
+                Err(source) => {
+                    return Err(LogError::WritingSegment {
+                        path: self.path(),
+                        source,
+                    });
+                }
+            }
+        }
+        if waited {
+            self.events.no_space(false);
+        }
+        // Usage grows in `WriterEvents::durable`, when the queued bytes become records.
+        self.active.len += self.buf.len() as u64;
+        self.buf.clear();
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), LogError> {
+        self.active
+            .file
+            .sync_data()
+            .map_err(|source| LogError::Syncing {
+                path: self.path(),
+                source,
+            })?;
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Seals the active segment (already synced) and starts the next one.
+    fn rotate(&mut self) -> Result<(), LogError> {
+        let next = self.active.seq + 1;
+        let active = loop {
+            match create_segment_file(&self.dir, next, true) {
+                Ok(a) => break a,
+                Err(LogError::WritingSegment { source, .. }) if is_no_space(&source) => {
+                    self.events.no_space(true);
+                    self.events.wait_for_space();
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        self.events.no_space(false);
+        self.active = active;
+        self.active_seq.store(next, Ordering::Release);
+        self.events.grew(HEADER_LEN as u64);
+        tracing::debug!(segment = next, "new cache segment");
+        Ok(())
+    }
+}

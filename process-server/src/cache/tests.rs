@@ -1,0 +1,220 @@
+//! Tests of the cache as a whole: group commit, recovery, corruption handling, deletion.
+
+use std::fs::OpenOptions;
+use std::sync::atomic::AtomicUsize;
+
+use super::segment::{HEADER_LEN, encode_header, encode_record, file_name};
+use super::*;
+
+fn config(dir: &Path, segment_size: u64) -> CacheConfig {
+    CacheConfig {
+        dir: dir.to_path_buf(),
+        segment_size,
+        quota: 1 << 30,
+        high_water_percent: 80,
+    }
+}
+
+/// Records the durable hook saw, in order.
+type Seen = Arc<Mutex<Vec<(String, u64)>>>;
+
+fn open_started(dir: &Path, segment_size: u64) -> (Cache, Vec<Damage>, Seen) {
+    let (cache, damage) = Cache::open(&config(dir, segment_size)).unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    cache
+        .start(Arc::new(move |d: &str, q: u64| {
+            s.lock().push((d.to_string(), q))
+        }))
+        .unwrap();
+    (cache, damage, seen)
+}
+
+fn batch(seq: u64, len: usize) -> Bytes {
+    Bytes::from(vec![seq as u8; len])
+}
+
+async fn append_all(cache: &Cache, disk: &str, seqs: std::ops::RangeInclusive<u64>, len: usize) {
+    let mut rxs = Vec::new();
+    for s in seqs {
+        rxs.push(
+            cache
+                .append(disk, s, 1000 + s as i64, batch(s, len))
+                .await
+                .unwrap(),
+        );
+    }
+    for rx in rxs {
+        rx.await.unwrap().unwrap();
+    }
+}
+
+fn seg_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(file_name(seq))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_appends_share_fsyncs_and_all_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _, seen) = open_started(dir.path(), 64 << 20);
+    let cache = Arc::new(cache);
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for agent in 0..16 {
+        let cache = cache.clone();
+        let done = done.clone();
+        tasks.push(tokio::spawn(async move {
+            let disk = format!("disk-{agent}");
+            let mut rxs = Vec::new();
+            for s in 1..=25 {
+                rxs.push(cache.append(&disk, s, 0, batch(s, 4096)).await.unwrap());
+            }
+            for rx in rxs {
+                rx.await.unwrap().unwrap();
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(done.load(Ordering::Relaxed), 400);
+    assert!(
+        cache.syncs() < 400,
+        "{} syncs for 400 appends",
+        cache.syncs()
+    );
+    // The durable hook saw every record, each disk in seq order.
+    let seen = seen.lock().clone();
+    assert_eq!(seen.len(), 400);
+    for agent in 0..16 {
+        let disk = format!("disk-{agent}");
+        let seqs: Vec<u64> = seen
+            .iter()
+            .filter(|(d, _)| *d == disk)
+            .map(|(_, s)| *s)
+            .collect();
+        assert_eq!(seqs, (1..=25).collect::<Vec<_>>());
+    }
+    cache.close().await;
+}
+
+#[tokio::test]
+async fn recovery_truncates_a_torn_tail_and_appends_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _, _) = open_started(dir.path(), 64 << 20);
+    append_all(&cache, "a", 1..=5, 1000).await;
+    cache.close().await;
+    drop(cache);
+    let path = seg_path(dir.path(), 1);
+    let good_len = std::fs::metadata(&path).unwrap().len();
+    // A record whose write was cut short by a crash.
+    let mut rec = Vec::new();
+    encode_record(&mut rec, 1, "a", 6, 0, &[7u8; 1000]);
+    let f = OpenOptions::new().append(true).open(&path).unwrap();
+    std::io::Write::write_all(&mut &f, &rec[..rec.len() / 2]).unwrap();
+    drop(f);
+
+    let (cache, damage, _) = open_started(dir.path(), 64 << 20);
+    assert!(damage.is_empty());
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), good_len);
+    assert_eq!(cache.with_index(|ix| ix.seqs("a")), vec![1, 2, 3, 4, 5]);
+    append_all(&cache, "a", 6..=6, 1000).await;
+    cache.close().await;
+    drop(cache);
+    let (cache, _, _) = open_started(dir.path(), 64 << 20);
+    assert_eq!(cache.with_index(|ix| ix.seqs("a")), vec![1, 2, 3, 4, 5, 6]);
+    let loc = cache.with_index(|ix| ix.get("a", 6)).unwrap();
+    let got = cache.read(vec![("a".into(), 6, loc)]).await;
+    assert_eq!(got[0].as_ref().unwrap(), &batch(6, 1000));
+    cache.close().await;
+}
+
+#[tokio::test]
+async fn corruption_in_the_middle_is_reported_for_its_disk_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _, _) = open_started(dir.path(), 64 << 20);
+    append_all(&cache, "a", 1..=1, 500).await;
+    append_all(&cache, "b", 1..=1, 500).await;
+    append_all(&cache, "a", 2..=2, 500).await;
+    let b1 = cache.with_index(|ix| ix.get("b", 1)).unwrap();
+    cache.close().await;
+    drop(cache);
+    let path = seg_path(dir.path(), 1);
+    let mut data = std::fs::read(&path).unwrap();
+    data[(b1.offset + u64::from(b1.len) - 10) as usize] ^= 0x40;
+    std::fs::write(&path, &data).unwrap();
+
+    let (cache, damage, _) = open_started(dir.path(), 64 << 20);
+    assert_eq!(damage.len(), 1);
+    assert_eq!(damage[0].disk_hint.as_deref(), Some("b"));
+    assert_eq!(cache.with_index(|ix| ix.seqs("a")), vec![1, 2]);
+    assert!(cache.with_index(|ix| ix.seqs("b")).is_empty());
+    // Nothing was truncated: the valid record after the bad one is still there.
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), data.len() as u64);
+    cache.close().await;
+}
+
+#[tokio::test]
+async fn stale_records_copied_into_a_new_segment_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _, _) = open_started(dir.path(), 64 << 20);
+    append_all(&cache, "a", 1..=3, 200).await;
+    cache.close().await;
+    drop(cache);
+    // Segment 2 made of segment 1's records behind a valid header of its own.
+    let old = std::fs::read(seg_path(dir.path(), 1)).unwrap();
+    let mut forged = encode_header(2).to_vec();
+    forged.extend_from_slice(&old[HEADER_LEN..]);
+    std::fs::write(seg_path(dir.path(), 2), &forged).unwrap();
+
+    let (cache, damage, _) = open_started(dir.path(), 64 << 20);
+    assert!(damage.is_empty());
+    // Only segment 1's genuine records count; segment 2 was cut back to its header.
+    assert_eq!(cache.with_index(|ix| ix.seqs("a")), vec![1, 2, 3]);
+    assert!(cache.with_index(|ix| ix.get("a", 1)).unwrap().segment == 1);
+    assert_eq!(
+        std::fs::metadata(seg_path(dir.path(), 2)).unwrap().len(),
+        HEADER_LEN as u64
+    );
+    cache.close().await;
+}
+
+#[tokio::test]
+async fn applied_segments_are_deleted_and_the_rest_stays_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _, _) = open_started(dir.path(), 8 << 10);
+    append_all(&cache, "a", 1..=20, 1500).await;
+    let before = cache.flow().usage();
+    let segments_before = log::list_segments(dir.path()).unwrap();
+    assert!(segments_before.len() > 3, "{segments_before:?}");
+
+    let deleted = cache
+        .delete_applied(|d| (d == "a").then_some(10))
+        .await
+        .unwrap();
+    assert!(deleted > 0);
+    let after = log::list_segments(dir.path()).unwrap();
+    assert_eq!(after.len(), segments_before.len() - deleted);
+    assert!(cache.flow().usage() < before);
+    // Every record above the floor is still in a remaining segment and readable.
+    for s in 11..=20 {
+        let loc = cache.with_index(|ix| ix.get("a", s)).unwrap();
+        assert!(after.contains(&loc.segment));
+        let got = cache.read(vec![("a".into(), s, loc)]).await;
+        assert_eq!(got[0].as_ref().unwrap(), &batch(s, 1500));
+    }
+    // An unknown disk's records are never deleted.
+    assert_eq!(cache.delete_applied(|_| None).await.unwrap(), 0);
+    cache.close().await;
+}
+
+#[test]
+fn a_second_server_on_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_first, _) = Cache::open(&config(dir.path(), 1 << 20)).unwrap();
+    assert!(matches!(
+        Cache::open(&config(dir.path(), 1 << 20)),
+        Err(CacheError::Locked { .. })
+    ));
+}

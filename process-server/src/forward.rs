@@ -1,0 +1,466 @@
+//! Hop 2: forwarding cached batches to the master target (`MasterTarget.Apply`).
+//!
+//! One *session* = K authenticated connections (default 4). Each disk's durable batches are
+//! read from the cache and sent in seq order, spread round-robin over the K connections (the
+//! master target reorders), with at most `window` record bytes in flight in total. Acks
+//! (`applied_seq`, cumulative) advance the disk's applied seq, release window, wake agent
+//! streams and the janitor (which persists the floor and deletes applied segments).
+//!
+//! Any connection failure ends the session: all K are dropped, and after a backoff of
+//! 100 ms doubling to 5 s a new session re-hellos and resends from each disk's applied + 1
+//! (the master target drops what it already applied). A per-disk `error` from the master
+//! target marks that disk failed (status shows it) and stops forwarding it; others go on.
+//!
+//! Invariant: only batches at or below a disk's `cached` seq (durable) are forwarded.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+use protocol::auth::ClientAuth;
+use protocol::client::{begin_auth, error_chain, master_target, refusal_from_status};
+use protocol::error::{Code, Refusal};
+use protocol::pb::{
+    ApplyMessage, Batch, DiskInfo, DiskProgress, ForwardHello, ForwardMessage, apply_message,
+    forward_message,
+};
+use protocol::transport::{TlsFiles, WanTuning};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::server::Ctx;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Messages queued towards one connection (its bytes are bounded by the window).
+const CONN_QUEUE: usize = 256;
+/// Batches read from the cache per read call.
+const READ_CHUNK: usize = 32;
+/// How long an agent's hello waits for the master target to register a new disk.
+const ADD_DISK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How to reach the master target.
+#[derive(Debug, Clone)]
+pub struct ForwardConfig {
+    pub url: String,
+    pub tuning: WanTuning,
+    pub tls: TlsFiles,
+    pub auth: ClientAuth,
+    pub connections: usize,
+    /// Record bytes in flight to the master target, all disks together.
+    pub window: u64,
+}
+
+#[derive(Debug)]
+pub struct AddDisk {
+    info: DiskInfo,
+    reply: oneshot::Sender<Result<u64, Refusal>>,
+}
+
+/// What the rest of the server holds to talk to the forwarder.
+#[derive(Debug)]
+pub struct ForwarderHandle {
+    cmd: mpsc::Sender<AddDisk>,
+    link: watch::Sender<String>,
+}
+
+impl ForwarderHandle {
+    pub fn new() -> (Self, mpsc::Receiver<AddDisk>) {
+        let (cmd, rx) = mpsc::channel(64);
+        (
+            ForwarderHandle {
+                cmd,
+                link: watch::Sender::new("connecting".into()),
+            },
+            rx,
+        )
+    }
+
+    /// Registers a new disk with the master target; its applied seq there.
+    pub async fn add_disk(&self, info: DiskInfo) -> Result<u64, Refusal> {
+        let (reply, rx) = oneshot::channel();
+        let disk_id = info.disk_id.clone();
+        if self.cmd.send(AddDisk { info, reply }).await.is_err() {
+            return Err(Refusal::for_disk(
+                Code::Unavailable,
+                &disk_id,
+                "the process server is shutting down",
+            ));
+        }
+        match tokio::time::timeout(ADD_DISK_TIMEOUT, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(Refusal::for_disk(
+                Code::Unavailable,
+                &disk_id,
+                "the forwarder stopped",
+            )),
+            Err(_) => Err(Refusal::for_disk(
+                Code::Unavailable,
+                &disk_id,
+                "the master target did not answer the disk registration in time; retry later",
+            )),
+        }
+    }
+
+    /// "up (K connections)", "down: <why>", "connecting".
+    pub fn link_state(&self) -> String {
+        self.link.borrow().clone()
+    }
+
+    fn set_link(&self, s: String) {
+        self.link.send_replace(s);
+    }
+}
+
+fn unavailable_for(info: &DiskInfo, why: &str) -> Refusal {
+    Refusal::for_disk(
+        Code::Unavailable,
+        &info.disk_id,
+        format!("the master target is unreachable ({why}); retry later"),
+    )
+}
+
+/// Runs sessions until shutdown.
+pub async fn run(cfg: ForwardConfig, ctx: Arc<Ctx>, mut cmds: mpsc::Receiver<AddDisk>) {
+    let mut shutdown = ctx.shutdown.clone();
+    let mut backoff = BACKOFF_MIN;
+    let mut last_why = String::new();
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let why = match Session::open(&cfg, &ctx).await {
+            Ok(mut s) => {
+                backoff = BACKOFF_MIN;
+                last_why.clear();
+                ctx.forwarder
+                    .set_link(format!("up ({} connections)", cfg.connections));
+                tracing::info!(url = %cfg.url, connections = cfg.connections, "connected to the master target");
+                match s.run(&cfg, &ctx, &mut cmds).await {
+                    Ok(()) => return,
+                    Err(e) => e,
+                }
+            }
+            Err(e) => e,
+        };
+        let why_text = why.to_string();
+        // Repeating the same failure every few seconds would drown the log.
+        if why_text != last_why {
+            tracing::warn!(url = %cfg.url, "master target link down: {why_text}; retrying with backoff");
+        } else {
+            tracing::debug!(url = %cfg.url, "master target still down: {why_text}; retrying in {backoff:?}");
+        }
+        last_why.clone_from(&why_text);
+        ctx.forwarder.set_link(format!("down: {why_text}"));
+        let sleep = tokio::time::sleep(backoff);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => break,
+                _ = shutdown.changed() => return,
+                cmd = cmds.recv() => match cmd {
+                    Some(c) => { let _ = c.reply.send(Err(unavailable_for(&c.info, &why_text))); }
+                    None => return,
+                },
+            }
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error("connection {0} closed: {1}")]
+    Closed(usize, String),
+    #[error("connection {0}: unexpected first message from the master target")]
+    NoWelcome(usize),
+}
+
+enum Event {
+    Msg(ApplyMessage),
+    Closed(usize, String),
+}
+
+struct Session {
+    conns: Vec<mpsc::Sender<ForwardMessage>>,
+    events: mpsc::Receiver<Event>,
+    /// Next seq to send, per disk.
+    next: HashMap<String, u64>,
+    /// Sent and not yet acknowledged: (seq, record bytes), per disk.
+    inflight: HashMap<String, VecDeque<(u64, u64)>>,
+    inflight_bytes: u64,
+    pending_adds: HashMap<String, Vec<oneshot::Sender<Result<u64, Refusal>>>>,
+    rr: usize,
+}
+
+impl Session {
+    /// Opens and authenticates every connection and takes the master target's welcome.
+    async fn open(cfg: &ForwardConfig, ctx: &Arc<Ctx>) -> Result<Session, SessionError> {
+        let (ev_tx, events) = mpsc::channel(1024);
+        let mut conns = Vec::with_capacity(cfg.connections);
+        ctx.disks.clear_failures();
+        for i in 0..cfg.connections {
+            conns.push(open_conn(cfg, ctx, i, ev_tx.clone()).await?);
+        }
+        Ok(Session {
+            conns,
+            events,
+            next: HashMap::new(),
+            inflight: HashMap::new(),
+            inflight_bytes: 0,
+            pending_adds: HashMap::new(),
+            rr: 0,
+        })
+    }
+
+    async fn run(
+        &mut self,
+        cfg: &ForwardConfig,
+        ctx: &Arc<Ctx>,
+        cmds: &mut mpsc::Receiver<AddDisk>,
+    ) -> Result<(), SessionError> {
+        let mut shutdown = ctx.shutdown.clone();
+        loop {
+            self.fill(cfg, ctx).await?;
+            tokio::select! {
+                ev = self.events.recv() => match ev {
+                    Some(Event::Msg(m)) => self.on_message(ctx, m)?,
+                    Some(Event::Closed(i, why)) => return Err(SessionError::Closed(i, why)),
+                    None => return Err(SessionError::Closed(0, "all connections ended".into())),
+                },
+                cmd = cmds.recv() => match cmd {
+                    Some(c) => self.add_disk(c).await?,
+                    None => return Ok(()),
+                },
+                _ = ctx.disks.data_ready() => {}
+                _ = shutdown.changed() => return Ok(()),
+            }
+        }
+    }
+
+    async fn send(&mut self, msg: ForwardMessage) -> Result<(), SessionError> {
+        let i = self.rr % self.conns.len();
+        self.rr = self.rr.wrapping_add(1);
+        self.conns[i]
+            .send(msg)
+            .await
+            .map_err(|_| SessionError::Closed(i, "stream ended".into()))
+    }
+
+    async fn add_disk(&mut self, c: AddDisk) -> Result<(), SessionError> {
+        // Every connection may carry the disk's batches, so each one learns about it; the
+        // first answer settles the request.
+        for (i, tx) in self.conns.iter().enumerate() {
+            let msg = ForwardMessage {
+                body: Some(forward_message::Body::AddDisk(c.info.clone())),
+            };
+            tx.send(msg)
+                .await
+                .map_err(|_| SessionError::Closed(i, "stream ended".into()))?;
+        }
+        self.pending_adds
+            .entry(c.info.disk_id.clone())
+            .or_default()
+            .push(c.reply);
+        Ok(())
+    }
+
+    fn on_message(&mut self, ctx: &Arc<Ctx>, m: ApplyMessage) -> Result<(), SessionError> {
+        match m.body {
+            Some(apply_message::Body::Ack(p)) => self.on_ack(ctx, &p),
+            Some(apply_message::Body::DiskAdded(p)) => {
+                for reply in self.pending_adds.remove(&p.disk_id).unwrap_or_default() {
+                    let _ = reply.send(Ok(p.applied_seq));
+                }
+            }
+            Some(apply_message::Body::Error(r)) => {
+                let refusal = Refusal::from_report(&r);
+                if r.disk_id.is_empty() {
+                    return Err(SessionError::Refused(refusal));
+                }
+                tracing::error!(disk = %r.disk_id, "master target refused the disk: {refusal}");
+                for reply in self.pending_adds.remove(&r.disk_id).unwrap_or_default() {
+                    let _ = reply.send(Err(refusal.clone()));
+                }
+                ctx.disks.set_failed(&r.disk_id, Some(refusal));
+                self.next.remove(&r.disk_id);
+                if let Some(q) = self.inflight.remove(&r.disk_id) {
+                    self.inflight_bytes -= q.iter().map(|(_, b)| b).sum::<u64>();
+                }
+            }
+            Some(apply_message::Body::Welcome(_)) | None => {}
+        }
+        Ok(())
+    }
+
+    fn on_ack(&mut self, ctx: &Arc<Ctx>, p: &DiskProgress) {
+        let time = ctx
+            .cache
+            .with_index(|ix| ix.get(&p.disk_id, p.applied_seq).map(|l| l.time_unix_ms));
+        if ctx.disks.applied(&p.disk_id, p.applied_seq, time) {
+            ctx.cache
+                .with_index(|ix| ix.prune(&p.disk_id, p.applied_seq));
+            ctx.janitor.notify_one();
+        }
+        if let Some(q) = self.inflight.get_mut(&p.disk_id) {
+            while q.front().is_some_and(|&(s, _)| s <= p.applied_seq) {
+                let (_, b) = q.pop_front().expect("front exists");
+                self.inflight_bytes -= b;
+            }
+        }
+        if let Some(n) = self.next.get_mut(&p.disk_id) {
+            *n = (*n).max(p.applied_seq + 1);
+        }
+    }
+
+    /// Sends durable batches until the window is full or nothing is left.
+    async fn fill(&mut self, cfg: &ForwardConfig, ctx: &Arc<Ctx>) -> Result<(), SessionError> {
+        loop {
+            if self.inflight_bytes >= cfg.window {
+                return Ok(());
+            }
+            let picks = self.pick(cfg.window - self.inflight_bytes, ctx);
+            if picks.is_empty() {
+                return Ok(());
+            }
+            let datas = ctx.cache.read(picks.clone()).await;
+            for ((disk, seq, loc), data) in picks.into_iter().zip(datas) {
+                if ctx.disks.get(&disk).is_some_and(|s| s.failed.is_some()) {
+                    continue;
+                }
+                let batch = match data
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| Batch::decode(b).map_err(|e| e.to_string()))
+                {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let r = Refusal::for_disk(
+                            Code::Io,
+                            &disk,
+                            format!("cannot read cached batch seq {seq}: {e}"),
+                        );
+                        tracing::error!(disk = %disk, "{r}");
+                        ctx.disks.set_failed(&disk, Some(r));
+                        continue;
+                    }
+                };
+                self.send(ForwardMessage {
+                    body: Some(forward_message::Body::Batch(batch)),
+                })
+                .await?;
+                self.inflight
+                    .entry(disk)
+                    .or_default()
+                    .push_back((seq, u64::from(loc.len)));
+                self.inflight_bytes += u64::from(loc.len);
+            }
+        }
+    }
+
+    /// Up to `READ_CHUNK` next batches (`budget` bytes), taking disks in turn.
+    fn pick(
+        &mut self,
+        mut budget: u64,
+        ctx: &Arc<Ctx>,
+    ) -> Vec<(String, u64, crate::cache::index::Loc)> {
+        let mut picks = Vec::new();
+        let disks = ctx.disks.snapshot();
+        let mut progressed = true;
+        while progressed && picks.len() < READ_CHUNK && budget > 0 {
+            progressed = false;
+            for s in &disks {
+                if s.failed.is_some() || picks.len() >= READ_CHUNK || budget == 0 {
+                    continue;
+                }
+                let id = &s.info.disk_id;
+                let n = self.next.entry(id.clone()).or_insert(s.applied + 1);
+                *n = (*n).max(s.applied + 1);
+                if *n > s.cached {
+                    continue;
+                }
+                // A missing entry is a hole left by cache corruption: stop before it.
+                let Some(loc) = ctx.cache.with_index(|ix| ix.get(id, *n)) else {
+                    continue;
+                };
+                picks.push((id.clone(), *n, loc));
+                budget = budget.saturating_sub(u64::from(loc.len));
+                *n += 1;
+                progressed = true;
+            }
+        }
+        picks
+    }
+}
+
+/// Opens connection `i`: challenge, hello, welcome (server proof checked); then a task
+/// forwards its messages into `events`.
+async fn open_conn(
+    cfg: &ForwardConfig,
+    ctx: &Arc<Ctx>,
+    i: usize,
+    events: mpsc::Sender<Event>,
+) -> Result<mpsc::Sender<ForwardMessage>, SessionError> {
+    let mut client = master_target(&cfg.url, &cfg.tuning, &cfg.tls).await?;
+    let pending = begin_auth(&mut client, &cfg.auth).await?;
+    let (tx, rx) = mpsc::channel(CONN_QUEUE);
+    let hello = ForwardMessage {
+        body: Some(forward_message::Body::Hello(ForwardHello {
+            auth: Some(pending.auth.clone()),
+            disks: ctx.disks.infos(),
+            connection: i as u32,
+        })),
+    };
+    tx.send(hello)
+        .await
+        .map_err(|_| SessionError::Closed(i, "stream ended".into()))?;
+    let mut inbound = client
+        .apply(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| refusal_from_status(&s))?
+        .into_inner();
+    loop {
+        let m = inbound
+            .message()
+            .await
+            .map_err(|s| SessionError::Closed(i, error_chain(&s)))?
+            .ok_or(SessionError::NoWelcome(i))?;
+        match m.body {
+            Some(apply_message::Body::Welcome(w)) => {
+                cfg.auth.verify_server(&pending, &w.server_proof)?;
+                for p in &w.disks {
+                    ctx.disks.applied(&p.disk_id, p.applied_seq, None);
+                    ctx.cache
+                        .with_index(|ix| ix.prune(&p.disk_id, p.applied_seq));
+                }
+                ctx.janitor.notify_one();
+                break;
+            }
+            Some(apply_message::Body::Error(r)) if !r.disk_id.is_empty() => {
+                let refusal = Refusal::from_report(&r);
+                tracing::error!(disk = %r.disk_id, "master target refused the disk: {refusal}");
+                ctx.disks.set_failed(&r.disk_id, Some(refusal));
+            }
+            Some(apply_message::Body::Error(r)) => {
+                return Err(SessionError::Refused(Refusal::from_report(&r)));
+            }
+            _ => return Err(SessionError::NoWelcome(i)),
+        }
+    }
+    tokio::spawn(async move {
+        loop {
+            let ev = match inbound.message().await {
+                Ok(Some(m)) => Event::Msg(m),
+                Ok(None) => Event::Closed(i, "ended by the master target".into()),
+                Err(s) => Event::Closed(i, error_chain(&s)),
+            };
+            let closed = matches!(ev, Event::Closed(..));
+            if events.send(ev).await.is_err() || closed {
+                return;
+            }
+        }
+    });
+    Ok(tx)
+}

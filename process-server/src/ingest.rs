@@ -1,0 +1,397 @@
+//! Hop 1: agent streams (`ProcessServer.Replicate`), following docs/internals.md.
+//!
+//! Per stream: this task reads (hello, then batches and heartbeats) and an *acker* task writes
+//! cumulative acks; both feed one bounded outbound channel, so a slow agent only ever blocks
+//! its own tasks. A batch is acknowledged only once its disk's `cached` seq covers it, i.e.
+//! after the group commit's fdatasync (`crate::disks`).
+//!
+//! While the cache is above its high-water mark (or the volume is full) the reader tells the
+//! agent `pause { paused: true, reason }` and stops reading; nothing is refused or dropped.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use prost::Message;
+use protocol::disk::check_disk_info;
+use protocol::error::{Code, Refusal};
+use protocol::limits::MAX_DISKS_PER_HELLO;
+use protocol::pb::{
+    AgentHello, AgentMessage, Batch, DiskInfo, DiskProgress, Pause, ProcessServerMessage,
+    ServerWelcome, agent_message, process_server_message,
+};
+use tokio::sync::mpsc;
+use tonic::Streaming;
+
+use crate::disks::Reserve;
+use crate::server::Ctx;
+
+/// Messages queued towards one agent.
+const OUT_QUEUE: usize = 256;
+/// At the end of a stream, how long to wait for its last batches to become durable.
+const FINAL_ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+pub type Outbound = mpsc::Receiver<Result<ProcessServerMessage, tonic::Status>>;
+type Out = mpsc::Sender<Result<ProcessServerMessage, tonic::Status>>;
+
+/// Starts serving one agent stream; returns the outbound half for tonic.
+pub fn start(ctx: Arc<Ctx>, inbound: Streaming<AgentMessage>) -> Outbound {
+    let (out, rx) = mpsc::channel(OUT_QUEUE);
+    tokio::spawn(async move {
+        if let Err(r) = serve(&ctx, inbound, &out).await {
+            tracing::info!(disk = %r.disk_id, "agent stream refused: {r}");
+            let _ = out.send(Ok(msg_error(&r))).await;
+        }
+    });
+    rx
+}
+
+fn msg_error(r: &Refusal) -> ProcessServerMessage {
+    ProcessServerMessage {
+        body: Some(process_server_message::Body::Error(r.to_report())),
+    }
+}
+
+fn msg_ack(p: DiskProgress) -> ProcessServerMessage {
+    ProcessServerMessage {
+        body: Some(process_server_message::Body::Ack(p)),
+    }
+}
+
+fn msg_pause(paused: bool, reason: String) -> ProcessServerMessage {
+    ProcessServerMessage {
+        body: Some(process_server_message::Body::Pause(Pause {
+            paused,
+            reason,
+        })),
+    }
+}
+
+/// Detaches the stream from its disks however it ends.
+struct Attached<'a> {
+    ctx: &'a Ctx,
+    disks: Vec<String>,
+}
+
+impl Drop for Attached<'_> {
+    fn drop(&mut self) {
+        for d in &self.disks {
+            self.ctx.disks.detach(d);
+        }
+    }
+}
+
+async fn serve(
+    ctx: &Arc<Ctx>,
+    mut inbound: Streaming<AgentMessage>,
+    out: &Out,
+) -> Result<(), Refusal> {
+    let hello = match inbound.message().await {
+        Ok(Some(AgentMessage {
+            body: Some(agent_message::Body::Hello(h)),
+        })) => h,
+        Ok(_) => {
+            return Err(Refusal::new(
+                Code::BadRequest,
+                "the first message must be hello",
+            ));
+        }
+        Err(s) => {
+            return Err(Refusal::new(
+                Code::BadRequest,
+                format!("bad first message: {}", s.message()),
+            ));
+        }
+    };
+    let proof = ctx.auth.verify(hello.auth.as_ref())?;
+    let identity = hello
+        .auth
+        .as_ref()
+        .map(|a| a.identity.clone())
+        .unwrap_or_default();
+    let declared = declare(ctx, &hello).await?;
+    let mut progress = Vec::new();
+    let mut attached = Attached {
+        ctx,
+        disks: Vec::new(),
+    };
+    let mut tokens = HashMap::new();
+    for id in declared.keys() {
+        tokens.insert(id.clone(), ctx.disks.attach(id));
+        attached.disks.push(id.clone());
+        progress.push(
+            ctx.disks
+                .get(id)
+                .expect("declared disks are registered")
+                .progress(),
+        );
+    }
+    tracing::info!(agent = %identity, disks = declared.len(), "agent connected");
+    let welcome = ProcessServerMessage {
+        body: Some(process_server_message::Body::Welcome(ServerWelcome {
+            server_proof: proof.into(),
+            disks: progress.clone(),
+        })),
+    };
+    if out.send(Ok(welcome)).await.is_err() {
+        return Ok(());
+    }
+    let acker = tokio::spawn(ack_loop(ctx.clone(), progress, out.clone()));
+    let result = read_loop(ctx, &mut inbound, out, &declared, &tokens).await;
+    if result.is_ok() {
+        // Let the group commit in progress finish so its batches are acknowledged.
+        let ids: Vec<String> = declared.keys().cloned().collect();
+        let _ = tokio::time::timeout(FINAL_ACK_WAIT, wait_durable(ctx, &ids)).await;
+        for id in &ids {
+            if let Some(s) = ctx.disks.get(id) {
+                let _ = out.send(Ok(msg_ack(s.progress()))).await;
+            }
+        }
+    }
+    acker.abort();
+    tracing::info!(agent = %identity, "agent stream ended");
+    drop(attached);
+    result
+}
+
+/// Checks the declared disks; registers new ones with the master target first.
+async fn declare(ctx: &Arc<Ctx>, hello: &AgentHello) -> Result<HashMap<String, u64>, Refusal> {
+    if hello.disks.len() > MAX_DISKS_PER_HELLO {
+        return Err(Refusal::new(
+            Code::BadRequest,
+            format!(
+                "hello declares {} disks, more than {MAX_DISKS_PER_HELLO}",
+                hello.disks.len()
+            ),
+        ));
+    }
+    let mut declared = HashMap::new();
+    for d in &hello.disks {
+        check_disk_info(d)?;
+        match ctx.disks.get(&d.disk_id) {
+            Some(known) => {
+                check_same(&known.info, d)?;
+                if let Some(why) = known.resync_required {
+                    return Err(Refusal::for_disk(
+                        Code::Io,
+                        &d.disk_id,
+                        format!("{why}: run a differential sync of this disk"),
+                    ));
+                }
+            }
+            None => register(ctx, d).await?,
+        }
+        declared.insert(d.disk_id.clone(), d.capacity);
+    }
+    Ok(declared)
+}
+
+fn check_same(known: &DiskInfo, d: &DiskInfo) -> Result<(), Refusal> {
+    if known.capacity != d.capacity || known.name != d.name {
+        return Err(Refusal::for_disk(
+            Code::DiskConflict,
+            &d.disk_id,
+            format!(
+                "disk {} is registered as '{}' with {} bytes, not '{}' with {} bytes",
+                d.disk_id, known.name, known.capacity, d.name, d.capacity
+            ),
+        ));
+    }
+    Ok(())
+}
+
+async fn register(ctx: &Arc<Ctx>, d: &DiskInfo) -> Result<(), Refusal> {
+    let applied = ctx.forwarder.add_disk(d.clone()).await?;
+    if ctx.disks.register(d.clone(), applied) {
+        let records = ctx.disks.records();
+        let c = ctx.clone();
+        let stored =
+            tokio::task::spawn_blocking(move || c.registry.store(&records).map(|_| records))
+                .await
+                .map_err(|e| Refusal::new(Code::Internal, e.to_string()))?
+                .map_err(|e| Refusal::for_disk(Code::Io, &d.disk_id, e.to_string()))?;
+        ctx.disks.floors_persisted(&stored);
+        tracing::info!(disk = %d.disk_id, name = %d.name, applied, "registered new disk");
+    }
+    Ok(())
+}
+
+/// Waits while the cache asks agents to pause; tells the agent both edges.
+async fn hold_while_paused(ctx: &Ctx, out: &Out) -> Result<bool, Refusal> {
+    let mut pause = ctx.cache.flow().pause();
+    let reason = pause.borrow_and_update().clone();
+    let Some(reason) = reason else {
+        return Ok(true);
+    };
+    if out.send(Ok(msg_pause(true, reason))).await.is_err() {
+        return Ok(false);
+    }
+    let mut shutdown = ctx.shutdown.clone();
+    loop {
+        tokio::select! {
+            r = pause.changed() => if r.is_err() { return Ok(false) },
+            _ = shutdown.changed() => return Ok(false),
+        }
+        if pause.borrow_and_update().is_none() {
+            break;
+        }
+    }
+    Ok(out.send(Ok(msg_pause(false, String::new()))).await.is_ok())
+}
+
+async fn read_loop(
+    ctx: &Arc<Ctx>,
+    inbound: &mut Streaming<AgentMessage>,
+    out: &Out,
+    declared: &HashMap<String, u64>,
+    tokens: &HashMap<String, u64>,
+) -> Result<(), Refusal> {
+    let mut shutdown = ctx.shutdown.clone();
+    let mut fatal = ctx.cache.flow().fatal();
+    // Wakes the reader while it waits for the agent, so a pause is announced at once.
+    let mut pause = ctx.cache.flow().pause();
+    loop {
+        if let Some(why) = fatal.borrow_and_update().clone() {
+            return Err(Refusal::new(
+                Code::Io,
+                format!("cache volume failed: {why}"),
+            ));
+        }
+        if !hold_while_paused(ctx, out).await? {
+            return Ok(());
+        }
+        let msg = tokio::select! {
+            m = inbound.message() => m,
+            _ = shutdown.changed() => return Ok(()),
+            _ = fatal.changed() => continue,
+            _ = pause.changed() => continue,
+        };
+        let body = match msg {
+            Ok(Some(m)) => m.body,
+            Ok(None) => return Ok(()),
+            Err(s) => {
+                tracing::debug!("agent stream error: {}", s.message());
+                return Ok(());
+            }
+        };
+        match body {
+            Some(agent_message::Body::Batch(b)) => on_batch(ctx, out, declared, tokens, b).await?,
+            Some(agent_message::Body::Heartbeat(_)) => {
+                for id in declared.keys() {
+                    ctx.disks.heard(id);
+                }
+            }
+            Some(agent_message::Body::Hello(_)) | None => {
+                return Err(Refusal::new(
+                    Code::BadRequest,
+                    "unexpected message after hello",
+                ));
+            }
+        }
+    }
+}
+
+async fn on_batch(
+    ctx: &Arc<Ctx>,
+    out: &Out,
+    declared: &HashMap<String, u64>,
+    tokens: &HashMap<String, u64>,
+    b: Batch,
+) -> Result<(), Refusal> {
+    let id = b.disk_id.clone();
+    let Some(&capacity) = declared.get(&id) else {
+        return Err(Refusal::for_disk(
+            Code::UnknownDisk,
+            &id,
+            format!(
+                "batch seq {} is for disk '{}', which the hello did not declare",
+                b.seq,
+                id.escape_debug()
+            ),
+        ));
+    };
+    ctx.disks.heard(&id);
+    let state = ctx.disks.get(&id).expect("declared disks are registered");
+    if b.seq <= state.appended {
+        // A harmless duplicate: drop it and repeat where we stand.
+        let _ = out.send(Ok(msg_ack(state.progress()))).await;
+        return Ok(());
+    }
+    protocol::batch::check(&b, capacity).map_err(|e| e.refusal(&id, b.seq))?;
+    let seq = b.seq;
+    let time = b.time_unix_ms;
+    let bytes = Bytes::from(b.encode_to_vec());
+    let order = ctx
+        .disks
+        .order_lock(&id)
+        .expect("declared disks are registered");
+    let _in_order = order.lock().await;
+    match ctx.disks.reserve(&id, seq, tokens[&id]) {
+        Reserve::Next => {}
+        Reserve::Duplicate => {
+            let p = ctx.disks.get(&id).expect("known").progress();
+            let _ = out.send(Ok(msg_ack(p))).await;
+            return Ok(());
+        }
+        Reserve::Gap { expected } => {
+            return Err(Refusal::for_disk(
+                Code::OutOfSequence,
+                &id,
+                format!("batch seq {seq} is out of sequence: expected {expected}"),
+            ));
+        }
+        Reserve::NotOwner => {
+            return Err(Refusal::for_disk(
+                Code::Unavailable,
+                &id,
+                "a newer connection took over this disk",
+            ));
+        }
+        Reserve::Unknown => return Err(Refusal::for_disk(Code::UnknownDisk, &id, "unknown disk")),
+    }
+    // The ack comes from the acker once `cached` covers the seq; the receiver is not needed.
+    ctx.cache
+        .append(&id, seq, time, bytes)
+        .await
+        .map_err(|e| Refusal::for_disk(Code::Io, &id, e.to_string()))?;
+    Ok(())
+}
+
+/// Resolves once everything appended for `ids` is durable.
+async fn wait_durable(ctx: &Ctx, ids: &[String]) {
+    let mut progress = ctx.disks.progress();
+    let targets: Vec<(String, u64)> = ids
+        .iter()
+        .filter_map(|id| ctx.disks.get(id).map(|s| (id.clone(), s.appended)))
+        .collect();
+    loop {
+        let done = targets
+            .iter()
+            .all(|(id, t)| ctx.disks.get(id).is_none_or(|s| s.cached >= *t));
+        if done || progress.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Sends a cumulative ack whenever a declared disk's cached or applied seq advances.
+async fn ack_loop(ctx: Arc<Ctx>, mut sent: Vec<DiskProgress>, out: Out) {
+    let mut progress = ctx.disks.progress();
+    loop {
+        for last in sent.iter_mut() {
+            let Some(now) = ctx.disks.get(&last.disk_id) else {
+                continue;
+            };
+            let p = now.progress();
+            if p.cached_seq > last.cached_seq || p.applied_seq > last.applied_seq {
+                *last = p.clone();
+                if out.send(Ok(msg_ack(p))).await.is_err() {
+                    return;
+                }
+            }
+        }
+        if progress.changed().await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! `serve`: wires the cache, the disk registry, ingest, the forwarder and the janitor
+//! together and runs the gRPC server until SIGTERM/SIGINT or a fatal cache error.
+//!
+//! Start-up order: registry -> cache recovery (torn tail truncated, index rebuilt) -> disk
+//! state (damaged disks marked "resync required") -> cache writer -> forwarder and janitor ->
+//! listener. Shutdown: stop accepting, end agent streams after their pending group commit is
+//! acknowledged, close the writer (its last group completes), exit.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol::auth::ServerAuth;
+use protocol::limits::MAX_MESSAGE_BYTES;
+use protocol::pb::process_server_server::{ProcessServer, ProcessServerServer};
+use protocol::pb::{AgentMessage, ChallengeReply, ChallengeRequest, StatusReply, StatusRequest};
+use protocol::transport::{TlsFiles, TransportError, WanTuning};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+
+use crate::cache::log::Damage;
+use crate::cache::{Cache, CacheConfig, CacheError};
+use crate::disks::Disks;
+use crate::forward::{self, ForwardConfig, ForwarderHandle};
+use crate::registry::{Registry, RegistryError};
+
+/// How long shutdown waits for agent streams to end before giving up on them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("cannot listen on {addr}: {source}")]
+    Binding {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("cannot start the cache writer thread: {0}")]
+    StartingWriter(std::io::Error),
+    #[error("gRPC server failed: {0}")]
+    Serving(#[from] tonic::transport::Error),
+    #[error("cache volume failed: {0}")]
+    CacheFailed(String),
+    #[error("start-up task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Everything `serve` needs, resolved from flags and the config file.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: String,
+    pub cache: CacheConfig,
+    pub forward: ForwardConfig,
+    pub tuning: WanTuning,
+    pub tls: TlsFiles,
+    pub auth_passphrase: protocol::auth::Passphrase,
+    pub identity: String,
+}
+
+/// State shared by every task of a running server.
+#[derive(Debug)]
+pub struct Ctx {
+    pub cache: Cache,
+    pub disks: Disks,
+    pub registry: Registry,
+    pub auth: ServerAuth,
+    pub forwarder: ForwarderHandle,
+    pub identity: String,
+    pub master_target_url: String,
+    /// `true` once shutdown began.
+    pub shutdown: watch::Receiver<bool>,
+    /// Wakes the janitor (an applied seq advanced).
+    pub janitor: Notify,
+}
+
+/// Marks the disks that lost records to mid-log corruption, and those whose cached seqs have
+/// a hole, as "resync required".
+fn apply_damage(disks: &Disks, cache: &Cache, damage: &[Damage]) {
+    for d in damage {
+        let affected = match &d.disk_hint {
+            Some(id) if disks.get(id).is_some() => vec![id.clone()],
+            _ => cache.with_index(|ix| ix.disks_in_segment(d.segment)),
+        };
+        let affected = if affected.is_empty() {
+            disks
+                .snapshot()
+                .into_iter()
+                .map(|s| s.info.disk_id)
+                .collect()
+        } else {
+            affected
+        };
+        for id in affected {
+            disks.mark_resync_required(
+                &id,
+                format!(
+                    "cache segment {} offset {}: {}",
+                    d.segment, d.offset, d.what
+                ),
+            );
+        }
+    }
+    for s in disks.snapshot() {
+        let seqs = cache.with_index(|ix| ix.seqs(&s.info.disk_id));
+        let above: Vec<u64> = seqs.into_iter().filter(|&q| q > s.floor).collect();
+        let contiguous = above
+            .iter()
+            .enumerate()
+            .all(|(i, &q)| q == s.floor + 1 + i as u64);
+        if !contiguous {
+            disks.mark_resync_required(
+                &s.info.disk_id,
+                format!(
+                    "cached seqs above the applied floor {} have a hole",
+                    s.floor
+                ),
+            );
+        }
+    }
+}
+
+/// The highest seq contiguous above `floor` in the index.
+fn last_contiguous(cache: &Cache, id: &str, floor: u64) -> u64 {
+    let mut last = floor;
+    for q in cache.with_index(|ix| ix.seqs(id)) {
+        if q == last + 1 {
+            last = q;
+        } else if q > last + 1 {
+            break;
+        }
+    }
+    last
+}
+
+/// Opens the cache and the registry and builds the shared state (blocking work off the
+/// async workers). Returns the context and the forwarder's command queue.
+async fn open(
+    settings: &Settings,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(Arc<Ctx>, tokio::sync::mpsc::Receiver<forward::AddDisk>), ServeError> {
+    let cfg = settings.cache.clone();
+    let (cache, damage, records, registry) = tokio::task::spawn_blocking(move || {
+        let (cache, damage) = Cache::open(&cfg)?;
+        let registry = Registry::new(&cfg.dir);
+        let records = registry.load()?;
+        Ok::<_, ServeError>((cache, damage, records, registry))
+    })
+    .await??;
+    let disks = Disks::new(&records, |id, floor| last_contiguous(&cache, id, floor));
+    apply_damage(&disks, &cache, &damage);
+    let (usage, quota) = (cache.flow().usage(), cache.flow().quota());
+    tracing::info!(
+        dir = %settings.cache.dir.display(),
+        disks = records.len(),
+        usage,
+        quota,
+        "cache recovered"
+    );
+    let (forwarder, cmds) = ForwarderHandle::new();
+    let ctx = Arc::new(Ctx {
+        cache,
+        disks,
+        registry,
+        auth: ServerAuth::new(settings.auth_passphrase.clone()),
+        forwarder,
+        identity: settings.identity.clone(),
+        master_target_url: settings.forward.url.clone(),
+        shutdown,
+        janitor: Notify::new(),
+    });
+    // Weak: the writer thread must not keep the context (and the cache lock) alive.
+    let hook = Arc::downgrade(&ctx);
+    ctx.cache
+        .start(Arc::new(move |id: &str, seq: u64| {
+            if let Some(c) = hook.upgrade() {
+                c.disks.durable(id, seq);
+            }
+        }))
+        .map_err(ServeError::StartingWriter)?;
+    Ok((ctx, cmds))
+}
+
+/// Persists applied floors, then deletes the segments they make obsolete.
+async fn janitor(ctx: Arc<Ctx>) {
+    let mut shutdown = ctx.shutdown.clone();
+    loop {
+        if ctx.disks.floors_behind() {
+            let records = ctx.disks.records();
+            let c = ctx.clone();
+            match tokio::task::spawn_blocking(move || c.registry.store(&records).map(|_| records))
+                .await
+            {
+                Ok(Ok(records)) => ctx.disks.floors_persisted(&records),
+                Ok(Err(e)) => tracing::error!("cannot persist applied floors: {e}"),
+                Err(e) => tracing::error!("registry task failed: {e}"),
+            }
+        }
+        match ctx.cache.delete_applied(|id| ctx.disks.floor(id)).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(segments = n, "deleted applied cache segments"),
+            Err(e) => tracing::error!("cannot delete applied cache segments: {e}"),
+        }
+        tokio::select! {
+            _ = ctx.janitor.notified() => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// The gRPC service.
+#[derive(Debug, Clone)]
+pub struct Service {
+    ctx: Arc<Ctx>,
+}
+
+#[tonic::async_trait]
+impl ProcessServer for Service {
+    async fn challenge(
+        &self,
+        _request: tonic::Request<ChallengeRequest>,
+    ) -> Result<tonic::Response<ChallengeReply>, tonic::Status> {
+        Ok(tonic::Response::new(ChallengeReply {
+            server_nonce: self.ctx.auth.challenge().into(),
+        }))
+    }
+
+    type ReplicateStream =
+        ReceiverStream<Result<protocol::pb::ProcessServerMessage, tonic::Status>>;
+
+    async fn replicate(
+        &self,
+        request: tonic::Request<tonic::Streaming<AgentMessage>>,
+    ) -> Result<tonic::Response<Self::ReplicateStream>, tonic::Status> {
+        let rx = crate::ingest::start(self.ctx.clone(), request.into_inner());
+        Ok(tonic::Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn status(
+        &self,
+        request: tonic::Request<StatusRequest>,
+    ) -> Result<tonic::Response<StatusReply>, tonic::Status> {
+        let proof = self
+            .ctx
+            .auth
+            .verify(request.get_ref().auth.as_ref())
+            .map_err(|r| r.to_status())?;
+        Ok(tonic::Response::new(crate::status::reply(&self.ctx, proof)))
+    }
+}
+
+/// Binds `settings.listen` and serves until `stop` resolves; see [`serve_on`].
+pub async fn serve(
+    settings: Settings,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let listener = TcpListener::bind(&settings.listen)
+        .await
+        .map_err(|source| ServeError::Binding {
+            addr: settings.listen.clone(),
+            source,
+        })?;
+    serve_on(settings, listener, stop).await
+}
+
+/// Serves on `listener` until `stop` resolves (clean exit) or the cache fails (error).
+pub async fn serve_on(
+    settings: Settings,
+    listener: TcpListener,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (ctx, cmds) = open(&settings, shutdown_rx).await?;
+    let forwarder = tokio::spawn(forward::run(settings.forward.clone(), ctx.clone(), cmds));
+    let janitor = tokio::spawn(janitor(ctx.clone()));
+
+    let addr: SocketAddr = listener
+        .local_addr()
+        .map_err(|source| ServeError::Binding {
+            addr: settings.listen.clone(),
+            source,
+        })?;
+    let service = ProcessServerServer::new(Service { ctx: ctx.clone() })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let router = settings.tuning.server(&settings.tls)?.add_service(service);
+    tracing::info!("listening on {addr}");
+
+    let mut fatal = ctx.cache.flow().fatal();
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+    let stop_signal = async move {
+        tokio::select! {
+            _ = stop => {}
+            _ = fatal.wait_for(|f| f.is_some()) => {}
+        }
+        // End agent streams and the forwarder; tonic then waits for the streams to close.
+        let _ = shutdown_tx.send(true);
+        let _ = stopped_tx.send(());
+    };
+    let server = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop_signal);
+    tokio::pin!(server);
+    let served = tokio::select! {
+        r = &mut server => r,
+        _ = async {
+            let _ = stopped_rx.await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!("agent streams did not end within {SHUTDOWN_GRACE:?}; exiting anyway");
+            Ok(())
+        }
+    };
+    let _ = forwarder.await;
+    let _ = janitor.await;
+    ctx.cache.close().await;
+    served?;
+    if let Some(why) = ctx.cache.flow().fatal().borrow().clone() {
+        return Err(ServeError::CacheFailed(why));
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,91 @@
+//! Helpers shared by the end-to-end tests: a cluster of real role processes in a temp dir,
+//! and status polling through the real gRPC API.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bench::cluster::Cluster;
+use protocol::auth::{ClientAuth, Passphrase};
+use protocol::pb::StatusReply;
+use protocol::transport::{TlsFiles, WanTuning};
+
+/// The multi-call executable that runs as each role (built by this package).
+pub fn roles_exe() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_failback-roles"))
+}
+
+/// A started master target + process server in a fresh temp dir.
+pub fn cluster(dir: &Path) -> Cluster {
+    let mut c = Cluster::new(roles_exe(), dir).expect("cluster dirs");
+    if let Err(e) = c.start() {
+        panic!("starting the cluster: {e:#}\n{}", c.log_tails());
+    }
+    c
+}
+
+/// Which server to ask.
+#[derive(Debug, Clone, Copy)]
+pub enum Server {
+    ProcessServer,
+    MasterTarget,
+}
+
+/// One authenticated Status call, or None when the server does not answer.
+pub fn status(c: &Cluster, server: Server) -> Option<StatusReply> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    let pass = Passphrase::load(Some(&c.passphrase_file)).ok()?;
+    let auth = ClientAuth::new(pass, "e2e-test");
+    rt.block_on(async {
+        let tuning = WanTuning {
+            connect_timeout: Duration::from_secs(2),
+            ..WanTuning::default()
+        };
+        match server {
+            Server::ProcessServer => {
+                let mut cl =
+                    protocol::client::process_server(&c.ps_url(), &tuning, &TlsFiles::default())
+                        .await
+                        .ok()?;
+                protocol::client::status(&mut cl, &auth).await.ok()
+            }
+            Server::MasterTarget => {
+                let mut cl =
+                    protocol::client::master_target(&c.mt_url(), &tuning, &TlsFiles::default())
+                        .await
+                        .ok()?;
+                protocol::client::status(&mut cl, &auth).await.ok()
+            }
+        }
+    })
+}
+
+/// Polls `server`'s status until `pred` holds for disk `disk_id` (cached seq, applied seq),
+/// or panics after `timeout`.
+pub fn wait_for_disk(
+    c: &Cluster,
+    server: Server,
+    disk_id: &str,
+    timeout: Duration,
+    pred: impl Fn(u64, u64) -> bool,
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = status(c, server)
+            && let Some(d) = s.disks.iter().find(|d| d.disk_id == disk_id)
+            && pred(d.cached_seq, d.applied_seq)
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting on {server:?} status for {disk_id}\n{}",
+            c.log_tails()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
