@@ -1,6 +1,7 @@
 //! `bench demo`: the whole chain on one machine, in one command.
 //!
-//! Starts a master target and a process server on 127.0.0.1 with a generated passphrase,
+//! Starts a master target and a process server on 127.0.0.1 with a generated passphrase and
+//! throwaway TLS certificates,
 //! generates a source disk (holes, zeros, compressible, repeated and random regions), runs
 //! `agent sync --wait --marker demo` through them, reports MB/s and 4 KiB blocks/s, and
 //! verifies the resulting VMDK against the source byte for byte and with qemu-img.
@@ -26,6 +27,9 @@ pub struct DemoArgs {
     /// Seed of the generated disk.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Run without TLS (by default both hops use TLS with throwaway certificates).
+    #[arg(long)]
+    pub no_tls: bool,
     /// Give up if the sync takes longer than this many seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout_secs: u64,
@@ -56,6 +60,11 @@ pub fn run(args: &DemoArgs, exe: &Path) -> Result<DemoReport> {
             .keep(),
     };
     let mut cluster = Cluster::new(exe, &dir)?;
+    if !args.no_tls {
+        cluster
+            .enable_tls()
+            .context("generating throwaway TLS certificates")?;
+    }
     let source = dir.join("source.raw");
     println!("failback demo in {}", dir.display());
     let mix = workload::generate_disk(&source, args.size, args.seed)
@@ -68,9 +77,14 @@ pub fn run(args: &DemoArgs, exe: &Path) -> Result<DemoReport> {
     );
     cluster.start().with_context(|| cluster.log_tails())?;
     println!(
-        "  roles       master target {} <- process server {} <- agent",
+        "  roles       master target {} <- process server {} <- agent ({}; passphrase proven on both hops)",
         cluster.mt_url(),
-        cluster.ps_url()
+        cluster.ps_url(),
+        if args.no_tls {
+            "no TLS"
+        } else {
+            "TLS with a throwaway CA"
+        }
     );
 
     let name = "demo-disk";
