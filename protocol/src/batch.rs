@@ -642,6 +642,32 @@ mod tests {
             }
         }
 
+        /// The fuzz target `fuzz/fuzz_targets/batch.rs`, bounded: arbitrary bytes and random
+        /// multi-byte corruptions of valid batches never panic, and whatever is accepted
+        /// decompresses to exactly its declared length.
+        #[test]
+        fn arbitrary_bytes_never_panic_the_decoder(
+            batch in arb_batch(),
+            noise in prop::collection::vec(any::<u8>(), 0..256),
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+        ) {
+            for bytes in [noise.clone(), {
+                let mut b = batch.encode_to_vec();
+                for (i, v) in &edits {
+                    let i = i.index(b.len());
+                    b[i] = *v;
+                }
+                b
+            }] {
+                if let Ok(b) = Batch::decode(&bytes[..]) {
+                    let mut buf = Vec::new();
+                    if let Ok(d) = decode_into(&b, CAP, &mut buf) {
+                        prop_assert_eq!(d.data.len(), b.data_len as usize);
+                    }
+                }
+            }
+        }
+
         #[test]
         fn every_truncation_is_rejected(batch in arb_batch()) {
             let bytes = batch.encode_to_vec();
