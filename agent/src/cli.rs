@@ -14,7 +14,7 @@ use protocol::pb::DiskFormat;
 use serde::Deserialize;
 
 use crate::scan::ZERO_BLOCK;
-use crate::session::Target;
+use crate::session::{HEARTBEAT, Target};
 use crate::sync::{SyncConfig, disk_info};
 
 /// Default bound of unacknowledged bytes in flight.
@@ -38,8 +38,10 @@ pub enum Command {
     /// Copy a disk to the process server once (full pass), then exit.
     ///
     /// Exits 0 once every batch is durable in the process server's cache, or with --wait once
-    /// the master target has applied it all. An unreachable process server is retried with
-    /// backoff (error 95226) for --retry-for; other refusals end the sync at once.
+    /// the master target has applied it all, and prints a summary on stdout. A lost or
+    /// unreachable process server is retried with backoff (error 95226) for --retry-for, and
+    /// the pass resumes where the process server stands; other refusals end the sync at once
+    /// with `error <code>: <message>`. Exit status: 0 success, 1 failure, 2 bad arguments.
     Sync(Box<SyncArgs>),
 }
 
@@ -234,20 +236,7 @@ impl SyncArgs {
                  pass sends all-zero blocks as zero extents, without data)"
             );
         }
-        let batch_data = self.batch_size.unwrap_or(DEFAULT_BATCH_DATA as u64);
-        if batch_data < ZERO_BLOCK as u64
-            || batch_data > MAX_BATCH_DATA as u64
-            || !batch_data.is_multiple_of(ZERO_BLOCK as u64)
-        {
-            bail!(
-                "--batch-size {batch_data} must be a multiple of {ZERO_BLOCK} between \
-                 {ZERO_BLOCK} and {MAX_BATCH_DATA}"
-            );
-        }
-        let window_bytes = self.window.unwrap_or(DEFAULT_WINDOW);
-        if window_bytes == 0 {
-            bail!("--window must be above 0");
-        }
+        let (batch_data, window_bytes) = sizes(self.batch_size, self.window)?;
         if let Some(tag) = &self.marker
             && tag.len() > MAX_NAME_LEN
         {
@@ -278,15 +267,38 @@ impl SyncArgs {
                 tls: self.security.tls(),
                 auth: ClientAuth::new(passphrase, identity),
                 disk: disk_info(&disk_id, &name, format),
+                heartbeat: HEARTBEAT,
             },
             disk,
             marker_tag: self.marker,
             wait: self.wait,
-            window_bytes: usize::try_from(window_bytes).context("--window")?,
-            batch_data: batch_data as usize,
+            window_bytes,
+            batch_data,
             retry_for: self.retry_for.unwrap_or(DEFAULT_RETRY_FOR),
         })
     }
+}
+
+/// Checks `--batch-size` and `--window` and applies their defaults.
+fn sizes(batch_size: Option<u64>, window: Option<u64>) -> anyhow::Result<(usize, usize)> {
+    let batch_data = batch_size.unwrap_or(DEFAULT_BATCH_DATA as u64);
+    if batch_data < ZERO_BLOCK as u64
+        || batch_data > MAX_BATCH_DATA as u64
+        || !batch_data.is_multiple_of(ZERO_BLOCK as u64)
+    {
+        bail!(
+            "--batch-size {batch_data} must be a multiple of {ZERO_BLOCK} between {ZERO_BLOCK} \
+             and {MAX_BATCH_DATA}"
+        );
+    }
+    let window = window.unwrap_or(DEFAULT_WINDOW);
+    if window == 0 {
+        bail!("--window must be above 0");
+    }
+    Ok((
+        batch_data as usize,
+        usize::try_from(window).context("--window")?,
+    ))
 }
 
 /// This host's name, the default identity.

@@ -47,10 +47,27 @@ impl Backoff {
 
 /// Gave up after an outage of `retry_for`.
 #[derive(Debug, thiserror::Error)]
-#[error("{last}; gave up after {}", humantime::format_duration(round_secs(*.after)))]
 pub struct GaveUp {
     pub last: SessionError,
     pub after: Duration,
+}
+
+impl std::fmt::Display for GaveUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hint = match self.last {
+            SessionError::Refused(_) => "see the process server's log, or raise --retry-for",
+            _ => {
+                "check that the process server runs and is reachable from this host, or raise \
+                  --retry-for"
+            }
+        };
+        write!(
+            f,
+            "{}; gave up after {} ({hint})",
+            self.last,
+            humantime::format_duration(round_secs(self.after))
+        )
+    }
 }
 
 /// The current run of failures towards one process server.

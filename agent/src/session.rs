@@ -39,7 +39,10 @@ use crate::window::WindowError;
 
 /// Messages queued towards the stream; small, since HTTP/2 buffers behind it.
 pub const OUT_QUEUE: usize = 4;
-/// How often a heartbeat is sent while the stream is open.
+/// Longest wait for a connection to be welcomed (connect, challenge, hello). Generous, since
+/// a process server registers a new disk with the master target before it answers.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a heartbeat is sent while the stream is open (internals.md: every 5 s).
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +139,8 @@ pub struct Target {
     pub tls: TlsFiles,
     pub auth: ClientAuth,
     pub disk: DiskInfo,
+    /// Heartbeat interval: [`HEARTBEAT`].
+    pub heartbeat: Duration,
 }
 
 /// An authenticated, welcomed stream.
@@ -152,13 +157,26 @@ pub struct Session {
 #[derive(Debug)]
 struct Peer {
     url: String,
+    heartbeat: Duration,
     disk_id: String,
     paused: bool,
 }
 
 impl Session {
-    /// Connects, authenticates, declares the disk and waits for the welcome.
+    /// Connects, authenticates, declares the disk and waits for the welcome, for at most
+    /// [`OPEN_TIMEOUT`] (a server that accepts and then says nothing is as good as gone).
     pub async fn open(t: &Target) -> Result<Session, SessionError> {
+        tokio::time::timeout(OPEN_TIMEOUT, Self::handshake(t))
+            .await
+            .unwrap_or_else(|_| {
+                Err(SessionError::Unreachable {
+                    url: t.url.clone(),
+                    cause: format!("no welcome within {}s", OPEN_TIMEOUT.as_secs()),
+                })
+            })
+    }
+
+    async fn handshake(t: &Target) -> Result<Session, SessionError> {
         let unreachable = |cause: String| SessionError::Unreachable {
             url: t.url.clone(),
             cause,
@@ -209,6 +227,7 @@ impl Session {
             inbound,
             state: Peer {
                 url: t.url.clone(),
+                heartbeat: t.heartbeat,
                 disk_id: t.disk.disk_id.clone(),
                 paused: false,
             },
@@ -219,8 +238,8 @@ impl Session {
     /// Sends, reads acks and sends heartbeats until the pass is done (`Ok`) or the stream
     /// fails. Resumption after what the welcome said is the caller's job.
     pub async fn drive(&mut self, transfer: &mut Transfer) -> Result<(), SessionError> {
-        let mut heartbeat =
-            tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
+        let every = self.state.heartbeat;
+        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut heartbeat_due = false;
         while !transfer.done() {
@@ -288,5 +307,53 @@ impl Peer {
             None => return Err(SessionError::Protocol("an empty message".into())),
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_statuses_are_retryable_and_refusals_are_not() {
+        let url = "http://ps:9443";
+        for s in [
+            tonic::Status::unavailable("gone"),
+            tonic::Status::unknown("h2 protocol error"),
+            tonic::Status::cancelled("reset"),
+            tonic::Status::internal("broken pipe"),
+        ] {
+            let e = SessionError::from_status(url, &s);
+            assert!(e.is_retryable(), "{s:?} -> {e}");
+        }
+        for s in [
+            tonic::Status::unauthenticated("wrong passphrase"),
+            tonic::Status::invalid_argument("bad hello"),
+            tonic::Status::unimplemented("not a process server"),
+        ] {
+            let e = SessionError::from_status(url, &s);
+            assert!(!e.is_retryable(), "{s:?} -> {e}");
+        }
+    }
+
+    #[test]
+    fn refusals_follow_the_codes_retry_policy() {
+        let refused = |c| SessionError::Refused(Refusal::new(c, "x"));
+        assert!(refused(Code::Unavailable).is_retryable());
+        assert!(refused(Code::NoSpace).is_retryable());
+        for c in [
+            Code::AuthFailed,
+            Code::BadBatch,
+            Code::DiskConflict,
+            Code::DiskNameCollision,
+            Code::OutOfSequence,
+        ] {
+            assert!(!refused(c).is_retryable(), "{c:?}");
+        }
+        assert!(
+            refused(Code::DiskNameCollision)
+                .to_string()
+                .starts_with("error 78052: ")
+        );
     }
 }

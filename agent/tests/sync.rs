@@ -51,6 +51,7 @@ struct State {
     paused_at: Option<Instant>,
     unpaused_at: Option<Instant>,
     sent_while_paused: Vec<u64>,
+    heartbeats_while_paused: u32,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -191,8 +192,16 @@ async fn serve_stream(
     let mut buf = Vec::new();
     let mut stored_here = 0usize;
     while let Ok(Some(m)) = inbound.message().await {
-        let Some(AgentBody::Batch(b)) = m.body else {
-            continue;
+        let b = match m.body {
+            Some(AgentBody::Batch(b)) => b,
+            Some(AgentBody::Heartbeat(_)) => {
+                let mut st = state.lock().unwrap();
+                if st.paused_at.is_some() && st.unpaused_at.is_none() {
+                    st.heartbeats_while_paused += 1;
+                }
+                continue;
+            }
+            _ => continue,
         };
         let ack = {
             let mut st = state.lock().unwrap();
@@ -306,6 +315,7 @@ fn config(url: &str, disk: &std::path::Path) -> SyncConfig {
             tls: TlsFiles::default(),
             auth: ClientAuth::new(Passphrase::new(PASS).unwrap(), "test-agent"),
             disk: disk_info(DISK, "vm1_disk0", DiskFormat::Vmfs),
+            heartbeat: Duration::from_secs(5),
         },
         disk: disk.to_path_buf(),
         marker_tag: Some("after-sync".into()),
@@ -417,7 +427,7 @@ async fn an_unreachable_process_server_is_given_up_after_retry_for() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_batch_is_sent_while_the_process_server_pauses_intake() {
+async fn while_paused_no_batch_is_sent_but_heartbeats_go_on() {
     let (url, state) = start_fake(
         Script {
             pause_for: Some(Duration::from_millis(500)),
@@ -427,13 +437,19 @@ async fn no_batch_is_sent_while_the_process_server_pauses_intake() {
     )
     .await;
     let (file, content) = source_disk();
-    bounded(run(config(&url, file.path()))).await.unwrap();
+    let mut cfg = config(&url, file.path());
+    cfg.target.heartbeat = Duration::from_millis(50);
+    bounded(run(cfg)).await.unwrap();
     let st = state.lock().unwrap();
     assert!(st.unpaused_at.is_some());
     assert!(
         st.sent_while_paused.is_empty(),
         "sent while paused: {:?}",
         st.sent_while_paused
+    );
+    assert!(
+        st.heartbeats_while_paused >= 3,
+        "heartbeats go on while paused"
     );
     assert!(st.disk == content);
 }

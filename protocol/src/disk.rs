@@ -30,7 +30,7 @@ pub fn check_disk_info(d: &DiskInfo) -> Result<(), Refusal> {
             d.name.escape_debug()
         ));
     }
-    if d.capacity == 0 || d.capacity % SECTOR != 0 || d.capacity > MAX_CAPACITY {
+    if d.capacity == 0 || !d.capacity.is_multiple_of(SECTOR) || d.capacity > MAX_CAPACITY {
         return refuse(format!(
             "disk capacity {} must be a nonzero multiple of {SECTOR} bytes and at most {MAX_CAPACITY}",
             d.capacity

@@ -211,3 +211,12 @@ pub fn master_target_client(ch: Channel) -> MasterTargetClient<Channel> {
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
+
+/// A client of the `Differential` service (chunk hashes) with the message limits set.
+pub fn differential_client(
+    ch: Channel,
+) -> crate::pb::differential_client::DifferentialClient<Channel> {
+    crate::pb::differential_client::DifferentialClient::new(ch)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
