@@ -64,6 +64,8 @@ pub struct DiskShared {
     pub disk_id: String,
     pub name: String,
     pub capacity: u64,
+    /// The flat extent file (for readers such as chunk hashing).
+    pub extent_path: PathBuf,
     /// Highest durable seq.
     pub durable_seq: AtomicU64,
     /// Bytes applied since start (uncompressed).
@@ -416,6 +418,7 @@ mod tests {
             disk_id: "d1".into(),
             name: "d1".into(),
             capacity: CAP,
+            extent_path: ds.join("d1-flat.vmdk"),
             durable_seq: AtomicU64::new(0),
             bytes_applied: AtomicU64::new(0),
             state: Mutex::new(state.clone()),

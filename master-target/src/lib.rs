@@ -12,6 +12,7 @@
 
 pub mod apply;
 pub mod cli;
+pub mod hashes;
 pub mod markers;
 pub mod metrics;
 pub mod outbox;

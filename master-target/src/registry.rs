@@ -9,7 +9,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use parking_lot::Mutex as SyncMutex;
 use protocol::disk::check_disk_info;
@@ -47,6 +48,9 @@ pub struct DiskEntry {
     pub shared: Arc<DiskShared>,
     pub tx: mpsc::Sender<ApplyCmd>,
 }
+
+/// How long a hash request waits for the batches it must see to be applied.
+const HASH_WAIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -88,6 +92,11 @@ impl Registry {
                 state::disks_dir(retention).display()
             ))
         })?;
+        if vmdk::fs_type(retention) == Some(vmdk::MSDOS_SUPER_MAGIC) {
+            return Err(bad(
+                "it is FAT/FAT32, which cannot hold the retention data safely".into(),
+            ));
+        }
         let lock = lock_retention(retention).map_err(bad)?;
         let ds = datastore.canonicalize().map_err(|e| bad(e.to_string()))?;
         let rt = retention.canonicalize().map_err(|e| bad(e.to_string()))?;
@@ -129,6 +138,34 @@ impl Registry {
         check_disk_info(info)?;
         let id = info.disk_id.as_str();
         let mut inner = self.inner.lock().await;
+        Self::check_claims(&inner, info)?;
+        if let Some(entry) = inner.open.get(id) {
+            // A full queue only delays the resume until the applier catches up.
+            let _ = entry.tx.send(ApplyCmd::Resume).await;
+            return Ok(entry.clone());
+        }
+        let (datastore, retention, info_owned) =
+            (self.datastore.clone(), self.retention.clone(), info.clone());
+        let opened = tokio::task::spawn_blocking(move || open(&datastore, &retention, &info_owned))
+            .await
+            .map_err(|e| {
+                Refusal::for_disk(Code::Internal, id, format!("open task failed: {e}"))
+            })??;
+        let (entry, thread) = opened;
+        inner.threads.push(thread);
+        inner
+            .known
+            .insert(id.to_string(), (info.name.clone(), info.capacity));
+        inner.names.insert(info.name.clone(), id.to_string());
+        inner.open.insert(id.to_string(), entry.clone());
+        self.idle.lock().remove(id);
+        Ok(entry)
+    }
+
+    /// Checks a declaration against the claims: the id must keep its name and capacity, and
+    /// the name must not belong to another id.
+    fn check_claims(inner: &Inner, info: &DiskInfo) -> Result<(), Refusal> {
+        let id = info.disk_id.as_str();
         if let Some((name, capacity)) = inner.known.get(id) {
             if *name != info.name {
                 return Err(Refusal::for_disk(
@@ -163,27 +200,62 @@ impl Registry {
                 ),
             ));
         }
-        if let Some(entry) = inner.open.get(id) {
-            // A full queue only delays the resume until the applier catches up.
-            let _ = entry.tx.send(ApplyCmd::Resume).await;
-            return Ok(entry.clone());
+        Ok(())
+    }
+
+    /// Where to hash `info`'s disk once every batch up to `after_seq` is durable: its extent
+    /// file and the applied seq, or `None` when the image does not exist.
+    pub async fn hash_target(
+        &self,
+        info: &DiskInfo,
+        after_seq: u64,
+    ) -> Result<Option<(PathBuf, u64)>, Refusal> {
+        check_disk_info(info)?;
+        let id = info.disk_id.as_str();
+        let open = {
+            let inner = self.inner.lock().await;
+            Self::check_claims(&inner, info)?;
+            inner.open.get(id).cloned()
+        };
+        if let Some(entry) = open {
+            let deadline = tokio::time::Instant::now() + HASH_WAIT;
+            loop {
+                let applied = entry.shared.durable_seq.load(Ordering::Acquire);
+                if applied >= after_seq {
+                    return Ok(Some((entry.shared.extent_path.clone(), applied)));
+                }
+                // A stopped disk will not get there: say why instead of waiting.
+                if let Some(r) = entry.shared.stopped.lock().clone() {
+                    return Err(r);
+                }
+                if tokio::time::Instant::now() > deadline {
+                    return Err(Refusal::for_disk(
+                        Code::Unavailable,
+                        id,
+                        format!(
+                            "disk {id} is applied up to seq {applied}, not yet {after_seq}; retry"
+                        ),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
-        let (datastore, retention, info_owned) =
-            (self.datastore.clone(), self.retention.clone(), info.clone());
-        let opened = tokio::task::spawn_blocking(move || open(&datastore, &retention, &info_owned))
-            .await
-            .map_err(|e| {
-                Refusal::for_disk(Code::Internal, id, format!("open task failed: {e}"))
-            })??;
-        let (entry, thread) = opened;
-        inner.threads.push(thread);
-        inner
-            .known
-            .insert(id.to_string(), (info.name.clone(), info.capacity));
-        inner.names.insert(info.name.clone(), id.to_string());
-        inner.open.insert(id.to_string(), entry.clone());
-        self.idle.lock().remove(id);
-        Ok(entry)
+        let applied = self.idle.lock().get(id).map_or(0, |s| s.applied_seq);
+        let (datastore, info_owned) = (self.datastore.clone(), info.clone());
+        let found = tokio::task::spawn_blocking(move || {
+            let spec = DiskSpec {
+                disk_id: &info_owned.disk_id,
+                name: &info_owned.name,
+                capacity: info_owned.capacity,
+                format: DiskFormat::try_from(info_owned.format).unwrap_or(DiskFormat::Unspecified),
+            };
+            vmdk::inspect(&datastore, &spec).map_err(|e| e.refusal(&info_owned.disk_id))
+        })
+        .await
+        .map_err(|e| {
+            Refusal::for_disk(Code::Internal, id, format!("inspect task failed: {e}"))
+        })??;
+        Ok(found.map(|path| (path, applied)))
     }
 
     /// Every open disk, and the last known state of the others.
@@ -276,12 +348,15 @@ fn open(
         r
     };
     let disk = Disk::open_or_create(datastore, &spec, claim).map_err(|e| unclaim(e.refusal(id)))?;
+    let mut disk = disk;
+    let extent_path = disk.extent().path().to_path_buf();
     let log = MarkerLog::open(&markers::log_path(retention, id), state.applied_seq)
         .map_err(|e| unclaim(io(&e)))?;
     let shared = Arc::new(DiskShared {
         disk_id: id.to_string(),
         name: info.name.clone(),
         capacity: info.capacity,
+        extent_path,
         durable_seq: AtomicU64::new(state.applied_seq),
         bytes_applied: AtomicU64::new(0),
         state: SyncMutex::new(state.clone()),

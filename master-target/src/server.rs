@@ -1,5 +1,5 @@
-//! The `MasterTarget` gRPC service: `Challenge`, `Apply` (hop 2 of docs/internals.md) and
-//! `Status`.
+//! The gRPC services: `MasterTarget` (`Challenge`, `Apply` = hop 2 of docs/internals.md,
+//! `Status`) and, beside it, `Differential.DiskHashes` (chunk hashes for differential sync).
 //!
 //! One `Apply` stream = one process-server connection, served by two tasks:
 //!
@@ -23,10 +23,12 @@ use std::time::Duration;
 use protocol::auth::ServerAuth;
 use protocol::error::{Code, Refusal};
 use protocol::limits::{MAX_DISKS_PER_HELLO, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
+use protocol::pb::differential_server::{Differential, DifferentialServer};
 use protocol::pb::master_target_server::{MasterTarget, MasterTargetServer};
 use protocol::pb::{
-    ApplyMessage, ApplyWelcome, ChallengeReply, ChallengeRequest, DiskInfo, DiskProgress,
-    ForwardMessage, StatusReply, StatusRequest, apply_message, forward_message,
+    ApplyMessage, ApplyWelcome, ChallengeReply, ChallengeRequest, DiskHashes, DiskHashesRequest,
+    DiskInfo, DiskProgress, ForwardMessage, StatusReply, StatusRequest, apply_message,
+    forward_message,
 };
 use protocol::transport::{TlsFiles, TransportError, WanTuning};
 use tokio::net::TcpListener;
@@ -35,6 +37,7 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::apply::ApplyCmd;
+use crate::hashes;
 use crate::metrics::{self, Counters};
 use crate::outbox::Outbox;
 use crate::registry::{DiskEntry, Registry, SetupError};
@@ -115,17 +118,13 @@ pub async fn serve(
         }
         tokio::spawn(metrics::serve(l, counters.clone(), registry.clone()))
     });
-    let service = Service {
-        auth: Arc::new(opts.auth),
-        registry: registry.clone(),
-        shutdown: stop_rx,
-        next_conn: AtomicU64::new(0),
-        identity: opts.identity,
+    let (svc, diff) = services(
+        Arc::new(opts.auth),
+        registry.clone(),
         counters,
-    };
-    let svc = MasterTargetServer::new(service)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        stop_rx,
+        opts.identity,
+    );
     let addr = listener.local_addr().ok();
     let incoming = TcpListenerStream::new(listener);
     let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
@@ -134,13 +133,13 @@ pub async fn serve(
         let _ = stop_tx.send(true);
         let _ = fired_tx.send(());
     };
+    let mut builder = opts.tuning.server(&opts.tls)?;
     if let Some(a) = addr {
         tracing::info!("listening on {a}");
     }
-    let server = opts
-        .tuning
-        .server(&opts.tls)?
+    let server = builder
         .add_service(svc)
+        .add_service(diff)
         .serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);
     // Once shut down, every stream ends on its own (the readers watch `stop`); a peer that
@@ -162,6 +161,35 @@ pub async fn serve(
     registry.shutdown().await;
     tracing::info!("stopped");
     result.map_err(ServeError::from)
+}
+
+/// The two gRPC services, sharing one auth (nonces from either's challenge) and registry,
+/// with the message limits set (never tonic's 4 MiB default).
+fn services(
+    auth: Arc<ServerAuth>,
+    registry: Arc<Registry>,
+    counters: Arc<Counters>,
+    shutdown: watch::Receiver<bool>,
+    identity: String,
+) -> (MasterTargetServer<Service>, DifferentialServer<DiffService>) {
+    let diff = DifferentialServer::new(DiffService {
+        auth: auth.clone(),
+        registry: registry.clone(),
+        counters: counters.clone(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let main = MasterTargetServer::new(Service {
+        auth,
+        registry,
+        shutdown,
+        next_conn: AtomicU64::new(0),
+        identity,
+        counters,
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    (main, diff)
 }
 
 type Out = mpsc::Sender<Result<ApplyMessage, Status>>;
@@ -231,6 +259,63 @@ impl MasterTarget for Service {
             disks: crate::status::disk_statuses(&open, &idle),
             facts,
         }))
+    }
+}
+
+/// `Differential.DiskHashes`, served beside `MasterTarget` with the same auth (the client
+/// takes its challenge from the main service).
+#[derive(Debug)]
+pub struct DiffService {
+    auth: Arc<ServerAuth>,
+    registry: Arc<Registry>,
+    counters: Arc<Counters>,
+}
+
+#[tonic::async_trait]
+impl Differential for DiffService {
+    async fn disk_hashes(
+        &self,
+        req: Request<DiskHashesRequest>,
+    ) -> Result<Response<DiskHashes>, Status> {
+        let r = req.into_inner();
+        let proof = self.auth.verify(r.auth.as_ref()).map_err(|e| {
+            tracing::warn!("refused disk hashes request: {e}");
+            self.counters.refusals_total.fetch_add(1, Ordering::Relaxed);
+            e.to_status()
+        })?;
+        let disk = r
+            .disk
+            .ok_or_else(|| Refusal::new(Code::BadRequest, "disk hashes request without a disk"))
+            .map_err(|e| e.to_status())?;
+        let chunk = hashes::chunk_size(r.chunk_size).map_err(|e| e.to_status())?;
+        let mut reply = DiskHashes {
+            server_proof: proof.into(),
+            exists: false,
+            first_chunk: r.first_chunk,
+            chunk_size: chunk,
+            ..Default::default()
+        };
+        let Some((extent, applied)) = self
+            .registry
+            .hash_target(&disk, r.after_seq)
+            .await
+            .map_err(|e| e.to_status())?
+        else {
+            return Ok(Response::new(reply));
+        };
+        let (capacity, first, max) = (disk.capacity, r.first_chunk, r.max_chunks);
+        let page = tokio::task::spawn_blocking(move || {
+            hashes::hash_page(&extent, capacity, chunk, first, max)
+                .map_err(|e| format!("hashing {}: {e}", extent.display()))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Refusal::for_disk(Code::Io, &disk.disk_id, e).to_status())?;
+        reply.exists = true;
+        reply.hashes = page.hashes.into();
+        reply.zero_chunks = page.zero_chunks.into();
+        reply.applied_seq = applied;
+        Ok(Response::new(reply))
     }
 }
 

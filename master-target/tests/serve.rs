@@ -11,8 +11,8 @@ use protocol::auth::{ClientAuth, Passphrase, ServerAuth};
 use protocol::batch::BatchBuilder;
 use protocol::error::Code;
 use protocol::pb::{
-    ApplyMessage, Batch, DiskFormat, DiskInfo, ForwardHello, ForwardMessage, Marker, MarkerKind,
-    apply_message::Body, forward_message,
+    ApplyMessage, Batch, DiskFormat, DiskHashesRequest, DiskInfo, ForwardHello, ForwardMessage,
+    Marker, MarkerKind, apply_message::Body, forward_message,
 };
 use protocol::transport::{TlsFiles, WanTuning};
 use tokio::sync::{mpsc, oneshot};
@@ -224,6 +224,50 @@ fn qemu_identical(vmdk: &Path, raw: &[u8], dir: &Path) {
     }
 }
 
+/// Asks `Differential.DiskHashes` for `d`'s chunks after `after_seq` and compares them with
+/// hashes of `raw`; a disk that does not exist answers `exists = false`.
+async fn check_hashes(url: &str, d: &DiskInfo, after_seq: u64, raw: &[u8]) {
+    let tuning = WanTuning::default();
+    let ch = protocol::client::connect(url, &tuning, &TlsFiles::default())
+        .await
+        .unwrap();
+    let mut main = protocol::transport::master_target_client(ch.clone());
+    let mut diff = protocol::transport::differential_client(ch);
+    let auth = ClientAuth::new(Passphrase::new(PASS).unwrap(), "agent");
+    let mut ask = async |disk: DiskInfo| {
+        let pending = protocol::client::begin_auth(&mut main, &auth)
+            .await
+            .unwrap();
+        let reply = diff
+            .disk_hashes(DiskHashesRequest {
+                auth: Some(pending.auth.clone()),
+                disk: Some(disk),
+                chunk_size: 64 * 1024,
+                after_seq,
+                first_chunk: 0,
+                max_chunks: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        auth.verify_server(&pending, &reply.server_proof).unwrap();
+        reply
+    };
+    let reply = ask(d.clone()).await;
+    assert!(reply.exists);
+    assert_eq!(reply.applied_seq, after_seq);
+    for (i, chunk) in raw.chunks(64 * 1024).enumerate() {
+        let zero = reply.zero_chunks[i / 8] & (1 << (i % 8)) != 0;
+        assert_eq!(zero, chunk.iter().all(|&b| b == 0), "chunk {i}");
+        if !zero {
+            let h = xxhash_rust::xxh3::xxh3_128(chunk).to_le_bytes();
+            assert_eq!(&reply.hashes[i * 16..i * 16 + 16], &h, "chunk {i}");
+        }
+    }
+    let missing = ask(disk("new-disk", "not-there", 1 << 20, DiskFormat::Vmfs)).await;
+    assert!(!missing.exists);
+}
+
 async fn scrape(addr: std::net::SocketAddr) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -308,6 +352,7 @@ async fn batches_over_two_connections_apply_in_order_and_survive_a_restart() {
             ("d2", "vm1_disk1", "continuous", 30)
         ]
     );
+    check_hashes(&server.url, &disks[0], 40, &raw1).await;
     let metrics = scrape(server.metrics_addr).await;
     assert!(
         metrics.contains("master_target_disk_applied_seq{disk_id=\"d1\"} 40"),
@@ -376,6 +421,7 @@ async fn conflicting_disks_are_refused_one_by_one() {
         disk("d1", "shared-name", 1 << 20, DiskFormat::Vmfs),
         disk("d2", "shared-name", 1 << 20, DiskFormat::Vmfs),
         disk("d3", "other", 1 << 20, DiskFormat::MonolithicSparse),
+        disk("d5", "too-big", 60 << 40, DiskFormat::Vmfs),
     ];
     let (mut c, first) = connect(&server.url, PASS, disks).await;
     let Some(Body::Welcome(w)) = first.last() else {
@@ -384,7 +430,7 @@ async fn conflicting_disks_are_refused_one_by_one() {
     assert_eq!(w.disks.len(), 1);
     assert_eq!(w.disks[0].disk_id, "d1");
     let mut errors = HashMap::new();
-    while errors.len() < 2 {
+    while errors.len() < 3 {
         let m = tokio::time::timeout(STEP, c.rx.message()).await.unwrap();
         if let Some(Body::Error(e)) = m.unwrap().unwrap().body {
             errors.insert(e.disk_id.clone(), e.code);
@@ -392,6 +438,19 @@ async fn conflicting_disks_are_refused_one_by_one() {
     }
     assert_eq!(errors["d2"], Code::DiskNameCollision.value());
     assert_eq!(errors["d3"], Code::BadRequest.value());
+    assert_eq!(errors["d5"], Code::NoSpace.value());
+    for leftover in [
+        "too-big.vmdk",
+        "too-big-flat.vmdk",
+        "other.vmdk",
+        "other-flat.vmdk",
+    ] {
+        assert!(!ds.join(leftover).exists(), "{leftover} left behind");
+    }
+    assert!(
+        !ret.join("disks/d5.state").exists(),
+        "claim of a refused disk removed"
+    );
     // The same disk id under another name, and a batch for an undeclared disk.
     c.tx.send(ForwardMessage {
         body: Some(forward_message::Body::AddDisk(disk(

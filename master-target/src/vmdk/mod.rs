@@ -216,28 +216,7 @@ impl Disk {
     }
 
     fn open(datastore: &Path, desc: &Path, spec: &DiskSpec<'_>) -> Result<Disk, VmdkError> {
-        let bytes = read_limited(desc)?;
-        let descriptor = Descriptor::parse(&bytes).map_err(|source| VmdkError::Descriptor {
-            path: desc.to_path_buf(),
-            source,
-        })?;
-        let uuid = uuid_for(spec.disk_id);
-        if let Some(found) = descriptor.ddb_get("uuid")
-            && !same_uuid(found, &uuid)
-        {
-            return Err(VmdkError::NameCollision {
-                path: desc.to_path_buf(),
-                found: found.to_string(),
-                expected: uuid,
-            });
-        }
-        if descriptor.capacity() != spec.capacity {
-            return Err(VmdkError::CapacityMismatch {
-                path: desc.to_path_buf(),
-                found: descriptor.capacity(),
-                declared: spec.capacity,
-            });
-        }
+        let (descriptor, uuid) = check_descriptor(desc, spec)?;
         let extent = FlatExtent::open(&datastore.join(&descriptor.extent_file), spec.capacity)?;
         Ok(Disk {
             descriptor_path: desc.to_path_buf(),
@@ -340,6 +319,45 @@ impl Disk {
     }
 }
 
+/// Reads and parses `desc` and checks that it is `spec`'s disk (uuid, capacity); returns
+/// the descriptor and the disk's uuid.
+fn check_descriptor(desc: &Path, spec: &DiskSpec<'_>) -> Result<(Descriptor, String), VmdkError> {
+    let bytes = read_limited(desc)?;
+    let descriptor = Descriptor::parse(&bytes).map_err(|source| VmdkError::Descriptor {
+        path: desc.to_path_buf(),
+        source,
+    })?;
+    let uuid = uuid_for(spec.disk_id);
+    if let Some(found) = descriptor.ddb_get("uuid")
+        && !same_uuid(found, &uuid)
+    {
+        return Err(VmdkError::NameCollision {
+            path: desc.to_path_buf(),
+            found: found.to_string(),
+            expected: uuid,
+        });
+    }
+    if descriptor.capacity() != spec.capacity {
+        return Err(VmdkError::CapacityMismatch {
+            path: desc.to_path_buf(),
+            found: descriptor.capacity(),
+            declared: spec.capacity,
+        });
+    }
+    Ok((descriptor, uuid))
+}
+
+/// Looks at `spec`'s image without opening it for writing: `Ok(None)` when it does not
+/// exist, else the path of its flat extent, once its identity and capacity are checked.
+pub fn inspect(datastore: &Path, spec: &DiskSpec<'_>) -> Result<Option<PathBuf>, VmdkError> {
+    let desc = Disk::descriptor_path(datastore, spec.name);
+    if !desc.exists() {
+        return Ok(None);
+    }
+    let (descriptor, _) = check_descriptor(&desc, spec)?;
+    Ok(Some(datastore.join(descriptor.extent_file)))
+}
+
 /// 32 hex digits, random but for the last 8, which are the CID.
 fn long_content_id(cid: u32) -> String {
     let r: [u8; 12] = rand::random();
@@ -367,7 +385,7 @@ pub fn check_writable(datastore: &Path) -> Result<(), VmdkError> {
     if !meta.is_dir() {
         return Err(bad("not a directory".into()));
     }
-    if is_nfs(datastore) {
+    if fs_type(datastore) == Some(NFS_SUPER_MAGIC) {
         return Err(bad(
             "it is on NFS; use a local (VMFS-like) filesystem".into()
         ));
@@ -380,26 +398,27 @@ pub fn check_writable(datastore: &Path) -> Result<(), VmdkError> {
     Ok(())
 }
 
-/// Whether `path` is on an NFS mount (statfs magic 0x6969).
-fn is_nfs(path: &Path) -> bool {
+/// statfs magic of NFS.
+pub const NFS_SUPER_MAGIC: i64 = 0x6969;
+/// statfs magic of FAT/FAT32 (msdos, vfat).
+pub const MSDOS_SUPER_MAGIC: i64 = 0x4d44;
+
+/// The filesystem type (statfs `f_type`) of `path`, if it can be read.
+pub fn fs_type(path: &Path) -> Option<i64> {
     use std::os::unix::ffi::OsStrExt;
-    const NFS_SUPER_MAGIC: i64 = 0x6969;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
     let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
     // SAFETY: `c` is a NUL-terminated path and `st` is valid for writes of a statfs; it is
     // read only after statfs returned success.
     let rc = unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) };
     if rc != 0 {
-        return false;
+        return None;
     }
     // SAFETY: statfs returned 0, so the struct is initialised.
     let st = unsafe { st.assume_init() };
     // f_type's integer type differs between libc targets; the cast is a no-op on some.
     #[allow(clippy::unnecessary_cast)]
-    let f_type = st.f_type as i64;
-    f_type == NFS_SUPER_MAGIC
+    Some(st.f_type as i64)
 }
 
 #[cfg(test)]
