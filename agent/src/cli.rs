@@ -13,6 +13,9 @@ use protocol::limits::{DEFAULT_BATCH_DATA, MAX_BATCH_DATA, MAX_NAME_LEN};
 use protocol::pb::DiskFormat;
 use serde::Deserialize;
 
+use crate::changes::{LINGER, OVERFLOW_GRACE};
+use crate::diff::{DEFAULT_CHUNK, valid_chunk_size};
+use crate::replicate::{RETRY_FOREVER, ReplicateConfig};
 use crate::scan::ZERO_BLOCK;
 use crate::session::{HEARTBEAT, Target};
 use crate::sync::{SyncConfig, disk_info};
@@ -43,6 +46,160 @@ pub enum Command {
     /// the pass resumes where the process server stands; other refusals end the sync at once
     /// with `error <code>: <message>`. Exit status: 0 success, 1 failure, 2 bad arguments.
     Sync(Box<SyncArgs>),
+    /// Serve a disk over NBD and replicate every write continuously.
+    ///
+    /// Brings the target up to date first (full pass; writes made meanwhile are tracked
+    /// and sent after it), then sends every write in the order it was acknowledged, with a
+    /// crash-consistent marker at each NBD flush and every --crash-interval. Runs until
+    /// interrupted or until the process server refuses the stream.
+    Replicate(Box<ReplicateArgs>),
+    /// Ask a running `agent replicate` (its --control-listen address) to cut a marker.
+    Marker(MarkerArgs),
+    /// Show what a running `agent replicate` is doing, per disk.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+// --tls-client-ca comes with the shared flags but only servers use it.
+#[command(mut_arg("tls_client_ca", |a| a.hide(true)))]
+pub struct ReplicateArgs {
+    /// Process server URL: http://HOST:PORT or https://HOST:PORT.
+    #[arg(long, value_name = "URL")]
+    pub process_server: String,
+    /// Source disk: raw image file or block device, served read-write over NBD.
+    #[arg(long, value_name = "FILE")]
+    pub disk: PathBuf,
+    /// The source disk's UUID (1..=128 of [A-Za-z0-9._:-]).
+    #[arg(long, value_name = "ID")]
+    pub disk_id: String,
+    /// Target VMDK name on the datastore.
+    #[arg(long, value_name = "NAME")]
+    pub name: String,
+    /// NBD listen address, e.g. 127.0.0.1:10809.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub nbd_listen: String,
+    /// Control API address for `agent marker` and `agent status` [default: off].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub control_listen: Option<String>,
+    /// Target layout when the master target creates the disk [default: vmfs].
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+    /// Interval of crash-consistent markers (at least 1s).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "5m")]
+    pub crash_interval: Duration,
+    /// Interval of app-consistent markers, cut only with --app-quiesce-cmd (at least 1s).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "60m")]
+    pub app_interval: Duration,
+    /// Command run as `CMD freeze` and `CMD thaw` around each app-consistent marker; a
+    /// failing freeze means no marker (reported in the log and in `agent status`).
+    #[arg(long, value_name = "CMD")]
+    pub app_quiesce_cmd: Option<String>,
+    /// Unacknowledged bytes kept in flight [default: 64M].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub window: Option<u64>,
+    /// Uncompressed data per batch, a multiple of 4K up to 4M [default: 1M].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub batch_size: Option<u64>,
+    /// Name this agent gives the process server [default: the host name].
+    #[arg(long, value_name = "NAME")]
+    pub identity: Option<String>,
+    /// Log format on stderr [default: text].
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+    #[command(flatten)]
+    pub security: SecurityArgs,
+    #[command(flatten)]
+    pub wan: WanArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MarkerArgs {
+    /// Control address of the running agent: HOST:PORT (tcp:// optional).
+    #[arg(long, value_name = "URL")]
+    pub connect: String,
+    #[arg(long, value_name = "ID")]
+    pub disk_id: String,
+    #[arg(long, value_enum)]
+    pub kind: crate::control::Kind,
+    /// Free-form tag carried by the marker.
+    #[arg(long, value_name = "TAG", default_value = "")]
+    pub tag: String,
+    /// File holding the shared passphrase (mode 600). Default: $FAILBACK_PASSPHRASE.
+    #[arg(long, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    /// Control address of the running agent: HOST:PORT (tcp:// optional).
+    #[arg(long, value_name = "URL")]
+    pub connect: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// File holding the shared passphrase (mode 600). Default: $FAILBACK_PASSPHRASE.
+    #[arg(long, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+/// Shortest marker interval accepted.
+pub const MIN_MARKER_INTERVAL: Duration = Duration::from_secs(1);
+
+impl ReplicateArgs {
+    /// Validates the options into a [`ReplicateConfig`] (reads the passphrase).
+    pub fn into_config(self) -> anyhow::Result<ReplicateConfig> {
+        let (batch_data, window_bytes) = sizes(self.batch_size, self.window)?;
+        for (flag, d) in [
+            ("--crash-interval", self.crash_interval),
+            ("--app-interval", self.app_interval),
+        ] {
+            if d < MIN_MARKER_INTERVAL {
+                bail!("{flag} must be at least 1s");
+            }
+        }
+        if self.security.tls_client_ca.is_some() {
+            bail!("--tls-client-ca is a server option; the agent uses --tls-ca");
+        }
+        let identity = identity(self.identity)?;
+        let passphrase = self.security.passphrase()?;
+        let format = self
+            .format
+            .map(DiskFormat::from)
+            .unwrap_or(DiskFormat::Vmfs);
+        Ok(ReplicateConfig {
+            target: Target {
+                url: self.process_server,
+                tuning: self.wan.tuning(),
+                tls: self.security.tls(),
+                auth: ClientAuth::new(passphrase.clone(), identity),
+                disk: disk_info(&self.disk_id, &self.name, format),
+                heartbeat: HEARTBEAT,
+            },
+            disk: self.disk,
+            nbd_listen: self.nbd_listen,
+            control: self.control_listen.map(|a| (a, passphrase)),
+            window_bytes,
+            batch_data,
+            linger: LINGER,
+            crash_interval: self.crash_interval,
+            app_interval: self.app_interval,
+            app_quiesce_cmd: self.app_quiesce_cmd,
+            retry_for: RETRY_FOREVER,
+            overflow_grace: OVERFLOW_GRACE,
+        })
+    }
+}
+
+/// The identity given, or the host name; checked against the protocol's bounds.
+pub fn identity(given: Option<String>) -> anyhow::Result<String> {
+    let identity = match given {
+        Some(i) => i,
+        None => hostname().context("cannot find the host name; pass --identity")?,
+    };
+    if identity.is_empty() || identity.len() > MAX_NAME_LEN {
+        bail!("--identity must be 1..={MAX_NAME_LEN} bytes");
+    }
+    Ok(identity)
 }
 
 /// How the disk is compared with the target.
@@ -51,7 +208,8 @@ pub enum Command {
 pub enum Mode {
     /// Read and send the whole disk (all-zero blocks and holes as zero extents).
     Full,
-    /// Send only chunks whose hash differs from the target's (not available yet).
+    /// Send only chunks whose hash differs from the target's (a full pass if the target
+    /// disk does not exist yet).
     Differential,
 }
 
@@ -105,6 +263,9 @@ pub struct SyncArgs {
     /// Cut a user marker with this tag at the end of the pass.
     #[arg(long, value_name = "TAG")]
     pub marker: Option<String>,
+    /// Chunk compared by --mode differential: a power of two from 4K to 4M [default: 64K].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub chunk_size: Option<u64>,
     /// Exit only once the master target has applied and made durable the whole pass.
     #[arg(long)]
     pub wait: bool,
@@ -158,6 +319,7 @@ struct SyncFile {
     mode: Option<Mode>,
     format: Option<Format>,
     marker: Option<String>,
+    chunk_size: Option<Size>,
     wait: Option<bool>,
     window: Option<Size>,
     batch_size: Option<Size>,
@@ -196,6 +358,7 @@ impl SyncArgs {
             mode: self.mode.or(f.mode),
             format: self.format.or(f.format),
             marker: self.marker.or(f.marker),
+            chunk_size: self.chunk_size.or(size(&f.chunk_size, "chunk_size")?),
             wait: self.wait || f.wait.unwrap_or(false),
             window: self.window.or(size(&f.window, "window")?),
             batch_size: self.batch_size.or(size(&f.batch_size, "batch_size")?),
@@ -230,25 +393,18 @@ impl SyncArgs {
         let disk = self.disk.context("missing --disk (or disk in --config)")?;
         let disk_id = need(self.disk_id, "disk-id")?;
         let name = need(self.name, "name")?;
-        if self.mode == Some(Mode::Differential) {
-            bail!(
-                "--mode differential is not available yet in this agent; use --mode full (a full \
-                 pass sends all-zero blocks as zero extents, without data)"
-            );
+        let chunk_size = self.chunk_size.unwrap_or(u64::from(DEFAULT_CHUNK));
+        if !valid_chunk_size(chunk_size) {
+            bail!("--chunk-size {chunk_size} must be a power of two from 4K to 4M");
         }
+        let differential = (self.mode == Some(Mode::Differential)).then_some(chunk_size as u32);
         let (batch_data, window_bytes) = sizes(self.batch_size, self.window)?;
         if let Some(tag) = &self.marker
             && tag.len() > MAX_NAME_LEN
         {
             bail!("--marker tag must be at most {MAX_NAME_LEN} bytes");
         }
-        let identity = match self.identity {
-            Some(i) => i,
-            None => hostname().context("cannot find the host name; pass --identity")?,
-        };
-        if identity.is_empty() || identity.len() > MAX_NAME_LEN {
-            bail!("--identity must be 1..={MAX_NAME_LEN} bytes");
-        }
+        let identity = identity(self.identity)?;
         if self.security.tls_client_ca.is_some() {
             bail!(
                 "--tls-client-ca is a server option; the agent trusts its process server with \
@@ -275,6 +431,7 @@ impl SyncArgs {
             window_bytes,
             batch_data,
             retry_for: self.retry_for.unwrap_or(DEFAULT_RETRY_FOR),
+            differential,
         })
     }
 }
@@ -323,6 +480,7 @@ mod tests {
         full.extend_from_slice(args);
         match Cli::try_parse_from(full).unwrap().command {
             Command::Sync(a) => *a,
+            other => panic!("not a sync: {other:?}"),
         }
     }
 
@@ -396,8 +554,8 @@ mod tests {
     }
 
     #[test]
-    fn differential_mode_is_refused_for_now() {
-        let e = parse(&[
+    fn differential_mode_takes_a_power_of_two_chunk_size() {
+        let base = [
             "--process-server",
             "http://x:1",
             "--disk",
@@ -406,12 +564,91 @@ mod tests {
             "i",
             "--name",
             "n",
+            "--identity",
+            "me",
             "--mode",
             "differential",
+            "--chunk-size",
+        ];
+        let with = |c: &str| {
+            let mut a = base.to_vec();
+            a.push(c);
+            parse(&a)
+        };
+        let e = with("48K").into_config().unwrap_err();
+        assert!(e.to_string().contains("--chunk-size"), "{e}");
+        let ok = with("128K");
+        assert_eq!(ok.chunk_size, Some(128 << 10));
+        assert_eq!(ok.mode, Some(Mode::Differential));
+    }
+
+    #[test]
+    fn replicate_flags_parse_with_their_defaults() {
+        let cli = Cli::try_parse_from([
+            "agent",
+            "replicate",
+            "--process-server",
+            "http://ps:9443",
+            "--disk",
+            "/dev/sdb",
+            "--disk-id",
+            "6000C29a",
+            "--name",
+            "vm1_disk0",
+            "--nbd-listen",
+            "127.0.0.1:10809",
         ])
-        .into_config()
-        .unwrap_err();
-        assert!(e.to_string().contains("not available yet"), "{e}");
+        .unwrap();
+        let Command::Replicate(a) = cli.command else {
+            panic!("not replicate");
+        };
+        assert_eq!(a.crash_interval, Duration::from_secs(300));
+        assert_eq!(a.app_interval, Duration::from_secs(3600));
+        assert!(a.control_listen.is_none() && a.app_quiesce_cmd.is_none());
+        let short = Cli::try_parse_from([
+            "agent",
+            "replicate",
+            "--process-server",
+            "http://ps:9443",
+            "--disk",
+            "d",
+            "--disk-id",
+            "i",
+            "--name",
+            "n",
+            "--nbd-listen",
+            "127.0.0.1:0",
+            "--identity",
+            "me",
+            "--crash-interval",
+            "500ms",
+        ])
+        .unwrap();
+        let Command::Replicate(a) = short.command else {
+            panic!("not replicate");
+        };
+        let e = a.into_config().unwrap_err();
+        assert!(e.to_string().contains("--crash-interval"), "{e}");
+    }
+
+    #[test]
+    fn marker_and_status_parse() {
+        let cli = Cli::try_parse_from([
+            "agent",
+            "marker",
+            "--connect",
+            "127.0.0.1:9",
+            "--disk-id",
+            "d",
+            "--kind",
+            "app",
+            "--tag",
+            "t",
+        ])
+        .unwrap();
+        assert!(matches!(cli.command, Command::Marker(m) if m.kind == crate::control::Kind::App));
+        let cli = Cli::try_parse_from(["agent", "status", "--connect", "h:9", "--json"]).unwrap();
+        assert!(matches!(cli.command, Command::Status(s) if s.json));
     }
 
     #[test]

@@ -9,10 +9,24 @@
 //! * [`session`]: one authenticated stream to the process server;
 //! * [`retry`]: backoff and outage handling;
 //! * [`progress`]: progress bar or periodic log lines;
+//! * [`diff`]: differential sync (chunk hashes of the target, only differing chunks sent);
 //! * [`sync`]: `agent sync` put together; [`cli`]: the command line.
+//!
+//! `agent replicate`, from the NBD client to the wire:
+//! * [`nbd`]: the NBD export (wire format and server);
+//! * [`replicate`]: the file behind the export, the initial pass and catch-up, status;
+//! * [`dirty`]: the dirty bitmap of writes made during the initial pass;
+//! * [`changes`]: acknowledged changes cut into ordered batches, with markers;
+//! * [`control`]: the control API of `agent marker` and `agent status`.
 
+pub mod changes;
 pub mod cli;
+pub mod control;
+pub mod diff;
+pub mod dirty;
+pub mod nbd;
 pub mod progress;
+pub mod replicate;
 pub mod retry;
 pub mod scan;
 pub mod session;
@@ -25,7 +39,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command, SyncArgs};
+use crate::cli::{Cli, Command, ReplicateArgs, SyncArgs};
 
 /// Entry point of the `agent` binary (and of the test harness's `fb-agent`): parses
 /// `std::env::args_os()`, runs the command, prints errors as `error ...` on stderr, and
@@ -44,7 +58,107 @@ pub fn run_cli() -> ExitCode {
     };
     match cli.command {
         Command::Sync(args) => sync_command(*args),
+        Command::Replicate(args) => replicate_command(*args),
+        Command::Marker(args) => control_command(ControlCall::Marker(args)),
+        Command::Status(args) => control_command(ControlCall::Status(args)),
     }
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            None
+        }
+    }
+}
+
+fn replicate_command(args: ReplicateArgs) -> ExitCode {
+    progress::init_logging(args.log_format.unwrap_or_default());
+    let config = match args.into_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    let outcome = runtime.block_on(async {
+        let running = replicate::start(config).await?;
+        tokio::select! {
+            e = running.wait() => Err(e),
+            _ = protocol::cli::shutdown_signal() => Ok(()),
+        }
+    });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum ControlCall {
+    Marker(cli::MarkerArgs),
+    Status(cli::StatusArgs),
+}
+
+/// `agent marker` and `agent status`: one request to a running agent's control API.
+fn control_command(call: ControlCall) -> ExitCode {
+    let (connect, passphrase_file) = match &call {
+        ControlCall::Marker(a) => (a.connect.clone(), a.passphrase_file.clone()),
+        ControlCall::Status(a) => (a.connect.clone(), a.passphrase_file.clone()),
+    };
+    let auth = match protocol::auth::Passphrase::load(passphrase_file.as_deref())
+        .map_err(anyhow::Error::from)
+        .and_then(|p| Ok(protocol::auth::ClientAuth::new(p, cli::identity(None)?)))
+    {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let request = match &call {
+        ControlCall::Marker(a) => control::Request::Marker {
+            disk_id: a.disk_id.clone(),
+            kind: a.kind,
+            tag: a.tag.clone(),
+        },
+        ControlCall::Status(_) => control::Request::Status,
+    };
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    let reply = match runtime.block_on(control::call(&connect, &auth, &request)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {connect}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match call {
+        ControlCall::Marker(_) => println!("{}", reply.marker_id.unwrap_or_default()),
+        ControlCall::Status(a) => {
+            let disks = reply.disks.unwrap_or_default();
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&disks).expect("status serialises")
+                );
+            } else {
+                print!("{}", control::table(&disks));
+            }
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn sync_command(args: SyncArgs) -> ExitCode {
@@ -58,15 +172,8 @@ fn sync_command(args: SyncArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     let outcome = runtime.block_on(async {
         tokio::select! {

@@ -9,7 +9,7 @@
 
 use std::io::IsTerminal;
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -76,6 +76,12 @@ pub struct Meter {
     pub acked_seq: AtomicU64,
     /// Highest seq applied at the master target.
     pub applied_seq: AtomicU64,
+    /// Highest seq sent on any connection.
+    pub sent_seq: AtomicU64,
+    /// Encoded bytes of the batches not yet durable at the process server (the backlog).
+    pub window_bytes: AtomicU64,
+    /// Whether the process server has paused intake.
+    pub paused: AtomicBool,
 }
 
 /// A running progress display.

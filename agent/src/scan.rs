@@ -44,6 +44,8 @@ pub enum ScanError {
     ReadingSource(#[from] SourceError),
     #[error("the disk reader stopped unexpectedly")]
     ProducerDied,
+    #[error(transparent)]
+    Hashes(#[from] crate::diff::DiffError),
 }
 
 /// What one pass produces.
@@ -103,21 +105,79 @@ pub fn scan(
     stats: &ScanStats,
     emit: &mut dyn FnMut(Batch) -> Result<(), Cancelled>,
 ) -> Result<Option<u64>, ScanError> {
+    let next = scan_part(source, plan, stats, Part::Whole, true, emit)?;
+    Ok(next.map(|n| n - 1))
+}
+
+/// What part of the disk a pass reads.
+pub enum Part<'a> {
+    /// `[0, capacity)`, skipping holes.
+    Whole,
+    /// These `[start, end)` ranges, ascending and disjoint, read in full (the dirty regions
+    /// of `agent replicate`).
+    Ranges(&'a mut dyn Iterator<Item = (u64, u64)>),
+}
+
+/// One piece of a resync interval: reads `part` into batches `plan.first_seq, ...`, all
+/// flagged `RESYNC`. With `end`, the last batch also carries `RESYNC_END` (and the user
+/// marker) and is emitted even if empty, since it is what closes the interval; without it,
+/// the last batch is emitted only if it holds something, and the interval stays open for the
+/// next part. Returns the seq the next batch must carry, or `Ok(None)` when `emit` cancelled.
+pub fn scan_part(
+    source: &mut Source,
+    plan: &ScanPlan,
+    stats: &ScanStats,
+    part: Part<'_>,
+    end: bool,
+    emit: &mut dyn FnMut(Batch) -> Result<(), Cancelled>,
+) -> Result<Option<u64>, ScanError> {
     let mut cutter = Cutter {
         builder: BatchBuilder::new(),
         plan,
         next_seq: plan.first_seq,
         emit,
     };
-    match scan_into(source, plan, stats, &mut cutter) {
+    let walked = match part {
+        Part::Whole => scan_into(source, plan, stats, &mut cutter),
+        Part::Ranges(ranges) => scan_ranges(source, plan, stats, ranges, &mut cutter),
+    };
+    match walked {
         Ok(()) => {}
         Err(Stop::Cancelled) => return Ok(None),
         Err(Stop::Failed(e)) => return Err(e),
     }
-    match cutter.finish_pass() {
-        Ok(last) => Ok(Some(last)),
+    let finished = if end {
+        cutter.finish_pass().map(|last| last + 1)
+    } else {
+        cutter.flush_part()
+    };
+    match finished {
+        Ok(next) => Ok(Some(next)),
         Err(Cancelled) => Ok(None),
     }
+}
+
+/// Reads every given range in full (no hole detection: a dirty range was just written).
+fn scan_ranges(
+    source: &mut Source,
+    plan: &ScanPlan,
+    stats: &ScanStats,
+    ranges: &mut dyn Iterator<Item = (u64, u64)>,
+    cutter: &mut Cutter<'_>,
+) -> Result<(), Stop> {
+    let mut buf = vec![0u8; plan.read_chunk.max(ZERO_BLOCK)];
+    for (start, end) in ranges {
+        let end = end.min(source.capacity());
+        let mut pos = start;
+        while pos < end {
+            let n = (buf.len() as u64).min(end - pos) as usize;
+            source.read_exact_at(&mut buf[..n], pos)?;
+            stats.read_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            cutter.chunk(pos, &buf[..n], stats)?;
+            pos += n as u64;
+        }
+    }
+    Ok(())
 }
 
 /// Walks the data regions of the source; everything between them is a hole.
@@ -249,6 +309,15 @@ impl Cutter<'_> {
         (self.emit)(batch)
     }
 
+    /// Ends a part of an interval that goes on: cuts what is pending, if anything.
+    /// Returns the next seq.
+    fn flush_part(mut self) -> Result<u64, Cancelled> {
+        if !self.builder.is_empty() {
+            self.cut(0)?;
+        }
+        Ok(self.next_seq)
+    }
+
     /// Cuts the last batch of the pass, with the user marker if one was asked for.
     fn finish_pass(mut self) -> Result<u64, Cancelled> {
         let seq = self.next_seq;
@@ -297,7 +366,24 @@ pub struct Producer {
 
 /// Starts the pass on a dedicated OS thread. Dropping the receiver stops the thread at its
 /// next batch.
-pub fn spawn_producer(mut source: Source, plan: ScanPlan) -> std::io::Result<Producer> {
+pub fn spawn_producer(source: Source, plan: ScanPlan) -> std::io::Result<Producer> {
+    spawn_pass(source, move |source, stats, emit| {
+        scan(source, &plan, stats, emit).map(|_| ())
+    })
+}
+
+/// Runs `pass` on a dedicated OS thread, its batches going to a bounded channel, its error
+/// (if any) after them.
+pub fn spawn_pass<F>(mut source: Source, pass: F) -> std::io::Result<Producer>
+where
+    F: FnOnce(
+            &mut Source,
+            &ScanStats,
+            &mut dyn FnMut(Batch) -> Result<(), Cancelled>,
+        ) -> Result<(), ScanError>
+        + Send
+        + 'static,
+{
     let (tx, rx) = mpsc::channel(PRODUCER_AHEAD);
     let stats = Arc::new(ScanStats::default());
     let thread_stats = stats.clone();
@@ -305,7 +391,7 @@ pub fn spawn_producer(mut source: Source, plan: ScanPlan) -> std::io::Result<Pro
         .name("disk-reader".into())
         .spawn(move || {
             let mut emit = |b: Batch| tx.blocking_send(Ok(b)).map_err(|_| Cancelled);
-            if let Err(e) = scan(&mut source, &plan, &thread_stats, &mut emit) {
+            if let Err(e) = pass(&mut source, &thread_stats, &mut emit) {
                 let _ = tx.blocking_send(Err(e));
             }
         })?;

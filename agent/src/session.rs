@@ -299,6 +299,7 @@ impl Peer {
                     tracing::info!("the process server resumed intake");
                 }
                 self.paused = p.paused;
+                transfer.paused(p.paused);
             }
             Some(In::Error(e)) => return Err(Refusal::from_report(&e).into()),
             Some(In::Welcome(_)) => {

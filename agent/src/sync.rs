@@ -1,5 +1,5 @@
-//! `agent sync --mode full`: one full pass of a disk to the process server, surviving any
-//! number of lost connections.
+//! `agent sync`: one full (or differential, see [`crate::diff`]) pass of a disk to the
+//! process server, surviving any number of lost connections.
 //!
 //! ```text
 //!  disk-reader thread                async task (this module + session)
@@ -22,9 +22,10 @@ use std::time::{Duration, Instant};
 use protocol::error::Refusal;
 use protocol::pb::{DiskFormat, DiskInfo};
 
+use crate::diff::{self, DiffCounts, DiffError, Hashes};
 use crate::progress::{Display, Meter};
 use crate::retry::{Backoff, GaveUp, Outage};
-use crate::scan::{READ_CHUNK, ScanPlan, spawn_producer};
+use crate::scan::{READ_CHUNK, ScanPlan, spawn_pass, spawn_producer};
 use crate::session::{Session, SessionError, Target};
 use crate::source::{Source, SourceError};
 use crate::transfer::Transfer;
@@ -44,6 +45,8 @@ pub struct SyncConfig {
     pub batch_data: usize,
     /// How long one outage may last before the pass gives up.
     pub retry_for: Duration,
+    /// `--mode differential` with this chunk size; `None` for a full pass.
+    pub differential: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +61,8 @@ pub enum SyncError {
     Session(#[from] SessionError),
     #[error(transparent)]
     GaveUp(#[from] GaveUp),
+    #[error(transparent)]
+    Hashes(#[from] DiffError),
 }
 
 /// What a finished pass did.
@@ -73,6 +78,8 @@ pub struct Summary {
     pub resent_bytes: u64,
     pub applied: bool,
     pub elapsed: Duration,
+    /// For a differential pass: chunks compared and chunks sent.
+    pub differential: Option<(u64, u64)>,
 }
 
 impl std::fmt::Display for Summary {
@@ -80,7 +87,12 @@ impl std::fmt::Display for Summary {
         let secs = self.elapsed.as_secs_f64();
         writeln!(
             f,
-            "full sync done: batches {}..={} {}",
+            "{} sync done: batches {}..={} {}",
+            if self.differential.is_some() {
+                "differential"
+            } else {
+                "full"
+            },
             self.first_seq,
             self.last_seq,
             if self.applied {
@@ -95,6 +107,15 @@ impl std::fmt::Display for Summary {
         writeln!(f, "  zeros (no data) {:>16} bytes", self.zero_bytes)?;
         writeln!(f, "  wire bytes      {:>16} bytes", self.wire_bytes)?;
         writeln!(f, "  resent bytes    {:>16} bytes", self.resent_bytes)?;
+        if let Some((chunks, differing)) = self.differential {
+            writeln!(f, "  chunks compared {:>16}", chunks)?;
+            writeln!(f, "  chunks sent     {:>16}", differing)?;
+            writeln!(
+                f,
+                "  sent of disk    {:>16.1} %",
+                (self.data_bytes + self.zero_bytes) as f64 * 100.0 / self.capacity.max(1) as f64
+            )?;
+        }
         writeln!(
             f,
             "  rate            {:>16.1} MB/s of disk",
@@ -115,10 +136,17 @@ pub async fn run(mut cfg: SyncConfig) -> Result<Summary, SyncError> {
     cfg.target.disk.capacity = capacity;
     protocol::disk::check_disk_info(&cfg.target.disk).map_err(SyncError::DeclaringDisk)?;
 
-    let mut retry = Retry {
-        outage: Outage::new(cfg.retry_for),
-        backoff: Backoff::default(),
+    let hashes = match cfg.differential {
+        Some(chunk) => match diff::fetch(&cfg.target, chunk).await? {
+            Hashes::Unavailable(why) => {
+                tracing::info!("{why}: falling back to a full sync");
+                None
+            }
+            Hashes::Pages(pages) => Some(pages),
+        },
+        None => None,
     };
+    let mut retry = Retry::new(cfg.retry_for);
     let session = retry.connect(&cfg.target).await?;
     let welcome = session.welcome.clone();
     tracing::info!(
@@ -129,16 +157,25 @@ pub async fn run(mut cfg: SyncConfig) -> Result<Summary, SyncError> {
         welcome.cached_seq,
         welcome.applied_seq
     );
-    let producer = spawn_producer(
-        source,
-        ScanPlan {
-            disk_id: cfg.target.disk.disk_id.clone(),
-            first_seq: welcome.cached_seq + 1,
-            batch_data: cfg.batch_data,
-            marker_tag: cfg.marker_tag.clone(),
-            read_chunk: READ_CHUNK,
-        },
-    )
+    let plan = ScanPlan {
+        disk_id: cfg.target.disk.disk_id.clone(),
+        first_seq: welcome.cached_seq + 1,
+        batch_data: cfg.batch_data,
+        marker_tag: cfg.marker_tag.clone(),
+        read_chunk: READ_CHUNK,
+    };
+    let counts = Arc::new(DiffCounts::default());
+    let differential = hashes.is_some();
+    let producer = match hashes {
+        None => spawn_producer(source, plan),
+        Some(pages) => {
+            let counts = counts.clone();
+            spawn_pass(source, move |source, stats, emit| {
+                diff::differential_pass(source, &plan, stats, &counts, pages, true, emit)
+                    .map(|_| ())
+            })
+        }
+    }
     .map_err(SyncError::StartingReader)?;
     let meter = Arc::new(Meter::default());
     let mut transfer = Transfer::new(
@@ -163,20 +200,33 @@ pub async fn run(mut cfg: SyncConfig) -> Result<Summary, SyncError> {
         resent_bytes: meter.resent_bytes.load(Ordering::Relaxed),
         applied: cfg.wait,
         elapsed: started.elapsed(),
+        differential: differential.then(|| {
+            (
+                counts.chunks.load(Ordering::Relaxed),
+                counts.differing.load(Ordering::Relaxed),
+            )
+        }),
     })
 }
 
-/// Reconnection state of a pass.
+/// Reconnection state of a pass (or of continuous replication).
 #[derive(Debug)]
-struct Retry {
+pub(crate) struct Retry {
     outage: Outage,
     backoff: Backoff,
 }
 
 impl Retry {
+    pub(crate) fn new(retry_for: Duration) -> Self {
+        Retry {
+            outage: Outage::new(retry_for),
+            backoff: Backoff::default(),
+        }
+    }
+
     /// Drives sessions until the pass is done, reconnecting after every retryable failure
     /// and resuming from each new welcome.
-    async fn drive(
+    pub(crate) async fn drive(
         &mut self,
         mut session: Session,
         transfer: &mut Transfer,
@@ -202,7 +252,7 @@ impl Retry {
     }
 
     /// Opens a session, retrying with backoff while failures are retryable.
-    async fn connect(&mut self, target: &Target) -> Result<Session, SyncError> {
+    pub(crate) async fn connect(&mut self, target: &Target) -> Result<Session, SyncError> {
         loop {
             match Session::open(target).await {
                 Ok(s) => {

@@ -31,6 +31,9 @@ pub struct Transfer {
     progressed: bool,
     /// Whether "waiting for the master target" was logged.
     announced_wait: bool,
+    /// Continuous replication: a `RESYNC_END` closes a resync interval, not the transfer,
+    /// which then never ends by itself.
+    endless: bool,
     meter: Arc<Meter>,
 }
 
@@ -55,8 +58,15 @@ impl Transfer {
             wait_applied,
             progressed: false,
             announced_wait: false,
+            endless: false,
             meter,
         }
+    }
+
+    /// Makes this transfer endless (`agent replicate`): see the field.
+    pub fn endless(mut self) -> Self {
+        self.endless = true;
+        self
     }
 
     /// Whether to pull another batch from the producer now.
@@ -67,10 +77,11 @@ impl Transfer {
     /// Waits for the producer's next batch and puts it into the window.
     pub async fn pull(&mut self) -> Result<(), ScanError> {
         let batch = self.batches.recv().await.ok_or(ScanError::ProducerDied)??;
-        if batch.flags & flags::RESYNC_END != 0 {
+        if !self.endless && batch.flags & flags::RESYNC_END != 0 {
             self.last_seq = Some(batch.seq);
         }
         self.window.push(batch);
+        self.store_backlog();
         Ok(())
     }
 
@@ -89,6 +100,7 @@ impl Transfer {
             &self.meter.resent_bytes
         };
         counter.fetch_add(bytes, Ordering::Relaxed);
+        self.meter.sent_seq.fetch_max(batch.seq, Ordering::Relaxed);
         Some(batch)
     }
 
@@ -101,6 +113,7 @@ impl Transfer {
         self.meter
             .acked_seq
             .store(self.window.acked(), Ordering::Relaxed);
+        self.store_backlog();
         if self.waiting_for_apply() && !self.announced_wait {
             self.announced_wait = true;
             tracing::info!(
@@ -119,7 +132,14 @@ impl Transfer {
         self.meter
             .acked_seq
             .store(self.window.acked(), Ordering::Relaxed);
+        self.store_backlog();
         Ok(())
+    }
+
+    fn store_backlog(&self) {
+        self.meter
+            .window_bytes
+            .store(self.window.bytes() as u64, Ordering::Relaxed);
     }
 
     fn applied(&mut self, applied_seq: u64) {
@@ -127,6 +147,11 @@ impl Transfer {
             self.applied_seq = applied_seq;
             self.meter.applied_seq.store(applied_seq, Ordering::Relaxed);
         }
+    }
+
+    /// The process server paused or resumed intake (shown in the status).
+    pub fn paused(&self, on: bool) {
+        self.meter.paused.store(on, Ordering::Relaxed);
     }
 
     /// Whether the pass is complete (see the module invariants).

@@ -16,11 +16,12 @@ use protocol::batch::{decode_into, flags};
 use protocol::error::{Code, Refusal};
 use protocol::limits::MAX_MESSAGE_BYTES;
 use protocol::pb::agent_message::Body as AgentBody;
+use protocol::pb::differential_server::{Differential, DifferentialServer};
 use protocol::pb::process_server_message::Body as ServerBody;
 use protocol::pb::process_server_server::{ProcessServer, ProcessServerServer};
 use protocol::pb::{
-    AgentMessage, ChallengeReply, ChallengeRequest, DiskFormat, DiskProgress, Marker, Pause,
-    ProcessServerMessage, ServerWelcome, StatusReply, StatusRequest,
+    AgentMessage, ChallengeReply, ChallengeRequest, DiskFormat, DiskHashes, DiskHashesRequest,
+    DiskProgress, Marker, Pause, ProcessServerMessage, ServerWelcome, StatusReply, StatusRequest,
 };
 use protocol::transport::{TlsFiles, WanTuning};
 use tokio::sync::mpsc;
@@ -65,7 +66,7 @@ struct Script {
 }
 
 struct Fake {
-    auth: ServerAuth,
+    auth: Arc<ServerAuth>,
     state: Arc<Mutex<State>>,
     script: Mutex<Script>,
 }
@@ -258,13 +259,78 @@ async fn serve_stream(
     }
 }
 
+/// The fake's `Differential` service: hashes of its rebuilt disk, at most [`PAGE_MAX`]
+/// chunks per page (so that several pages are needed); `exists = false` while it holds no
+/// disk.
+struct FakeHashes {
+    auth: Arc<ServerAuth>,
+    state: Arc<Mutex<State>>,
+}
+
+const PAGE_MAX: u64 = 100;
+
+#[tonic::async_trait]
+impl Differential for FakeHashes {
+    async fn disk_hashes(
+        &self,
+        req: Request<DiskHashesRequest>,
+    ) -> Result<Response<DiskHashes>, Status> {
+        let r = req.into_inner();
+        let proof = self
+            .auth
+            .verify(r.auth.as_ref())
+            .map_err(|e| e.to_status())?;
+        let st = self.state.lock().unwrap();
+        let mut reply = DiskHashes {
+            server_proof: proof.into(),
+            exists: !st.disk.is_empty(),
+            first_chunk: r.first_chunk,
+            chunk_size: r.chunk_size,
+            ..DiskHashes::default()
+        };
+        let chunk = r.chunk_size as usize;
+        let total = st.disk.len().div_ceil(chunk.max(1)) as u64;
+        let end = (r.first_chunk + u64::from(r.max_chunks).min(PAGE_MAX)).min(total);
+        let mut hashes = Vec::new();
+        let mut zeros = vec![0u8; ((end.saturating_sub(r.first_chunk)) as usize).div_ceil(8)];
+        for (i, c) in (r.first_chunk..end).enumerate() {
+            let from = c as usize * chunk;
+            let data = &st.disk[from..(from + chunk).min(st.disk.len())];
+            if data.iter().all(|&b| b == 0) {
+                zeros[i / 8] |= 1 << (i % 8);
+                hashes.extend_from_slice(&[0u8; 16]);
+            } else {
+                hashes.extend_from_slice(&xxhash_rust::xxh3::xxh3_128(data).to_le_bytes());
+            }
+        }
+        reply.hashes = hashes.into();
+        reply.zero_chunks = zeros.into();
+        Ok(Response::new(reply))
+    }
+}
+
 async fn start_fake(script: Script, cached_seq: u64) -> (String, Arc<Mutex<State>>) {
+    start_fake_holding(script, cached_seq, Vec::new()).await
+}
+
+/// A fake whose target disk already holds `disk` (empty: no disk yet).
+async fn start_fake_holding(
+    script: Script,
+    cached_seq: u64,
+    disk: Vec<u8>,
+) -> (String, Arc<Mutex<State>>) {
     let state = Arc::new(Mutex::new(State {
         cached_seq,
+        disk,
         ..State::default()
     }));
+    let auth = Arc::new(ServerAuth::new(Passphrase::new(PASS).unwrap()));
+    let hashes = DifferentialServer::new(FakeHashes {
+        auth: auth.clone(),
+        state: state.clone(),
+    });
     let fake = Fake {
-        auth: ServerAuth::new(Passphrase::new(PASS).unwrap()),
+        auth,
         state: state.clone(),
         script: Mutex::new(script),
     };
@@ -278,6 +344,7 @@ async fn start_fake(script: Script, cached_seq: u64) -> (String, Arc<Mutex<State
             .server(&TlsFiles::default())
             .unwrap()
             .add_service(svc)
+            .add_service(hashes)
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
     (url, state)
@@ -323,6 +390,7 @@ fn config(url: &str, disk: &std::path::Path) -> SyncConfig {
         window_bytes: 256 << 10,
         batch_data: 64 << 10,
         retry_for: Duration::from_secs(10),
+        differential: None,
     }
 }
 
@@ -452,4 +520,41 @@ async fn while_paused_no_batch_is_sent_but_heartbeats_go_on() {
         "heartbeats go on while paused"
     );
     assert!(st.disk == content);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn differential_sync_sends_only_the_chunks_that_differ() {
+    let (file, content) = source_disk();
+    let chunk = 4096usize;
+    // The target: the source with three chunks different (one changed, one holding data
+    // where the source has zeros, one zero where the source has data), the last one in a
+    // later page of hashes.
+    let mut target = content.clone();
+    target[5 * chunk + 17] ^= 0xff;
+    target[(2 << 20) + 3 * chunk..(2 << 20) + 4 * chunk].fill(7);
+    target[(1000 * chunk)..(1001 * chunk)].fill(0);
+    assert!(content[1000 * chunk..1001 * chunk].iter().any(|&b| b != 0));
+    let (url, state) = start_fake_holding(Script::default(), 0, target).await;
+    let mut cfg = config(&url, file.path());
+    cfg.differential = Some(chunk as u32);
+    let summary = bounded(run(cfg)).await.unwrap();
+    let st = state.lock().unwrap();
+    assert!(st.disk == content, "the target differs from the source");
+    assert_eq!(summary.differential, Some(((6 << 20) / chunk as u64, 3)));
+    assert_eq!(summary.data_bytes + summary.zero_bytes, 3 * chunk as u64);
+    assert_eq!(st.last_flags, flags::RESYNC | flags::RESYNC_END);
+    assert_eq!(st.markers.len(), 1, "the user marker closes the pass");
+    assert!(summary.to_string().starts_with("differential sync done"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn differential_sync_falls_back_to_full_when_the_target_has_no_disk() {
+    let (file, content) = source_disk();
+    let (url, state) = start_fake(Script::default(), 0).await;
+    let mut cfg = config(&url, file.path());
+    cfg.differential = Some(65536);
+    let summary = bounded(run(cfg)).await.unwrap();
+    assert!(state.lock().unwrap().disk == content);
+    assert_eq!(summary.differential, None);
+    assert_eq!(summary.data_bytes + summary.zero_bytes, 6 << 20);
 }

@@ -13,7 +13,7 @@
 
 use std::fs;
 use std::io::{self, Read};
-use std::net::{TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::packet::{self, Netns};
 use crate::tls::{self, TlsPaths};
 
 /// How long a role may take to start listening.
@@ -47,6 +48,13 @@ pub struct Cluster {
     pub master_target_flags: Vec<String>,
     /// When set, both hops run over TLS with these files (see [`Cluster::enable_tls`]).
     pub tls: Option<TlsPaths>,
+    /// When set, the process server reaches the master target through this port on
+    /// 127.0.0.1 (a WAN emulator relaying to `mt_port`) instead of directly.
+    pub master_target_via: Option<u16>,
+    /// Address the master target listens on and is reached at (default 127.0.0.1).
+    pub master_target_host: IpAddr,
+    /// When set, the master target runs in this network namespace (packet-mode WAN).
+    pub master_target_netns: Option<Netns>,
 }
 
 /// A port that was free a moment ago on 127.0.0.1.
@@ -73,6 +81,9 @@ impl Cluster {
             process_server_flags: Vec::new(),
             master_target_flags: Vec::new(),
             tls: None,
+            master_target_via: None,
+            master_target_host: Ipv4Addr::LOCALHOST.into(),
+            master_target_netns: None,
         };
         for d in [&c.datastore, &c.retention, &c.cache, &dir.join("logs")] {
             fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
@@ -96,7 +107,21 @@ impl Cluster {
     }
 
     pub fn mt_url(&self) -> String {
-        format!("{}://127.0.0.1:{}", self.scheme(), self.mt_port)
+        format!(
+            "{}://{}:{}",
+            self.scheme(),
+            self.master_target_host,
+            self.mt_port
+        )
+    }
+
+    /// The URL the process server forwards to: the master target, or the WAN emulator
+    /// in front of it.
+    pub fn forward_url(&self) -> String {
+        match self.master_target_via {
+            Some(port) => format!("{}://127.0.0.1:{port}", self.scheme()),
+            None => self.mt_url(),
+        }
     }
 
     pub fn ps_url(&self) -> String {
@@ -146,10 +171,20 @@ impl Cluster {
         Ok((path, f))
     }
 
-    fn spawn_server(&mut self, role: &str, args: Vec<String>, port: u16) -> Result<Child> {
+    fn spawn_server(
+        &mut self,
+        role: &str,
+        args: Vec<String>,
+        host: IpAddr,
+        port: u16,
+        netns: Option<&Netns>,
+    ) -> Result<Child> {
         let (log, f) = self.log_file(role)?;
-        let mut child = self
-            .role(role)
+        let mut cmd = self.role(role);
+        if let Some(ns) = netns {
+            packet::enter(&mut cmd, ns);
+        }
+        let mut child = cmd
             .args(&args)
             .stdin(Stdio::null())
             .stdout(f.try_clone()?)
@@ -158,7 +193,7 @@ impl Cluster {
             .with_context(|| format!("starting {role}"))?;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            if TcpStream::connect((host, port)).is_ok() {
                 return Ok(child);
             }
             if let Some(status) = child.try_wait()? {
@@ -184,7 +219,7 @@ impl Cluster {
         let mut args: Vec<String> = vec![
             "serve".into(),
             "--listen".into(),
-            format!("127.0.0.1:{}", self.mt_port),
+            format!("{}:{}", self.master_target_host, self.mt_port),
             "--datastore".into(),
             self.datastore.display().to_string(),
             "--retention".into(),
@@ -194,7 +229,14 @@ impl Cluster {
         ];
         args.extend(self.tls_server_flags());
         args.extend(self.master_target_flags.iter().cloned());
-        let child = self.spawn_server("master-target", args, self.mt_port)?;
+        let netns = self.master_target_netns.clone();
+        let child = self.spawn_server(
+            "master-target",
+            args,
+            self.master_target_host,
+            self.mt_port,
+            netns.as_ref(),
+        )?;
         self.master_target = Some(child);
         Ok(())
     }
@@ -208,14 +250,20 @@ impl Cluster {
             "--cache".into(),
             self.cache.display().to_string(),
             "--master-target".into(),
-            self.mt_url(),
+            self.forward_url(),
             "--passphrase-file".into(),
             self.passphrase_file.display().to_string(),
         ];
         args.extend(self.tls_server_flags());
         args.extend(self.tls_client_flags());
         args.extend(self.process_server_flags.iter().cloned());
-        let child = self.spawn_server("process-server", args, self.ps_port)?;
+        let child = self.spawn_server(
+            "process-server",
+            args,
+            Ipv4Addr::LOCALHOST.into(),
+            self.ps_port,
+            None,
+        )?;
         self.process_server = Some(child);
         Ok(())
     }
@@ -223,6 +271,16 @@ impl Cluster {
     pub fn start(&mut self) -> Result<()> {
         self.start_master_target()?;
         self.start_process_server()
+    }
+
+    /// Process id of the running master target, to sample its CPU time and memory.
+    pub fn master_target_pid(&self) -> Option<u32> {
+        self.master_target.as_ref().map(Child::id)
+    }
+
+    /// Process id of the running process server.
+    pub fn process_server_pid(&self) -> Option<u32> {
+        self.process_server.as_ref().map(Child::id)
     }
 
     /// SIGKILLs the master target (no chance to flush anything) and reaps it.

@@ -46,7 +46,7 @@ pub struct DemoReport {
 }
 
 pub fn run(args: &DemoArgs, exe: &Path) -> Result<DemoReport> {
-    if args.size == 0 || args.size % 4096 != 0 {
+    if args.size == 0 || !args.size.is_multiple_of(4096) {
         bail!("--size must be a nonzero multiple of 4096 bytes");
     }
     let dir = match &args.dir {

@@ -3,8 +3,13 @@
 
 pub mod cluster;
 pub mod demo;
+pub mod packet;
+pub mod peers;
+pub mod plot;
 pub mod roles;
+pub mod run;
 pub mod tls;
+pub mod usage;
 pub mod verify;
 pub mod wan;
 pub mod workload;

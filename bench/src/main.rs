@@ -22,6 +22,10 @@ enum Cmd {
     /// Replicate a generated disk through a local agent -> process server -> master target
     /// chain, report MB/s and 4 KiB blocks/s, and verify the VMDK against the source.
     Demo(bench::demo::DemoArgs),
+    /// Full syncs through a WAN emulator over a grid of RTT x link rate, next to peer
+    /// tools on the same data: MB/s, blocks/s, wire bytes, CPU and memory per role, the
+    /// analytic bound of each row; a table, a JSON report and SVG plots in --out.
+    Run(bench::run::RunArgs),
     /// Emulate a WAN link (delay, rate, queue, window) as a TCP proxy between a process
     /// server and a master target.
     Wan(bench::wan::WanArgs),
@@ -36,6 +40,7 @@ fn main() -> ExitCode {
         .map_err(anyhow::Error::from)
         .and_then(|exe| match &cli.command {
             Cmd::Demo(args) => bench::demo::run(args, &exe).map(|_| ()),
+            Cmd::Run(args) => bench::run::run(args, &exe).map(|_| ()),
             Cmd::Wan(args) => tokio::runtime::Runtime::new()
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| {

@@ -13,9 +13,14 @@
 //!
 //! Real TCP runs on loopback underneath, so slow start, loss and congestion control are not
 //! modelled: results from this mode are labelled "proxy, no TCP dynamics".
+//!
+//! `--packet` switches to packet mode (root only, see `crate::packet`): the same delay,
+//! rate and queue applied to IP packets between this namespace and a second one, so that
+//! real TCP runs across the emulated link.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -27,12 +32,20 @@ use tokio::time::Instant;
 /// Options of `bench wan`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct WanArgs {
-    /// Address to accept connections on (HOST:PORT).
-    #[arg(long)]
-    pub listen: SocketAddr,
-    /// Address every connection is relayed to (HOST:PORT).
-    #[arg(long)]
-    pub upstream: SocketAddr,
+    /// Address to accept connections on (HOST:PORT); proxy mode.
+    #[arg(long, required_unless_present = "packet")]
+    pub listen: Option<SocketAddr>,
+    /// Address every connection is relayed to (HOST:PORT); proxy mode.
+    #[arg(long, required_unless_present = "packet")]
+    pub upstream: Option<SocketAddr>,
+    /// Packet mode: join this network namespace to a new one, NETNS, by a user-space
+    /// forwarder over two TUN devices (MTU 1400) that delays, rate-limits and tail-drops IP
+    /// packets; real TCP runs across it. Needs root. Runs until SIGTERM/SIGINT.
+    #[arg(long, conflicts_with_all = ["listen", "upstream", "window"])]
+    pub packet: bool,
+    /// Packet mode: name of the namespace to create for the far side.
+    #[arg(long, default_value = "fbwan", requires = "packet")]
+    pub netns: String,
     /// Round-trip time to add, in milliseconds (half each way).
     #[arg(long, default_value_t = 100)]
     pub rtt_ms: u64,
@@ -47,26 +60,50 @@ pub struct WanArgs {
     pub window: u64,
 }
 
-/// One direction of the emulated link, shared by every connection.
+/// Bytes the proxy has relayed, per direction, over its lifetime: the "wire bytes" of a run
+/// (what crossed the emulated VPN, including gRPC/TLS framing and acknowledgements).
+#[derive(Debug, Default)]
+pub struct Relayed {
+    /// Client -> upstream (process server -> master target).
+    pub up: AtomicU64,
+    /// Upstream -> client (acknowledgements).
+    pub down: AtomicU64,
+    /// Connections accepted.
+    pub connections: AtomicU64,
+}
+
+impl Relayed {
+    /// Bytes relayed in both directions so far.
+    pub fn total(&self) -> u64 {
+        self.up.load(Ordering::Relaxed) + self.down.load(Ordering::Relaxed)
+    }
+}
+
+/// One direction of the emulated link, shared by every connection (and, in packet mode,
+/// by every packet).
 #[derive(Debug)]
-struct Direction {
-    one_way: Duration,
+pub(crate) struct Direction {
+    pub(crate) one_way: Duration,
     /// Bytes per second; 0 = unlimited.
     rate: u64,
     /// When the link finishes serialising everything queued so far.
     next_free: Mutex<Instant>,
-    /// Queue capacity in bytes.
-    queue: Arc<Semaphore>,
+    /// Queue capacity in bytes: the delay line plus the router's queue.
+    pub(crate) queue: Arc<Semaphore>,
 }
 
 impl Direction {
     fn new(args: &WanArgs) -> Arc<Direction> {
-        let one_way = Duration::from_millis(args.rtt_ms) / 2;
-        let rate = args.rate_mbit * 1_000_000 / 8;
+        Direction::with(args.rtt_ms, args.rate_mbit, args.buffer_ms)
+    }
+
+    pub(crate) fn with(rtt_ms: u64, rate_mbit: u64, buffer_ms: u64) -> Arc<Direction> {
+        let one_way = Duration::from_millis(rtt_ms) / 2;
+        let rate = rate_mbit * 1_000_000 / 8;
         let queue_bytes = if rate == 0 {
             256 << 20
         } else {
-            (rate as u128 * (one_way.as_millis() + u128::from(args.buffer_ms)) / 1000).max(1 << 20)
+            (rate as u128 * (one_way.as_millis() + u128::from(buffer_ms)) / 1000).max(1 << 20)
                 as usize
         };
         Arc::new(Direction {
@@ -78,15 +115,17 @@ impl Direction {
     }
 
     /// When a chunk of `len` bytes that arrived now reaches the far side.
-    async fn schedule(&self, len: usize) -> Instant {
+    pub(crate) async fn schedule(&self, len: usize) -> Instant {
         let now = Instant::now();
-        let depart = if self.rate == 0 {
-            now
-        } else {
-            let mut next = self.next_free.lock().await;
-            let start = (*next).max(now);
-            *next = start + Duration::from_nanos(len as u64 * 1_000_000_000 / self.rate);
-            *next
+        // A rate of 0 (unlimited) has no serialisation time.
+        let depart = match (len as u64 * 1_000_000_000).checked_div(self.rate) {
+            None => now,
+            Some(nanos) => {
+                let mut next = self.next_free.lock().await;
+                let start = (*next).max(now);
+                *next = start + Duration::from_nanos(nanos);
+                *next
+            }
         };
         depart + self.one_way
     }
@@ -100,6 +139,8 @@ async fn pump(
     mut to: tokio::net::tcp::OwnedWriteHalf,
     dir: Arc<Direction>,
     window: u64,
+    relayed: Arc<Relayed>,
+    pick: fn(&Relayed) -> &AtomicU64,
 ) {
     let window = (window > 0).then(|| {
         Arc::new(Semaphore::new(
@@ -113,6 +154,8 @@ async fn pump(
     let writer = tokio::spawn(async move {
         while let Some((release, chunk)) = rx.recv().await {
             tokio::time::sleep_until(release).await;
+            // Counted before the write so that a reader who has the bytes sees them counted.
+            pick(&relayed).fetch_add(chunk.len() as u64, Ordering::Relaxed);
             if to.write_all(&chunk).await.is_err() {
                 return;
             }
@@ -153,19 +196,45 @@ async fn pump(
     let _ = writer.await;
 }
 
-/// Runs the proxy until `shutdown` resolves.
+/// Runs the emulator (proxy or packet mode) until `shutdown` resolves.
 pub async fn serve(args: WanArgs, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
+    if args.packet {
+        let link =
+            crate::packet::Link::create(&args.netns, args.rtt_ms, args.rate_mbit, args.buffer_ms)?;
+        eprintln!(
+            "bench wan: packet mode, RTT {} ms, {} Mbit/s, MTU {}: this namespace is {}, namespace {} is {}; \
+             run the far side with `ip netns exec {} ...`",
+            args.rtt_ms,
+            args.rate_mbit,
+            crate::packet::MTU,
+            link.near,
+            args.netns,
+            link.far,
+            args.netns
+        );
+        shutdown.await;
+        link.close().await;
+        return Ok(());
+    }
     eprintln!(
-        "bench wan: {} -> {} with RTT {} ms, {} Mbit/s, window {} (proxy mode, no TCP dynamics)",
-        listener.local_addr()?,
-        args.upstream,
-        args.rtt_ms,
-        args.rate_mbit,
-        args.window
+        "bench wan: {:?} -> {:?} with RTT {} ms, {} Mbit/s, window {} (proxy mode, no TCP dynamics)",
+        args.listen, args.upstream, args.rtt_ms, args.rate_mbit, args.window
     );
+    serve_counted(args, Arc::default(), shutdown).await
+}
+
+/// Runs the proxy until `shutdown` resolves, adding every byte it delivers to `relayed`.
+pub async fn serve_counted(
+    args: WanArgs,
+    relayed: Arc<Relayed>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let (Some(listen), Some(upstream)) = (args.listen, args.upstream) else {
+        anyhow::bail!("proxy mode needs --listen and --upstream");
+    };
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
     let up = Direction::new(&args);
     let down = Direction::new(&args);
     tokio::pin!(shutdown);
@@ -174,7 +243,9 @@ pub async fn serve(args: WanArgs, shutdown: impl std::future::Future<Output = ()
             r = listener.accept() => r?,
             _ = &mut shutdown => return Ok(()),
         };
-        let (up, down, upstream, window) = (up.clone(), down.clone(), args.upstream, args.window);
+        let (up, down, window) = (up.clone(), down.clone(), args.window);
+        let relayed = relayed.clone();
+        relayed.connections.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
             let Ok(server) = TcpStream::connect(upstream).await else {
                 return;
@@ -183,7 +254,10 @@ pub async fn serve(args: WanArgs, shutdown: impl std::future::Future<Output = ()
             let _ = server.set_nodelay(true);
             let (cr, cw) = client.into_split();
             let (sr, sw) = server.into_split();
-            tokio::join!(pump(cr, sw, up, window), pump(sr, cw, down, window));
+            tokio::join!(
+                pump(cr, sw, up, window, relayed.clone(), |r| &r.up),
+                pump(sr, cw, down, window, relayed, |r| &r.down)
+            );
         });
     }
 }
@@ -215,8 +289,10 @@ mod tests {
             .local_addr()
             .unwrap();
         let args = WanArgs {
-            listen,
-            upstream,
+            listen: Some(listen),
+            upstream: Some(upstream),
+            packet: false,
+            netns: String::new(),
             rtt_ms: 80,
             rate_mbit: 0,
             buffer_ms: 50,
@@ -240,5 +316,46 @@ mod tests {
             rtt >= Duration::from_millis(80),
             "RTT {rtt:?} shorter than configured"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn relays_bytes_intact_and_counts_them() {
+        let upstream = echo_server().await;
+        let listen = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let args = WanArgs {
+            listen: Some(listen),
+            upstream: Some(upstream),
+            packet: false,
+            netns: String::new(),
+            rtt_ms: 20,
+            rate_mbit: 100,
+            buffer_ms: 50,
+            window: 256 << 10,
+        };
+        let relayed = Arc::new(Relayed::default());
+        tokio::spawn(serve_counted(args, relayed.clone(), std::future::pending()));
+        tokio::task::yield_now().await;
+        let s = loop {
+            if let Ok(s) = TcpStream::connect(listen).await {
+                break s;
+            }
+            tokio::task::yield_now().await;
+        };
+        let data: Vec<u8> = (0..(3 << 20) + 17).map(|_| rand::random()).collect();
+        let (mut r, mut w) = s.into_split();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move { w.write_all(&sent).await.unwrap() });
+        let mut back = vec![0u8; data.len()];
+        r.read_exact(&mut back).await.unwrap();
+        writer.await.unwrap();
+        assert!(back == data, "the proxy altered the bytes");
+        assert_eq!(relayed.up.load(Ordering::Relaxed), data.len() as u64);
+        assert_eq!(relayed.down.load(Ordering::Relaxed), data.len() as u64);
+        assert_eq!(relayed.total(), 2 * data.len() as u64);
+        assert_eq!(relayed.connections.load(Ordering::Relaxed), 1);
     }
 }

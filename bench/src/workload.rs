@@ -1,11 +1,15 @@
-//! Generated source disks: deterministic mixes of holes, written zeros, compressible and
+//! Source disks for runs: deterministic mixes of holes, written zeros, compressible and
 //! random data, so that a replication run exercises every path of the agent's scanner and
-//! of the codec.
+//! of the codec; and the [`Workload`]s of `bench run` (that mix, a real ext4 image of files
+//! from this machine, random data, a mostly empty disk).
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
 
 use rand::{Rng, RngCore, SeedableRng, rngs::StdRng};
 
@@ -185,6 +189,156 @@ pub fn churn(path: &Path, count: u64, seed: u64) -> io::Result<()> {
     file.sync_all()
 }
 
+/// The source disks `bench run` can replicate.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    /// The generated mix of holes, zeros, compressible, repeated and random regions.
+    Mixed,
+    /// An ext4 image (`mke2fs -d`) of files copied from /usr, about 60% full.
+    Filesystem,
+    /// Incompressible random bytes throughout.
+    Random,
+    /// A sparse disk with about 1.5% of its blocks written.
+    Sparse,
+}
+
+/// Share of a filesystem image's size filled with file contents; ext4's own metadata
+/// brings the used share to about 60%.
+const FILESYSTEM_FILL: f64 = 0.57;
+
+/// Fixed so that the same size and seed give the same filesystem layout.
+const MKE2FS_FAKE_TIME: &str = "1700000000";
+
+impl Workload {
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Mixed => "mixed",
+            Workload::Filesystem => "filesystem",
+            Workload::Random => "random",
+            Workload::Sparse => "sparse",
+        }
+    }
+
+    /// Writes this workload's `size`-byte disk at `path`; returns a description of it.
+    pub fn build(self, path: &Path, size: u64, seed: u64) -> anyhow::Result<String> {
+        match self {
+            Workload::Mixed => Ok(generate_disk(path, size, seed)?.describe()),
+            Workload::Filesystem => filesystem_image(path, size, seed),
+            Workload::Random => Ok(fill_strides(path, size, seed, None)?.describe()),
+            Workload::Sparse => Ok(fill_strides(path, size, seed, Some(128 << 10))?.describe()),
+        }
+    }
+}
+
+/// Fills `path` in 8 MiB strides: each stride entirely with random data (`piece` = None),
+/// or, for a sparse disk, with one `piece`-byte region of random or compressible data at a
+/// random 4 KiB-aligned place in the stride, the rest left as a hole.
+fn fill_strides(path: &Path, size: u64, seed: u64, piece: Option<u64>) -> io::Result<Mix> {
+    const STRIDE: u64 = 8 << 20;
+    let file = File::create(path)?;
+    file.set_len(size)?;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut buf = vec![0u8; STRIDE as usize];
+    let mut mix = Mix::default();
+    let mut at = 0;
+    while at < size {
+        let stride = STRIDE.min(size - at);
+        let (kind, off, len) = match piece {
+            None => (Region::Random, 0, stride),
+            Some(p) => {
+                let len = p.min(stride);
+                let kind = if rng.random_range(0..2) == 0 {
+                    Region::Compressible
+                } else {
+                    Region::Random
+                };
+                (
+                    kind,
+                    rng.random_range(0..=(stride - len) / 4096) * 4096,
+                    len,
+                )
+            }
+        };
+        let b = &mut buf[..len as usize];
+        fill(kind, &mut rng, b);
+        file.write_all_at(b, at + off)?;
+        mix.add(kind, len);
+        mix.add(Region::Hole, stride - len);
+        at += stride;
+    }
+    file.sync_all()?;
+    Ok(mix)
+}
+
+/// Builds an ext4 image of `size` bytes at `path` from regular files copied out of /usr
+/// (walked in name order until [`FILESYSTEM_FILL`] of the size), with a UUID and directory
+/// hash seed derived from `seed`, so that the same inputs give the same layout.
+fn filesystem_image(path: &Path, size: u64, seed: u64) -> anyhow::Result<String> {
+    let staging = tempfile::Builder::new()
+        .prefix("fs-staging-")
+        .tempdir_in(path.parent().unwrap_or(Path::new(".")))?;
+    let budget = (size as f64 * FILESYSTEM_FILL) as u64;
+    let (files, bytes) = copy_tree(Path::new("/usr"), staging.path(), budget)?;
+    let uuid = format!("6000c29d-0000-4000-8000-{:012x}", seed & 0xffff_ffff_ffff);
+    File::create(path)?.set_len(size)?;
+    let out = Command::new("mke2fs")
+        .env("E2FSPROGS_FAKE_TIME", MKE2FS_FAKE_TIME)
+        .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-U", &uuid, "-E"])
+        .arg(format!("hash_seed={uuid}"))
+        .arg("-d")
+        .arg(staging.path())
+        .arg(path)
+        .output()
+        .context("running mke2fs (package e2fsprogs)")?;
+    if !out.status.success() {
+        bail!(
+            "mke2fs -d failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(format!(
+        "ext4 with {files} files ({} MiB) from /usr",
+        bytes >> 20
+    ))
+}
+
+/// Copies regular files and directories under `from` into `to`, in name order, until
+/// `budget` bytes are copied; returns (files, bytes). Unreadable entries are skipped.
+fn copy_tree(from: &Path, to: &Path, budget: u64) -> io::Result<(u64, u64)> {
+    let mut stack: Vec<(PathBuf, PathBuf)> = vec![(from.to_path_buf(), to.to_path_buf())];
+    let (mut files, mut bytes) = (0u64, 0u64);
+    while let Some((src, dst)) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&src) else {
+            continue;
+        };
+        let mut entries: Vec<_> = entries.flatten().collect();
+        // Reverse order on the stack = name order when popped.
+        entries.sort_by_key(|e| std::cmp::Reverse(e.file_name()));
+        std::fs::create_dir_all(&dst)?;
+        for e in entries {
+            let Ok(ft) = e.file_type() else { continue };
+            let target = dst.join(e.file_name());
+            if ft.is_dir() {
+                stack.push((e.path(), target));
+            } else if ft.is_file() {
+                let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                if bytes + len > budget {
+                    continue;
+                }
+                if std::fs::copy(e.path(), &target).is_ok() {
+                    files += 1;
+                    bytes += len;
+                }
+            }
+        }
+        if bytes >= budget - budget / 100 {
+            break;
+        }
+    }
+    Ok((files, bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,6 +357,52 @@ mod tests {
         assert_eq!(
             mix.hole + mix.zeros + mix.compressible + mix.repeated + mix.random,
             64 << 20
+        );
+    }
+
+    #[test]
+    fn random_and_sparse_disks_are_reproducible_and_shaped() {
+        let dir = tempfile::tempdir().unwrap();
+        for (w, min_data, max_data) in
+            [(Workload::Random, 1.0, 1.0), (Workload::Sparse, 0.01, 0.02)]
+        {
+            let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+            w.build(&a, 32 << 20, 3).unwrap();
+            w.build(&b, 32 << 20, 3).unwrap();
+            let bytes = std::fs::read(&a).unwrap();
+            assert_eq!(bytes, std::fs::read(&b).unwrap(), "{w:?}");
+            let nonzero_blocks = bytes
+                .chunks(4096)
+                .filter(|c| c.iter().any(|&x| x != 0))
+                .count() as f64;
+            let share = nonzero_blocks / (bytes.len() / 4096) as f64;
+            assert!(
+                (min_data..=max_data).contains(&share),
+                "{w:?}: {share} of blocks hold data"
+            );
+        }
+    }
+
+    #[test]
+    fn filesystem_image_is_a_clean_ext4() {
+        if Command::new("e2fsck").arg("-V").output().is_err() {
+            eprintln!("e2fsprogs not installed: filesystem workload not tested");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("fs.img");
+        let what = Workload::Filesystem.build(&img, 16 << 20, 1).unwrap();
+        assert!(what.contains("files"), "{what}");
+        let out = Command::new("e2fsck")
+            .args(["-f", "-n"])
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "e2fsck: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
         );
     }
 }

@@ -1,5 +1,5 @@
 //! The command line (the public contract of DESIGN.md): `serve`, `status`,
-//! `recovery-points`. The only place that uses `anyhow`.
+//! `recovery-points`, `recover`. The only place that uses `anyhow`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,6 +32,8 @@ enum Command {
     Status(StatusArgs),
     /// List the recovery points recorded for a disk.
     RecoveryPoints(RecoveryPointsArgs),
+    /// Write a disk as of a recovery point to a new VMDK, or roll the target back in place.
+    Recover(RecoverArgs),
 }
 
 #[derive(Args, Debug)]
@@ -57,6 +59,14 @@ struct ServeArgs {
     /// Serve Prometheus metrics on http://HOST:PORT/metrics.
     #[arg(long, value_name = "HOST:PORT")]
     metrics_listen: Option<String>,
+    /// How far back recovery points reach: undo data older than this (source time) is
+    /// pruned, e.g. 90s, 30m, 24h, 7d [default: 24h].
+    #[arg(long, value_name = "DURATION")]
+    retention_window: Option<String>,
+    /// Most undo-journal bytes per disk, e.g. 100G; when it cannot hold the window the
+    /// oldest points go first, with a warning [default: no quota].
+    #[arg(long, value_name = "SIZE")]
+    retention_quota: Option<String>,
     #[command(flatten)]
     security: SecurityArgs,
     #[command(flatten)]
@@ -90,6 +100,8 @@ struct ServeFile {
     log_format: Option<LogFormat>,
     identity: Option<String>,
     metrics_listen: Option<String>,
+    retention_window: Option<String>,
+    retention_quota: Option<Size>,
     passphrase_file: Option<PathBuf>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -124,6 +136,64 @@ struct RecoveryPointsArgs {
     json: bool,
 }
 
+#[derive(Args, Debug)]
+struct RecoverArgs {
+    /// Datastore directory holding the disk's target VMDK.
+    #[arg(long, value_name = "DIR")]
+    datastore: PathBuf,
+    /// Retention volume directory of the master target.
+    #[arg(long, value_name = "DIR")]
+    retention: PathBuf,
+    /// Disk id to recover.
+    #[arg(long, value_name = "DISK_ID")]
+    disk: String,
+    /// latest | latest-crash | latest-app | MARKER_ID | TAG | RFC3339 time (the latest
+    /// point at or before it).
+    #[arg(long, value_name = "POINT")]
+    point: String,
+    /// New VMDK to write (NEW.vmdk plus NEW-flat.vmdk beside it); the disk keeps
+    /// replicating meanwhile.
+    #[arg(
+        long,
+        value_name = "NEW.vmdk",
+        required_unless_present = "in_place",
+        conflicts_with = "in_place"
+    )]
+    out: Option<PathBuf>,
+    /// Layout of the new VMDK [default: vmfs].
+    #[arg(long, value_enum, value_name = "FORMAT", requires = "out")]
+    format: Option<OutFormat>,
+    /// Roll the target disk itself back (failback); refused while a master target serves
+    /// the retention volume.
+    #[arg(long)]
+    in_place: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum OutFormat {
+    Vmfs,
+    MonolithicFlat,
+}
+
+/// A duration such as `90s`, `30m`, `24h`, `7d` (a bare number is seconds), in ms.
+fn parse_duration_ms(s: &str) -> anyhow::Result<i64> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: i64 = num
+        .parse()
+        .with_context(|| format!("bad duration '{s}' (e.g. 90s, 30m, 24h, 7d)"))?;
+    let scale = match unit {
+        "" | "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => bail!("bad duration unit in '{s}' (s, m, h or d)"),
+    };
+    n.checked_mul(scale)
+        .filter(|&ms| ms > 0)
+        .with_context(|| format!("duration '{s}' out of range"))
+}
+
 /// Parses the process arguments, runs the command, and maps errors to a message on stderr
 /// and exit status 1.
 pub fn run() -> ExitCode {
@@ -143,6 +213,7 @@ pub fn run() -> ExitCode {
             Command::Serve(a) => run_serve(a).await,
             Command::Status(a) => run_status(a).await,
             Command::RecoveryPoints(a) => run_recovery_points(a),
+            Command::Recover(a) => tokio::task::spawn_blocking(move || run_recover(a)).await?,
         }
     });
     match result {
@@ -198,6 +269,15 @@ async fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
         .retention
         .or(file.retention)
         .context("--retention DIR is required (flag or config key)")?;
+    let mut retention_policy = crate::retention::journal::RetentionPolicy::default();
+    if let Some(w) = a.retention_window.or(file.retention_window) {
+        retention_policy.window_ms = parse_duration_ms(&w)?;
+    }
+    if let Some(q) = a.retention_quota {
+        retention_policy.quota_bytes = parse_size(&q).map_err(|e| anyhow!(e))?;
+    } else if let Some(q) = file.retention_quota {
+        retention_policy.quota_bytes = q.bytes()?;
+    }
     let passphrase = security.passphrase()?;
     // Poll the shared signal future once now, which installs the SIGTERM/SIGINT handlers
     // before "listening on" is logged: a signal sent right after it must stop us cleanly.
@@ -226,6 +306,7 @@ async fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
         tuning: wan.tuning(),
         identity: a.identity.or(file.identity).unwrap_or_else(host_name),
         metrics,
+        retention_policy,
     };
     serve(opts, listener, signal)
         .await
@@ -266,6 +347,33 @@ fn run_recovery_points(a: RecoveryPointsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn run_recover(a: RecoverArgs) -> anyhow::Result<()> {
+    init_logging(LogFormat::Text);
+    if !protocol::disk::is_safe_name(&a.disk) {
+        bail!("disk id '{}' is not valid", a.disk.escape_debug());
+    }
+    let req = crate::recovery::RecoverRequest {
+        datastore: a.datastore,
+        retention: a.retention,
+        disk_id: a.disk,
+        point: a.point,
+        out: a.out,
+        format: match a.format.unwrap_or(OutFormat::Vmfs) {
+            OutFormat::Vmfs => crate::vmdk::descriptor::CreateType::Vmfs,
+            OutFormat::MonolithicFlat => crate::vmdk::descriptor::CreateType::MonolithicFlat,
+        },
+    };
+    let done = crate::recovery::recover(&req)?;
+    println!(
+        "recovered disk {} to the {} (seq {}): {}",
+        req.disk_id,
+        done.point,
+        done.seq,
+        done.path.display()
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,14 +385,30 @@ mod tests {
     }
 
     #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration_ms("24h").unwrap(), 86_400_000);
+        assert_eq!(parse_duration_ms("90").unwrap(), 90_000);
+        assert_eq!(parse_duration_ms("7d").unwrap(), 7 * 86_400_000);
+        for bad in ["", "h", "5y", "0s", "-1h"] {
+            assert!(parse_duration_ms(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn config_file_keys_parse() {
         let f: ServeFile = toml::from_str(
             "listen = \"127.0.0.1:9444\"\ndatastore = \"/ds\"\nretention = \"/r\"\n\
-             h2_stream_window = \"64M\"\nh2_connection_window = 1048576\nlog_format = \"json\"\n",
+             h2_stream_window = \"64M\"\nh2_connection_window = 1048576\nlog_format = \"json\"\n\
+             retention_window = \"12h\"\nretention_quota = \"10G\"\n",
         )
         .unwrap();
         assert_eq!(f.h2_stream_window.unwrap().bytes().unwrap(), 64 << 20);
         assert_eq!(f.h2_connection_window.unwrap().bytes().unwrap(), 1 << 20);
+        assert_eq!(f.retention_quota.unwrap().bytes().unwrap(), 10 << 30);
+        assert_eq!(
+            parse_duration_ms(&f.retention_window.unwrap()).unwrap(),
+            12 * 3_600_000
+        );
         assert!(toml::from_str::<ServeFile>("bogus = 1").is_err());
     }
 }

@@ -6,13 +6,13 @@
 //! rather than CRC32: a 32-bit digest would wrongly match a changed chunk far too often
 //! over a whole disk (PITFALLS.md §6).
 //!
-//! Reads go through `pread` on the extent file: the page cache is shared with the
-//! applier's map, so they see every applied byte without touching the map.
+//! Reads go through `pread` on the extent file (the page cache is shared with the
+//! applier's map, so they see every applied byte without touching the map), or through
+//! the grain tables of a sparse image ([`crate::vmdk::extent::Reader`]).
 
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
-use std::path::Path;
+
+use crate::vmdk::extent::{DataRef, Reader};
 
 use protocol::error::{Code, Refusal};
 
@@ -45,13 +45,13 @@ pub struct Page {
 /// Hashes up to `max_chunks` (0 = [`MAX_CHUNKS`]) chunks from `first_chunk` of the disk of
 /// `capacity` bytes stored in `extent`; a page starting past the end is empty.
 pub fn hash_page(
-    extent: &Path,
+    extent: &DataRef,
     capacity: u64,
     chunk: u32,
     first_chunk: u64,
     max_chunks: u32,
 ) -> io::Result<Page> {
-    let file = File::open(extent)?;
+    let file = Reader::open(extent).map_err(io::Error::other)?;
     let chunk = u64::from(chunk);
     let total = capacity.div_ceil(chunk);
     let n = total
@@ -68,7 +68,7 @@ pub fn hash_page(
     for i in 0..n {
         let offset = (first_chunk + i) * chunk;
         let len = chunk.min(capacity - offset) as usize;
-        file.read_exact_at(&mut buf[..len], offset)?;
+        file.read_at(&mut buf[..len], offset)?;
         let data = &buf[..len];
         if data.iter().all(|&b| b == 0) {
             page.zero_chunks[i as usize / 8] |= 1 << (i % 8);
@@ -92,6 +92,10 @@ mod tests {
         data[4096] = 1;
         data[3 * 4096 + 10] = 2;
         std::fs::write(&p, &data).unwrap();
+        let p = DataRef {
+            path: p,
+            sparse: false,
+        };
         let page = hash_page(&p, data.len() as u64, 4096, 0, 0).unwrap();
         assert_eq!(page.zero_chunks, vec![0b0101]);
         assert_eq!(page.hashes.len(), 4 * 16);

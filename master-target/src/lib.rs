@@ -6,18 +6,21 @@
 //! ```text
 //!  server (gRPC, per connection) -> registry (disk id <-> name, open disks)
 //!        -> apply (one thread per disk: reorder, group commit)
+//!             -> retention::journal (undo + commit records)        [retention volume]
 //!             -> vmdk (descriptor + flat extent through mmap)
-//!             -> markers (marker log)  -> state (applied seq)      [retention volume]
+//!             -> state (applied seq)                               [retention volume]
+//!  recovery (points, recover) reads the journal and copies or rolls back a target
 //! ```
 
 pub mod apply;
 pub mod cli;
+pub mod failpoint;
 pub mod hashes;
-pub mod markers;
 pub mod metrics;
 pub mod outbox;
 pub mod recovery;
 pub mod registry;
+pub mod retention;
 pub mod server;
 pub mod state;
 pub mod status;

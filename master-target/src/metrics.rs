@@ -71,6 +71,14 @@ pub async fn render(counters: &Counters, registry: &Registry) -> String {
             .map(|e| (label(&e.shared.disk_id), get(&e.shared.bytes_applied)))
             .collect(),
     );
+    metric(
+        "master_target_disk_journal_bytes",
+        "gauge",
+        "Bytes of undo journal on the retention volume, per open disk.",
+        open.iter()
+            .map(|e| (label(&e.shared.disk_id), get(&e.shared.journal_bytes)))
+            .collect(),
+    );
     s
 }
 

@@ -19,14 +19,18 @@ use protocol::pb::{DiskFormat, DiskInfo};
 use tokio::sync::{Mutex, mpsc};
 
 use crate::apply::{Applier, ApplyCmd, DiskShared};
-use crate::markers::{self, MarkerLog};
+use crate::retention::CommitLock;
+use crate::retention::journal::{Journal, RetentionPolicy};
 use crate::state::{self, DiskState};
+use crate::vmdk::extent::DataRef;
 use crate::vmdk::{self, Claim, Disk, DiskSpec, VmdkError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     #[error("{0}")]
     Datastore(#[from] VmdkError),
+    #[error("{0}")]
+    Volume(#[from] crate::retention::volume::VolumeError),
     #[error("retention volume {path}: {reason}")]
     Retention { path: PathBuf, reason: String },
     #[error("{0}")]
@@ -37,6 +41,7 @@ impl SetupError {
     pub fn code(&self) -> Code {
         match self {
             SetupError::Datastore(e) => e.refusal("").code,
+            SetupError::Volume(e) => e.code(),
             SetupError::Retention { .. } | SetupError::State(_) => Code::Io,
         }
     }
@@ -66,6 +71,7 @@ struct Inner {
 pub struct Registry {
     datastore: PathBuf,
     retention: PathBuf,
+    policy: RetentionPolicy,
     inner: Mutex<Inner>,
     /// States of known disks that are not open, for `Status` (disk id -> state).
     idle: SyncMutex<HashMap<String, DiskState>>,
@@ -74,38 +80,15 @@ pub struct Registry {
     _lock: std::fs::File,
 }
 
-fn same_or_nested(a: &Path, b: &Path) -> bool {
-    a.starts_with(b) || b.starts_with(a)
-}
-
 impl Registry {
     /// Checks the datastore and retention volume and loads every disk's claim.
-    pub fn new(datastore: &Path, retention: &Path) -> Result<Registry, SetupError> {
+    pub fn new(
+        datastore: &Path,
+        retention: &Path,
+        policy: RetentionPolicy,
+    ) -> Result<Registry, SetupError> {
         vmdk::check_writable(datastore)?;
-        let bad = |reason: String| SetupError::Retention {
-            path: retention.to_path_buf(),
-            reason,
-        };
-        std::fs::create_dir_all(state::disks_dir(retention)).map_err(|e| {
-            bad(format!(
-                "cannot create {}: {e}",
-                state::disks_dir(retention).display()
-            ))
-        })?;
-        if vmdk::fs_type(retention) == Some(vmdk::MSDOS_SUPER_MAGIC) {
-            return Err(bad(
-                "it is FAT/FAT32, which cannot hold the retention data safely".into(),
-            ));
-        }
-        let lock = lock_retention(retention).map_err(bad)?;
-        let ds = datastore.canonicalize().map_err(|e| bad(e.to_string()))?;
-        let rt = retention.canonicalize().map_err(|e| bad(e.to_string()))?;
-        if same_or_nested(&ds, &rt) {
-            return Err(bad(format!(
-                "it overlaps the datastore {}; use a separate directory",
-                ds.display()
-            )));
-        }
+        let lock = crate::retention::volume::check_and_claim(datastore, retention)?;
         let mut inner = Inner::default();
         let mut idle = HashMap::new();
         for s in DiskState::load_all(retention)? {
@@ -118,6 +101,7 @@ impl Registry {
         Ok(Registry {
             datastore: datastore.to_path_buf(),
             retention: retention.to_path_buf(),
+            policy,
             inner: Mutex::new(inner),
             idle: SyncMutex::new(idle),
             _lock: lock,
@@ -146,11 +130,13 @@ impl Registry {
         }
         let (datastore, retention, info_owned) =
             (self.datastore.clone(), self.retention.clone(), info.clone());
-        let opened = tokio::task::spawn_blocking(move || open(&datastore, &retention, &info_owned))
-            .await
-            .map_err(|e| {
-                Refusal::for_disk(Code::Internal, id, format!("open task failed: {e}"))
-            })??;
+        let policy = self.policy;
+        let opened =
+            tokio::task::spawn_blocking(move || open(&datastore, &retention, policy, &info_owned))
+                .await
+                .map_err(|e| {
+                    Refusal::for_disk(Code::Internal, id, format!("open task failed: {e}"))
+                })??;
         let (entry, thread) = opened;
         inner.threads.push(thread);
         inner
@@ -209,7 +195,7 @@ impl Registry {
         &self,
         info: &DiskInfo,
         after_seq: u64,
-    ) -> Result<Option<(PathBuf, u64)>, Refusal> {
+    ) -> Result<Option<(DataRef, u64)>, Refusal> {
         check_disk_info(info)?;
         let id = info.disk_id.as_str();
         let open = {
@@ -222,7 +208,7 @@ impl Registry {
             loop {
                 let applied = entry.shared.durable_seq.load(Ordering::Acquire);
                 if applied >= after_seq {
-                    return Ok(Some((entry.shared.extent_path.clone(), applied)));
+                    return Ok(Some((entry.shared.data.clone(), applied)));
                 }
                 // A stopped disk will not get there: say why instead of waiting.
                 if let Some(r) = entry.shared.stopped.lock().clone() {
@@ -255,7 +241,7 @@ impl Registry {
         .map_err(|e| {
             Refusal::for_disk(Code::Internal, id, format!("inspect task failed: {e}"))
         })??;
-        Ok(found.map(|path| (path, applied)))
+        Ok(found.map(|data| (data, applied)))
     }
 
     /// Every open disk, and the last known state of the others.
@@ -285,35 +271,66 @@ impl Registry {
     }
 }
 
-/// Takes the retention volume's lock, or says who holds it.
-fn lock_retention(retention: &Path) -> Result<std::fs::File, String> {
-    use std::os::fd::AsRawFd;
-    let path = retention.join(".lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    // SAFETY: flock on a valid, owned descriptor; no memory is passed.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(format!(
-            "already claimed by another master target ({} is locked: {})",
-            path.display(),
-            std::io::Error::last_os_error()
+/// An in-place recovery that did not finish leaves the target half rolled back: refuse
+/// the disk until it is run again.
+fn refuse_interrupted_recovery(retention: &Path, id: &str) -> Result<(), Refusal> {
+    let intent = crate::recovery::intent_path(retention, id);
+    if intent.exists() {
+        return Err(Refusal::for_disk(
+            Code::DiskConflict,
+            id,
+            format!(
+                "an in-place recovery of disk {id} was interrupted ({} exists); run \
+                 `master-target recover --in-place` again before replicating it",
+                intent.display()
+            ),
         ));
     }
-    Ok(f)
+    Ok(())
 }
 
-/// Opens a disk's state, image and marker log and starts its applier (blocking).
+/// Opens `id`'s journal, which rolls an uncommitted group back into the target, and brings
+/// the state file up to the journal when a crash came between the commit record and it.
+fn open_journal(
+    retention: &Path,
+    id: &str,
+    policy: RetentionPolicy,
+    disk: &mut Disk,
+    state: &mut DiskState,
+) -> Result<Journal, String> {
+    let legacy = state::disks_dir(retention).join(format!("{id}.markers"));
+    if legacy.exists() {
+        tracing::warn!(path = %legacy.display(), "ignoring a marker log of an older version: its points have no undo data");
+    }
+    let (journal, opened) = Journal::open(retention, id, state.applied_seq, policy, disk.extent())
+        .map_err(|e| e.to_string())?;
+    if opened.committed_seq > state.applied_seq {
+        // The commit record made it, the state file did not: the journal is the truth.
+        if let Some(b) = &opened.last_batch {
+            state.applied_seq = b.seq;
+            state.last_batch_unix_ms = b.batch_unix_ms;
+            state.in_resync = b.in_resync;
+        }
+        if let Some(b) = &opened.last_consistent {
+            state.consistent_seq = b.seq;
+            state.consistent_unix_ms = b.batch_unix_ms;
+        }
+        state.store(retention).map_err(|e| e.to_string())?;
+    }
+    Ok(journal)
+}
+
+/// Opens a disk's state, image and journal (rolling back an uncommitted group) and starts
+/// its applier (blocking).
 fn open(
     datastore: &Path,
     retention: &Path,
+    policy: RetentionPolicy,
     info: &DiskInfo,
 ) -> Result<(Arc<DiskEntry>, std::thread::JoinHandle<()>), Refusal> {
     let id = info.disk_id.as_str();
     let io = |e: &dyn std::fmt::Display| Refusal::for_disk(Code::Io, id, e.to_string());
+    refuse_interrupted_recovery(retention, id)?;
     let existing = DiskState::load(retention, id).map_err(|e| io(&e))?;
     let claimed_now = existing.is_none();
     let claim = match &existing {
@@ -321,7 +338,7 @@ fn open(
         Some(s) if s.applied_seq == 0 => Claim::Unapplied,
         Some(_) => Claim::Applied,
     };
-    let state = match existing {
+    let mut state = match existing {
         Some(s) => s,
         None => {
             // The claim comes first: a create interrupted after it is recognised as ours.
@@ -347,42 +364,32 @@ fn open(
         }
         r
     };
-    let disk = Disk::open_or_create(datastore, &spec, claim).map_err(|e| unclaim(e.refusal(id)))?;
-    let mut disk = disk;
-    let extent_path = disk.extent().path().to_path_buf();
-    let log = MarkerLog::open(&markers::log_path(retention, id), state.applied_seq)
-        .map_err(|e| unclaim(io(&e)))?;
+    let mut disk =
+        Disk::open_or_create(datastore, &spec, claim).map_err(|e| unclaim(e.refusal(id)))?;
+    let data = disk.extent().data_ref();
+    let journal =
+        open_journal(retention, id, policy, &mut disk, &mut state).map_err(|e| unclaim(io(&e)))?;
+    let commit_lock = CommitLock::open(retention, id).map_err(|e| io(&e))?;
     let shared = Arc::new(DiskShared {
         disk_id: id.to_string(),
         name: info.name.clone(),
         capacity: info.capacity,
-        extent_path,
+        data,
         durable_seq: AtomicU64::new(state.applied_seq),
         bytes_applied: AtomicU64::new(0),
+        journal_bytes: AtomicU64::new(journal.bytes()),
         state: SyncMutex::new(state.clone()),
         stopped: SyncMutex::new(None),
     });
     tracing::info!(disk = id, name = %info.name, applied_seq = state.applied_seq, "disk open");
-    let applier = Applier::new(disk, log, retention.to_path_buf(), state, shared.clone());
+    let applier = Applier::new(
+        disk,
+        journal,
+        commit_lock,
+        retention.to_path_buf(),
+        state,
+        shared.clone(),
+    );
     let (tx, thread) = applier.spawn().map_err(|e| io(&e))?;
     Ok((Arc::new(DiskEntry { shared, tx }), thread))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_retention_volume_serves_one_master_target_and_not_inside_the_datastore() {
-        let t = tempfile::tempdir().unwrap();
-        let (ds, ret) = (t.path().join("ds"), t.path().join("ret"));
-        std::fs::create_dir_all(&ds).unwrap();
-        let first = Registry::new(&ds, &ret).unwrap();
-        let e = Registry::new(&ds, &ret).unwrap_err();
-        assert!(e.to_string().contains("already claimed"), "{e}");
-        drop(first);
-        Registry::new(&ds, &ret).unwrap();
-        let e = Registry::new(&ds, &ds.join("retention")).unwrap_err();
-        assert!(e.to_string().contains("overlaps the datastore"), "{e}");
-    }
 }

@@ -81,6 +81,8 @@ pub struct ServeOptions {
     pub identity: String,
     /// Where to serve Prometheus `/metrics`, if anywhere.
     pub metrics: Option<TcpListener>,
+    /// How long and how much undo data the retention volume keeps per disk.
+    pub retention_policy: crate::retention::journal::RetentionPolicy,
 }
 
 /// The service state shared by every stream.
@@ -102,8 +104,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     // Start-up checks touch the disks: keep them off the async workers too.
-    let (ds, rt) = (opts.datastore.clone(), opts.retention.clone());
-    let registry = tokio::task::spawn_blocking(move || Registry::new(&ds, &rt))
+    let (ds, rt, policy) = (
+        opts.datastore.clone(),
+        opts.retention.clone(),
+        opts.retention_policy,
+    );
+    let registry = tokio::task::spawn_blocking(move || Registry::new(&ds, &rt, policy))
         .await
         .map_err(|e| SetupError::Retention {
             path: opts.retention.clone(),
@@ -306,7 +312,7 @@ impl Differential for DiffService {
         let (capacity, first, max) = (disk.capacity, r.first_chunk, r.max_chunks);
         let page = tokio::task::spawn_blocking(move || {
             hashes::hash_page(&extent, capacity, chunk, first, max)
-                .map_err(|e| format!("hashing {}: {e}", extent.display()))
+                .map_err(|e| format!("hashing {}: {e}", extent.path.display()))
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?

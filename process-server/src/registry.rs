@@ -89,8 +89,8 @@ struct Body {
     disks: Vec<DiskRecord>,
 }
 
-/// The registry file of a cache directory. Writes are serialised by the caller holding
-/// `&mut` or by [`Registry::store`] taking its internal lock.
+/// The registry file of a cache directory. [`Registry::store`] serialises writers with an
+/// internal lock, so concurrent stores never interleave their temp files.
 #[derive(Debug)]
 pub struct Registry {
     dir: PathBuf,

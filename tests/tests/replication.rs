@@ -183,16 +183,36 @@ fn full_sync_over_tls_on_both_hops() {
     }
     let source = dir.path().join("source.raw");
     workload::generate_disk(&source, 8 << 20, 21).unwrap();
-    let out = run_with_timeout(&mut c.agent_sync(&source, "disk-tls", "tls", &["--wait"]), SYNC_TIMEOUT).unwrap();
-    assert!(out.status.success(), "agent over TLS failed: {}\n{}", String::from_utf8_lossy(&out.stderr), c.log_tails());
+    let out = run_with_timeout(
+        &mut c.agent_sync(&source, "disk-tls", "tls", &["--wait"]),
+        SYNC_TIMEOUT,
+    )
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "agent over TLS failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.log_tails()
+    );
     assert_replica_equals(&c, "tls", &source);
     // A client that does not trust the CA is refused by the TLS handshake.
     let mut untrusted = c.role("agent");
     untrusted
         .args(["sync", "--process-server", &c.ps_url(), "--disk"])
         .arg(&source)
-        .args(["--disk-id", "disk-tls", "--name", "tls", "--retry-for", "1s", "--passphrase-file"])
+        .args([
+            "--disk-id",
+            "disk-tls",
+            "--name",
+            "tls",
+            "--retry-for",
+            "1s",
+            "--passphrase-file",
+        ])
         .arg(&c.passphrase_file);
     let out = run_with_timeout(&mut untrusted, Duration::from_secs(60)).unwrap();
-    assert!(!out.status.success(), "an https:// URL without --tls-ca was accepted");
+    assert!(
+        !out.status.success(),
+        "an https:// URL without --tls-ca was accepted"
+    );
 }

@@ -6,11 +6,12 @@
 //! encoding="UTF-8"                       <- other header keys, kept in order
 //! CID=<8 hex>
 //! parentCID=ffffffff
-//! createType="vmfs" | "monolithicFlat"
+//! createType="vmfs" | "monolithicFlat" | "monolithicSparse"
 //!
 //! # Extent description
 //! RW <sectors> VMFS "NAME-flat.vmdk"     (vmfs: no offset)
 //! RW <sectors> FLAT "NAME-flat.vmdk" 0   (monolithicFlat: offset in sectors)
+//! RW <sectors> SPARSE "NAME.vmdk"        (monolithicSparse: embedded in NAME.vmdk)
 //!
 //! # The Disk Data Base
 //! #DDB
@@ -38,7 +39,7 @@ pub const MAX_DESCRIPTOR_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DescriptorError {
-    #[error("not a VMDK text descriptor (binary data; monolithicSparse is not supported yet)")]
+    #[error("not a VMDK text descriptor (binary data)")]
     Binary,
     #[error("descriptor is larger than {MAX_DESCRIPTOR_BYTES} bytes")]
     TooLarge,
@@ -50,7 +51,7 @@ pub enum DescriptorError {
     MissingKey(&'static str),
     #[error("descriptor line {line}: {reason}")]
     BadLine { line: usize, reason: String },
-    #[error("unsupported createType \"{0}\" (supported: vmfs, monolithicFlat)")]
+    #[error("unsupported createType \"{0}\" (supported: vmfs, monolithicFlat, monolithicSparse)")]
     UnsupportedCreateType(String),
     #[error(
         "the disk is a delta (snapshot) disk: parentCID={parent_cid:08x}{hint}; remove its snapshots first"
@@ -60,7 +61,7 @@ pub enum DescriptorError {
     NotReadWrite(String),
     #[error("extent type {kind} does not match createType {create_type}")]
     ExtentKind { kind: String, create_type: String },
-    #[error("descriptor has {0} extents; vmfs and monolithicFlat have exactly one")]
+    #[error("descriptor has {0} extents; exactly one is supported")]
     ExtentCount(usize),
     #[error("extent file \"{0}\" leaves the datastore (absolute path or '..')")]
     ExtentEscapes(String),
@@ -77,6 +78,8 @@ pub enum CreateType {
     Vmfs,
     /// Hosted: `createType="monolithicFlat"`, `RW n FLAT "NAME-flat.vmdk" 0`.
     MonolithicFlat,
+    /// Hosted sparse, embedded in its own file: `RW n SPARSE "NAME.vmdk"`.
+    MonolithicSparse,
 }
 
 impl CreateType {
@@ -84,6 +87,7 @@ impl CreateType {
         match self {
             CreateType::Vmfs => "vmfs",
             CreateType::MonolithicFlat => "monolithicFlat",
+            CreateType::MonolithicSparse => "monolithicSparse",
         }
     }
 
@@ -92,6 +96,7 @@ impl CreateType {
         match self {
             CreateType::Vmfs => "VMFS",
             CreateType::MonolithicFlat => "FLAT",
+            CreateType::MonolithicSparse => "SPARSE",
         }
     }
 
@@ -99,6 +104,7 @@ impl CreateType {
         match s {
             "vmfs" => Ok(CreateType::Vmfs),
             "monolithicFlat" => Ok(CreateType::MonolithicFlat),
+            "monolithicSparse" => Ok(CreateType::MonolithicSparse),
             other => Err(DescriptorError::UnsupportedCreateType(other.to_string())),
         }
     }
@@ -226,7 +232,7 @@ impl Descriptor {
         let file = writable(&self.extent_file)?;
         let kind = self.create_type.extent_kind();
         match self.create_type {
-            CreateType::Vmfs => {
+            CreateType::Vmfs | CreateType::MonolithicSparse => {
                 let _ = writeln!(s, "RW {} {kind} \"{file}\"", self.sectors);
             }
             CreateType::MonolithicFlat => {

@@ -228,6 +228,12 @@ impl FlatExtent {
         self.mark(offset, offset + data.len() as u64);
     }
 
+    /// The current bytes of `[offset, offset + len)` (as mapped: what the disk holds once
+    /// synced). The caller guarantees the range is inside the disk.
+    pub fn read(&self, offset: u64, len: usize) -> &[u8] {
+        &self.map[offset as usize..offset as usize + len]
+    }
+
     /// Zero-fills `[offset, offset + len)`, keeping the blocks allocated.
     pub fn zero(&mut self, offset: u64, len: u64) -> Result<(), FlatError> {
         let end = offset + len;

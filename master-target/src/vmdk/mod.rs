@@ -3,12 +3,15 @@
 //! ```text
 //!   DATASTORE/NAME.vmdk         text descriptor   (descriptor.rs: parse / render)
 //!   DATASTORE/NAME-flat.vmdk    raw extent        (flat.rs: locked, fallocated, mmapped)
-//!          \______________________ Disk (this module): open-or-create, identity, CID
+//!   DATASTORE/NAME.vmdk         or monolithicSparse: header, embedded descriptor, GD/GTs,
+//!                               grains             (sparse.rs: locked, pwrite, grains)
+//!          \______________________ Disk (this module): open-or-create, identity, CID;
+//!                                  extent.rs: one writer/reader API over both layouts
 //! ```
 //!
 //! Invariants:
-//! * a disk is identified by `ddb.uuid`, derived from the replicated disk id
-//!   ([`uuid_for`]); an existing image whose uuid differs belongs to another disk and is
+//! * a disk is identified by `ddb.uuid`, the replicated disk id itself when that is a UUID,
+//!   else derived from it ([`uuid_for`]); an existing image whose uuid differs belongs to another disk and is
 //!   refused ([`VmdkError::NameCollision`]), one without a uuid (e.g. made by qemu-img) is
 //!   adopted and gets ours on its first descriptor rewrite;
 //! * the capacity declared by the replicating side equals the descriptor's, or the disk
@@ -20,7 +23,9 @@
 //!   qemu do, so tools that cache content by CID see the change; `ddb.uuid` never changes.
 
 pub mod descriptor;
+pub mod extent;
 pub mod flat;
+pub mod sparse;
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -31,7 +36,9 @@ use protocol::pb::DiskFormat;
 use sha2::{Digest, Sha256};
 
 use self::descriptor::{CreateType, Descriptor, DescriptorError};
+use self::extent::{DataRef, Extent};
 use self::flat::{FlatError, FlatExtent};
+use self::sparse::{SparseError, SparseExtent};
 
 /// Virtual hardware version written into new descriptors (ESXi 6.5+).
 const VIRTUAL_HW_VERSION: &str = "13";
@@ -45,6 +52,8 @@ pub enum VmdkError {
     },
     #[error("{0}")]
     Flat(#[from] FlatError),
+    #[error("{0}")]
+    Sparse(#[from] SparseError),
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -75,7 +84,7 @@ pub enum VmdkError {
     },
     #[error("the datastore {path} is not usable: {reason}")]
     DatastoreNotUsable { path: PathBuf, reason: String },
-    #[error("disk format {0:?} is not supported yet (vmfs and monolithicFlat are)")]
+    #[error("disk format {0:?} is not supported (vmfs, monolithicFlat and monolithicSparse are)")]
     UnsupportedFormat(DiskFormat),
 }
 
@@ -101,6 +110,13 @@ impl VmdkError {
                 Code::DiskConflict
             }
             VmdkError::Flat(FlatError::Io { .. }) | VmdkError::Io { .. } => Code::Io,
+            VmdkError::Sparse(SparseError::NoSpace { .. }) => Code::NoSpace,
+            VmdkError::Sparse(SparseError::Io { .. }) => Code::Io,
+            VmdkError::Sparse(
+                SparseError::Locked { .. }
+                | SparseError::Unsupported { .. }
+                | SparseError::Corrupt { .. },
+            ) => Code::DiskConflict,
             VmdkError::NameCollision { .. } | VmdkError::OrphanExtent { .. } => {
                 Code::DiskNameCollision
             }
@@ -112,18 +128,47 @@ impl VmdkError {
     }
 }
 
-/// The `ddb.uuid` of a replicated disk: the first 16 bytes of SHA-256 over the disk id,
-/// with the leading bytes ESXi uses (`60 00 C2 9x`), printed as VMware prints it.
+/// The `ddb.uuid` of a replicated disk, printed as VMware prints it
+/// (`"xx xx xx xx xx xx xx xx-xx xx xx xx xx xx xx xx"`):
+/// * a disk id that is a UUID (32 hex digits, bare or dashed 8-4-4-4-12, any case) gives
+///   exactly those 16 bytes, so a source disk replicated back onto its original ESXi disk
+///   (whose `ddb.uuid` is the same UUID) is recognised and adopted, not refused;
+/// * any other id gives the first 16 bytes of SHA-256 over it, with the leading bytes
+///   ESXi uses (`60 00 C2 9x`).
 pub fn uuid_for(disk_id: &str) -> String {
-    let h = Sha256::digest(format!("failback-disk-uuid\0{disk_id}").as_bytes());
-    let mut b = [0u8; 16];
-    b.copy_from_slice(&h[..16]);
-    b[0] = 0x60;
-    b[1] = 0x00;
-    b[2] = 0xc2;
-    b[3] = 0x90 | (b[3] & 0x0f);
+    let b = uuid_bytes(disk_id).unwrap_or_else(|| {
+        let h = Sha256::digest(format!("failback-disk-uuid\0{disk_id}").as_bytes());
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&h[..16]);
+        b[0] = 0x60;
+        b[1] = 0x00;
+        b[2] = 0xc2;
+        b[3] = 0x90 | (b[3] & 0x0f);
+        b
+    });
     let hex: Vec<String> = b.iter().map(|x| format!("{x:02x}")).collect();
     format!("{}-{}", hex[..8].join(" "), hex[8..].join(" "))
+}
+
+/// The 16 bytes of a disk id written as a UUID, if it is one.
+fn uuid_bytes(id: &str) -> Option<[u8; 16]> {
+    let dashed = id.len() == 36
+        && id
+            .char_indices()
+            .all(|(i, c)| (c == '-') == matches!(i, 8 | 13 | 18 | 23));
+    let bare = id.len() == 32;
+    if !dashed && !bare {
+        return None;
+    }
+    let hex: String = id.chars().filter(|&c| c != '-').collect();
+    if hex.len() != 32 || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut b = [0u8; 16];
+    for (i, byte) in b.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(b)
 }
 
 fn same_uuid(a: &str, b: &str) -> bool {
@@ -179,7 +224,7 @@ pub struct DiskSpec<'a> {
 pub struct Disk {
     descriptor_path: PathBuf,
     descriptor: Descriptor,
-    extent: FlatExtent,
+    extent: Extent,
     uuid: String,
     /// Whether this open already gave the disk a new CID.
     cid_renewed: bool,
@@ -216,12 +261,12 @@ impl Disk {
     }
 
     fn open(datastore: &Path, desc: &Path, spec: &DiskSpec<'_>) -> Result<Disk, VmdkError> {
-        let (descriptor, uuid) = check_descriptor(desc, spec)?;
-        let extent = FlatExtent::open(&datastore.join(&descriptor.extent_file), spec.capacity)?;
+        // Identity first (without taking the lock), then the extent.
+        let (descriptor, uuid, data) = check_descriptor(datastore, desc, spec)?;
         Ok(Disk {
             descriptor_path: desc.to_path_buf(),
             descriptor,
-            extent,
+            extent: Extent::open(&data, spec.capacity)?,
             uuid,
             cid_renewed: false,
         })
@@ -231,34 +276,25 @@ impl Disk {
         let create_type = match spec.format {
             DiskFormat::Unspecified | DiskFormat::Vmfs => CreateType::Vmfs,
             DiskFormat::MonolithicFlat => CreateType::MonolithicFlat,
+            DiskFormat::MonolithicSparse => CreateType::MonolithicSparse,
             other => return Err(VmdkError::UnsupportedFormat(other)),
         };
         check_writable(datastore)?;
-        let extent_file = format!("{}-flat.vmdk", spec.name);
-        let extent = FlatExtent::create(&datastore.join(&extent_file), spec.capacity)?;
         let uuid = uuid_for(spec.disk_id);
-        let cid = new_cid();
-        let sectors = spec.capacity / 512;
-        let cylinders = (sectors / (255 * 63)).min(65535);
-        let mut header_extra = vec![("encoding".to_string(), "UTF-8".to_string())];
-        if create_type == CreateType::Vmfs {
-            header_extra.push(("isNativeSnapshot".into(), "no".into()));
-        }
-        let descriptor = Descriptor {
-            cid,
-            create_type,
-            sectors,
-            extent_file,
-            header_extra,
-            ddb: vec![
-                ("adapterType".into(), "lsilogic".into()),
-                ("geometry.cylinders".into(), cylinders.to_string()),
-                ("geometry.heads".into(), "255".into()),
-                ("geometry.sectors".into(), "63".into()),
-                ("longContentID".into(), long_content_id(cid)),
-                ("uuid".into(), uuid.clone()),
-                ("virtualHWVersion".into(), VIRTUAL_HW_VERSION.into()),
-            ],
+        let (descriptor, extent) = if create_type == CreateType::MonolithicSparse {
+            let file = format!("{}.vmdk", spec.name);
+            let d = fresh_descriptor(create_type, spec.capacity, file, &uuid);
+            let text = d.render().map_err(|source| VmdkError::Descriptor {
+                path: desc.to_path_buf(),
+                source,
+            })?;
+            let e = SparseExtent::create(desc, spec.capacity, &text)?;
+            (d, Extent::Sparse(e))
+        } else {
+            let file = format!("{}-flat.vmdk", spec.name);
+            let e = FlatExtent::create(&datastore.join(&file), spec.capacity)?;
+            let d = fresh_descriptor(create_type, spec.capacity, file, &uuid);
+            (d, Extent::Flat(e))
         };
         let disk = Disk {
             descriptor_path: desc.to_path_buf(),
@@ -281,8 +317,11 @@ impl Disk {
                 path: self.descriptor_path.clone(),
                 source,
             })?;
-        write_atomic(&self.descriptor_path, text.as_bytes())
-            .map_err(|e| VmdkError::io("write descriptor", &self.descriptor_path, e))
+        match &self.extent {
+            Extent::Sparse(s) => Ok(s.write_descriptor(&text)?),
+            Extent::Flat(_) => write_atomic(&self.descriptor_path, text.as_bytes())
+                .map_err(|e| VmdkError::io("write descriptor", &self.descriptor_path, e)),
+        }
     }
 
     /// Gives the disk a new CID (and matching longContentID, and our uuid if it had none)
@@ -310,7 +349,7 @@ impl Disk {
         self.extent.capacity()
     }
 
-    pub fn extent(&mut self) -> &mut FlatExtent {
+    pub fn extent(&mut self) -> &mut Extent {
         &mut self.extent
     }
 
@@ -319,14 +358,86 @@ impl Disk {
     }
 }
 
-/// Reads and parses `desc` and checks that it is `spec`'s disk (uuid, capacity); returns
-/// the descriptor and the disk's uuid.
-fn check_descriptor(desc: &Path, spec: &DiskSpec<'_>) -> Result<(Descriptor, String), VmdkError> {
-    let bytes = read_limited(desc)?;
+/// The descriptor of a new disk of `capacity` bytes in `extent_file` with `uuid`.
+pub fn fresh_descriptor(
+    create_type: CreateType,
+    capacity: u64,
+    extent_file: String,
+    uuid: &str,
+) -> Descriptor {
+    let cid = new_cid();
+    let sectors = capacity / 512;
+    let cylinders = (sectors / (255 * 63)).min(65535);
+    let mut header_extra = vec![("encoding".to_string(), "UTF-8".to_string())];
+    if create_type == CreateType::Vmfs {
+        header_extra.push(("isNativeSnapshot".into(), "no".into()));
+    }
+    Descriptor {
+        cid,
+        create_type,
+        sectors,
+        extent_file,
+        header_extra,
+        ddb: vec![
+            ("adapterType".into(), "lsilogic".into()),
+            ("geometry.cylinders".into(), cylinders.to_string()),
+            ("geometry.heads".into(), "255".into()),
+            ("geometry.sectors".into(), "63".into()),
+            ("longContentID".into(), long_content_id(cid)),
+            ("uuid".into(), uuid.to_string()),
+            ("virtualHWVersion".into(), VIRTUAL_HW_VERSION.into()),
+        ],
+    }
+}
+
+/// Reads and parses the descriptor of the image at `desc` (a text descriptor, or the one
+/// embedded in a sparse file), with no identity check; also says where its data is.
+pub fn read_image(datastore: &Path, desc: &Path) -> Result<(Descriptor, DataRef), VmdkError> {
+    let sparse = sparse::is_sparse(desc);
+    let bytes = if sparse {
+        sparse::read_embedded_descriptor(desc)?
+    } else {
+        read_limited(desc)?
+    };
     let descriptor = Descriptor::parse(&bytes).map_err(|source| VmdkError::Descriptor {
         path: desc.to_path_buf(),
         source,
     })?;
+    // A sparse layout is only valid embedded; a text descriptor naming one is a layout
+    // (hosted sparse with a separate extent file) we do not write.
+    if sparse != (descriptor.create_type == CreateType::MonolithicSparse) {
+        return Err(VmdkError::Descriptor {
+            path: desc.to_path_buf(),
+            source: DescriptorError::UnsupportedCreateType(format!(
+                "{} ({})",
+                descriptor.create_type.as_str(),
+                if sparse {
+                    "in a sparse file"
+                } else {
+                    "in a text descriptor"
+                }
+            )),
+        });
+    }
+    let data = DataRef {
+        path: if sparse {
+            desc.to_path_buf()
+        } else {
+            datastore.join(&descriptor.extent_file)
+        },
+        sparse,
+    };
+    Ok((descriptor, data))
+}
+
+/// Reads `desc` and checks that it is `spec`'s disk (uuid, capacity); returns the
+/// descriptor, the disk's uuid and where its data is.
+fn check_descriptor(
+    datastore: &Path,
+    desc: &Path,
+    spec: &DiskSpec<'_>,
+) -> Result<(Descriptor, String, DataRef), VmdkError> {
+    let (descriptor, data) = read_image(datastore, desc)?;
     let uuid = uuid_for(spec.disk_id);
     if let Some(found) = descriptor.ddb_get("uuid")
         && !same_uuid(found, &uuid)
@@ -344,18 +455,18 @@ fn check_descriptor(desc: &Path, spec: &DiskSpec<'_>) -> Result<(Descriptor, Str
             declared: spec.capacity,
         });
     }
-    Ok((descriptor, uuid))
+    Ok((descriptor, uuid, data))
 }
 
 /// Looks at `spec`'s image without opening it for writing: `Ok(None)` when it does not
-/// exist, else the path of its flat extent, once its identity and capacity are checked.
-pub fn inspect(datastore: &Path, spec: &DiskSpec<'_>) -> Result<Option<PathBuf>, VmdkError> {
+/// exist, else where its data is, once its identity and capacity are checked.
+pub fn inspect(datastore: &Path, spec: &DiskSpec<'_>) -> Result<Option<DataRef>, VmdkError> {
     let desc = Disk::descriptor_path(datastore, spec.name);
     if !desc.exists() {
         return Ok(None);
     }
-    let (descriptor, _) = check_descriptor(&desc, spec)?;
-    Ok(Some(datastore.join(descriptor.extent_file)))
+    let (_, _, data) = check_descriptor(datastore, &desc, spec)?;
+    Ok(Some(data))
 }
 
 /// 32 hex digits, random but for the last 8, which are the CID.
@@ -474,10 +585,53 @@ pub(crate) mod tests {
         assert_eq!(u.len(), 47);
     }
 
+    #[test]
+    fn a_uuid_disk_id_is_the_ddb_uuid_itself() {
+        let want = "60 00 c2 91 23 45 67 89-ab cd ef 01 23 45 67 89";
+        assert_eq!(uuid_for("6000C291-2345-6789-ABCD-EF0123456789"), want);
+        assert_eq!(uuid_for("6000c29123456789abcdef0123456789"), want);
+        for not_uuid in [
+            "6000C291-2345-6789-ABCD-EF012345678",
+            "6000C2912-345-6789-ABCD-EF012345678",
+            "6000C291-2345-6789-ABCD-EF012345678g",
+        ] {
+            assert!(uuid_for(not_uuid).starts_with("60 00 c2 9"), "{not_uuid}");
+            assert_ne!(uuid_for(not_uuid), want, "{not_uuid}");
+        }
+    }
+
+    #[test]
+    fn an_existing_disk_with_the_source_uuid_is_adopted_and_another_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = "6000c291-2345-6789-abcd-ef0123456789";
+        let text = format!(
+            "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType=\"vmfs\"\n\n\
+             RW 2048 VMFS \"esx-flat.vmdk\"\n\nddb.uuid = \"{}\"\n",
+            uuid_for(id)
+        );
+        std::fs::write(dir.path().join("esx.vmdk"), &text).unwrap();
+        std::fs::write(dir.path().join("esx-flat.vmdk"), vec![7u8; 1 << 20]).unwrap();
+        let disk = Disk::open_or_create(
+            dir.path(),
+            &spec(id, "esx", 1 << 20, DiskFormat::Vmfs),
+            Claim::New,
+        )
+        .unwrap();
+        drop(disk);
+        let other = "6000c291-2345-6789-abcd-ef0123456780";
+        let e = Disk::open_or_create(
+            dir.path(),
+            &spec(other, "esx", 1 << 20, DiskFormat::Vmfs),
+            Claim::New,
+        )
+        .unwrap_err();
+        assert_eq!(e.refusal(other).code, Code::DiskNameCollision, "{e}");
+    }
+
     fn write_pattern(disk: &mut Disk, raw: &mut [u8]) {
         disk.renew_cid().unwrap();
         let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 + 3) as u8).collect();
-        disk.extent().write(3 * 512, &data);
+        disk.extent().write(3 * 512, &data).unwrap();
         raw[3 * 512..3 * 512 + data.len()].copy_from_slice(&data);
         disk.extent().zero(4096, 128 * 1024).unwrap();
         raw[4096..4096 + 128 * 1024].fill(0);
@@ -507,6 +661,76 @@ pub(crate) mod tests {
             let (_, info) = qemu_img(&["info", dir.path().join("a.vmdk").to_str().unwrap()]);
             assert!(info.contains(&format!("create type: {ty}")), "{info}");
         }
+    }
+
+    #[test]
+    fn created_monolithic_sparse_disks_pass_qemu_img_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let cap = 4 << 20;
+        let s = spec("id-s", "s", cap, DiskFormat::MonolithicSparse);
+        let mut disk = Disk::open_or_create(dir.path(), &s, Claim::New).unwrap();
+        let mut raw = vec![0u8; cap as usize];
+        write_pattern(&mut disk, &mut raw);
+        drop(disk);
+        let rawp = dir.path().join("ref.raw");
+        std::fs::write(&rawp, &raw).unwrap();
+        let vmdk = dir.path().join("s.vmdk");
+        assert_qemu_identical(&vmdk, &rawp);
+        let (_, info) = qemu_img(&["info", vmdk.to_str().unwrap()]);
+        assert!(info.contains("create type: monolithicSparse"), "{info}");
+        // Reopen: a new CID goes into the embedded descriptor, the data stays.
+        let mut disk = Disk::open_or_create(dir.path(), &s, Claim::Applied).unwrap();
+        let cid = disk.descriptor().cid;
+        disk.renew_cid().unwrap();
+        assert_ne!(disk.descriptor().cid, cid);
+        disk.extent().write(cap - 512, &[9u8; 512]).unwrap();
+        disk.extent().sync().unwrap();
+        raw[cap as usize - 512..].fill(9);
+        drop(disk);
+        std::fs::write(&rawp, &raw).unwrap();
+        assert_qemu_identical(&vmdk, &rawp);
+        assert_eq!(
+            std::fs::metadata(&vmdk).unwrap().len() % (64 << 10),
+            0,
+            "grain-aligned"
+        );
+    }
+
+    #[test]
+    fn opens_and_writes_a_qemu_made_monolithic_sparse_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let cap = 2u64 << 20;
+        let mut raw = vec![0u8; cap as usize];
+        raw[70_000..80_000].fill(0x5a);
+        let rawp = dir.path().join("ref.raw");
+        std::fs::write(&rawp, &raw).unwrap();
+        let d = dir.path().join("q.vmdk");
+        let (ok, text) = qemu_img(&[
+            "convert",
+            "-q",
+            "-f",
+            "raw",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=monolithicSparse",
+            rawp.to_str().unwrap(),
+            d.to_str().unwrap(),
+        ]);
+        assert!(ok, "{text}");
+        let mut disk = Disk::open_or_create(
+            dir.path(),
+            &spec("id-q", "q", cap, DiskFormat::MonolithicSparse),
+            Claim::New,
+        )
+        .unwrap();
+        let mut got = vec![0u8; cap as usize];
+        disk.extent().read_at(0, &mut got).unwrap();
+        assert!(got == raw, "reads qemu's grains");
+        write_pattern(&mut disk, &mut raw);
+        drop(disk);
+        std::fs::write(&rawp, &raw).unwrap();
+        assert_qemu_identical(&d, &rawp);
     }
 
     #[test]

@@ -457,6 +457,10 @@ impl Writer {
             match self.commit(&group) {
                 Ok(locs) => {
                     self.events.durable(&group, &locs);
+                    // Published only now: a segment sealed during this group may hold
+                    // records the index learns of in `durable`, and segments below the
+                    // active one are candidates for deletion.
+                    self.active_seq.store(self.active.seq, Ordering::Release);
                     for (a, loc) in group.into_iter().zip(locs) {
                         let _ = a.done.send(Ok(loc));
                     }
@@ -587,7 +591,6 @@ impl Writer {
         };
         self.events.no_space(false);
         self.active = active;
-        self.active_seq.store(next, Ordering::Release);
         self.events.grew(HEADER_LEN as u64);
         tracing::debug!(segment = next, "new cache segment");
         Ok(())

@@ -443,8 +443,12 @@ async fn agents_pause_above_high_water_and_resume_when_drained() {
     // told to pause; nothing is refused.
     a.until_pause(true).await;
     let held = a.until(|p| p.cached_seq >= 10).await;
-    assert!(held.cached_seq < 30, "reading went on while paused: {held:?}");
-    assert_eq!(held.applied_seq, 0);
+    assert!(
+        held.cached_seq < 30,
+        "reading went on while paused: {held:?}"
+    );
+    // Each of the 3 connections may have taken one batch before the gate closed.
+    assert!(held.applied_seq <= 3, "{held:?}");
     // The master target catches up: segments go, usage falls, the agent resumes.
     mt.gate.send_replace(true);
     a.until_pause(false).await;

@@ -1,0 +1,85 @@
+//! SVG plots of a `bench run` report: 4 KiB blocks/s against RTT, one line per system, one
+//! chart per workload and link rate. Text is written as SVG `<text>`, so no system fonts
+//! are needed to draw it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, anyhow};
+use plotters::prelude::*;
+
+use crate::run::{Report, Row};
+
+/// Writes `STEM-WORKLOAD-RATEmbit.svg` for every workload and rate of `report`; returns
+/// the paths written.
+pub fn blocks_vs_rtt(report: &Report, stem: &Path) -> Result<Vec<PathBuf>> {
+    let mut written = Vec::new();
+    for w in &report.workloads {
+        for &rate in &report.plan.rate_mbit {
+            let rows: Vec<&Row> = report
+                .rows
+                .iter()
+                .filter(|r| r.workload == w.name && r.rate_mbit == rate)
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let path = PathBuf::from(format!("{}-{}-{rate}mbit.svg", stem.display(), w.name));
+            draw(
+                &path,
+                &format!("{}, {rate} Mbit/s ({})", w.name, report.mode),
+                &rows,
+            )
+            .map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
+            written.push(path);
+        }
+    }
+    Ok(written)
+}
+
+fn draw(path: &Path, title: &str, rows: &[&Row]) -> Result<(), Box<dyn std::error::Error>> {
+    let mut systems: Vec<&str> = Vec::new();
+    for r in rows {
+        if !systems.contains(&r.system.as_str()) {
+            systems.push(&r.system);
+        }
+    }
+    let max_x = rows.iter().map(|r| r.rtt_ms).max().unwrap_or(0).max(1) as f64;
+    let max_y = rows.iter().map(|r| r.blocks_per_sec).fold(1.0, f64::max) * 1.1;
+    let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0.0..max_x * 1.05, 0.0..max_y)?;
+    chart
+        .configure_mesh()
+        .x_desc("RTT (ms)")
+        .y_desc("4 KiB blocks/s")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .draw()?;
+    for (i, system) in systems.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let mut points: Vec<(f64, f64)> = rows
+            .iter()
+            .filter(|r| r.system == *system)
+            .map(|r| (r.rtt_ms as f64, r.blocks_per_sec))
+            .collect();
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+            .label(*system)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        chart.draw_series(points.iter().map(|p| Circle::new(*p, 4, color.filled())))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! `bench run --quick` end to end on a tiny disk: the real roles, the in-process WAN
+//! emulator and the bare lz4|socat peer (when installed). Checks the report's shape and
+//! that the copies carried the data, never how fast they were.
+
+use std::process::Command;
+use std::time::Duration;
+
+use bench::cluster::run_with_timeout;
+
+#[test]
+fn quick_run_writes_a_report_with_its_rows() {
+    let out = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bench"));
+    cmd.args([
+        "run",
+        "--quick",
+        "--size",
+        "8M",
+        "--rtt",
+        "10",
+        "--peers",
+        "lz4-socat",
+        "--timeout-secs",
+        "120",
+        "--out",
+    ])
+    .arg(out.path());
+    let o = run_with_timeout(&mut cmd, Duration::from_secs(240)).unwrap();
+    assert!(
+        o.status.success(),
+        "bench run failed:\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let files: Vec<_> = std::fs::read_dir(out.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    let json = files
+        .iter()
+        .find(|p| p.extension().is_some_and(|e| e == "json"))
+        .expect("a JSON report");
+    assert!(
+        files
+            .iter()
+            .any(|p| p.extension().is_some_and(|e| e == "svg")),
+        "a plot: {files:?}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    assert_eq!(report["mode"], "proxy, no TCP dynamics");
+    let rows = report["rows"].as_array().unwrap();
+    let lz4_installed = ["lz4", "socat"]
+        .iter()
+        .all(|t| Command::new(t).arg("-h").output().is_ok());
+    assert_eq!(rows.len(), if lz4_installed { 2 } else { 1 }, "{report:#}");
+    for row in rows {
+        assert_eq!(row["rtt_ms"], 10);
+        assert_eq!(row["rate_mbit"], 1000);
+        assert_eq!(row["disk_bytes"], 8 << 20);
+        assert!(row["seconds"].as_f64().unwrap() > 0.0);
+        // Compressed, the mixed disk still puts a good part of its bytes on the wire.
+        assert!(row["wire_bytes_up"].as_u64().unwrap() > 1 << 20, "{row:#}");
+        assert!(row["bound"]["mb_per_sec"].as_f64().unwrap() > 0.0);
+        assert!(!row["roles"].as_array().unwrap().is_empty());
+    }
+    assert_eq!(rows[0]["system"], "failback");
+    let roles: Vec<_> = rows[0]["roles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["role"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(roles, ["agent", "process-server", "master-target"]);
+    if lz4_installed {
+        assert_eq!(rows[1]["system"], "lz4|socat");
+        assert!(rows[1]["failback_over_this"].as_f64().unwrap() > 0.0);
+    } else {
+        let notes = report["notes"].to_string();
+        assert!(notes.contains("not installed"), "{notes}");
+    }
+}

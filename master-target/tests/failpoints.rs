@@ -1,0 +1,99 @@
+//! Crash consistency of a commit group, with the real binary killed (SIGKILL by its own
+//! failpoint) right after each step: undo durable, data durable, commit record durable.
+//! After a restart the target must equal, byte for byte, the disk before the batch (or
+//! after it, once its commit record is durable), and the re-sent batch must apply.
+//!
+//! Needs the `failpoints` feature: `cargo test -p master-target --features failpoints`.
+
+mod common;
+
+use common::*;
+
+const CAP: u64 = 2 << 20;
+const N: u64 = 7;
+/// The batch during whose commit the process dies (it carries a marker).
+const FAIL_AT: u64 = 5;
+
+/// `data_written`: whether the batch's data is on the target when the process dies.
+async fn crash_at(point: &str, data_written: bool, committed: bool) {
+    let t = dirs();
+    let dir = t.path();
+    let s = script(CAP, N, &[FAIL_AT]);
+    let env = [
+        ("FAILBACK_FAILPOINT", point.to_string()),
+        ("FAILBACK_FAILPOINT_SEQ", FAIL_AT.to_string()),
+    ];
+    let (mut child, url) = start(dir, &env);
+    let mut c = hello(&url, CAP).await;
+    for b in &s.batches[..FAIL_AT as usize - 1] {
+        c.send(b).await;
+        c.acked(b.seq).await;
+    }
+    c.send(&s.batches[FAIL_AT as usize - 1]).await;
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{point}: {status}");
+    drop(c);
+    let on_disk = if data_written { FAIL_AT } else { FAIL_AT - 1 };
+    assert_bytes(
+        &flat(dir),
+        &s.states[on_disk as usize],
+        "before the restart",
+    );
+
+    let (child, url) = start(dir, &[]);
+    let mut c = hello(&url, CAP).await;
+    let expect = if committed { FAIL_AT } else { FAIL_AT - 1 };
+    assert_eq!(c.applied, expect, "{point}");
+    assert_bytes(&flat(dir), &s.states[expect as usize], point);
+    for b in &s.batches[expect as usize..] {
+        c.send(b).await;
+    }
+    c.acked(N).await;
+    assert_bytes(&flat(dir), &s.states[N as usize], point);
+    drop(c);
+    stop(child);
+
+    let out = run(&[
+        "recovery-points",
+        "--json",
+        "--disk",
+        DISK,
+        "--retention",
+        dir.join("ret").to_str().unwrap(),
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let points = v["points"].as_array().unwrap();
+    let seqs: Vec<u64> = points
+        .iter()
+        .filter(|p| p["kind"] == "batch")
+        .map(|p| p["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        seqs,
+        (1..=N).collect::<Vec<_>>(),
+        "{point}: each batch once"
+    );
+    assert_eq!(
+        points.iter().filter(|p| p["kind"] == "app").count(),
+        1,
+        "{point}: the marker once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_undo_leaves_the_disk_before_the_batch() {
+    crash_at("after-undo", false, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_data_is_rolled_back_to_before_the_batch() {
+    crash_at("after-data", true, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_commit_keeps_the_batch() {
+    crash_at("after-commit", true, true).await;
+}
