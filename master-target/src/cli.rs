@@ -44,7 +44,8 @@ struct ServeArgs {
     /// Datastore directory holding the target VMDKs (DATASTORE/NAME.vmdk).
     #[arg(long, value_name = "DIR")]
     datastore: Option<PathBuf>,
-    /// Retention volume directory (disk state files and marker logs).
+    /// Retention volume directory (disk state files and undo journals)
+    /// [default: /mnt/retention].
     #[arg(long, value_name = "DIR")]
     retention: Option<PathBuf>,
     /// TOML file with the same keys as the flags (`_` for `-`); flags win.
@@ -126,7 +127,7 @@ struct StatusArgs {
 #[derive(Args, Debug)]
 struct RecoveryPointsArgs {
     /// Retention volume directory of the master target.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_RETENTION)]
     retention: PathBuf,
     /// Disk id whose points to list.
     #[arg(long, value_name = "DISK_ID")]
@@ -142,7 +143,7 @@ struct RecoverArgs {
     #[arg(long, value_name = "DIR")]
     datastore: PathBuf,
     /// Retention volume directory of the master target.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_RETENTION)]
     retention: PathBuf,
     /// Disk id to recover.
     #[arg(long, value_name = "DISK_ID")]
@@ -151,8 +152,8 @@ struct RecoverArgs {
     /// point at or before it).
     #[arg(long, value_name = "POINT")]
     point: String,
-    /// New VMDK to write (NEW.vmdk plus NEW-flat.vmdk beside it); the disk keeps
-    /// replicating meanwhile.
+    /// New VMDK to write (NEW.vmdk plus NEW-flat.vmdk beside it, or NEW.vmdk alone with
+    /// --format monolithic-sparse); the disk keeps replicating meanwhile.
     #[arg(
         long,
         value_name = "NEW.vmdk",
@@ -173,7 +174,11 @@ struct RecoverArgs {
 enum OutFormat {
     Vmfs,
     MonolithicFlat,
+    MonolithicSparse,
 }
+
+/// The retention volume when neither `--retention` nor the config file names one.
+const DEFAULT_RETENTION: &str = "/mnt/retention";
 
 /// A duration such as `90s`, `30m`, `24h`, `7d` (a bare number is seconds), in ms.
 fn parse_duration_ms(s: &str) -> anyhow::Result<i64> {
@@ -268,7 +273,7 @@ async fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
     let retention = a
         .retention
         .or(file.retention)
-        .context("--retention DIR is required (flag or config key)")?;
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_RETENTION));
     let mut retention_policy = crate::retention::journal::RetentionPolicy::default();
     if let Some(w) = a.retention_window.or(file.retention_window) {
         retention_policy.window_ms = parse_duration_ms(&w)?;
@@ -361,6 +366,7 @@ fn run_recover(a: RecoverArgs) -> anyhow::Result<()> {
         format: match a.format.unwrap_or(OutFormat::Vmfs) {
             OutFormat::Vmfs => crate::vmdk::descriptor::CreateType::Vmfs,
             OutFormat::MonolithicFlat => crate::vmdk::descriptor::CreateType::MonolithicFlat,
+            OutFormat::MonolithicSparse => crate::vmdk::descriptor::CreateType::MonolithicSparse,
         },
     };
     let done = crate::recovery::recover(&req)?;
@@ -382,6 +388,40 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_retention_volume_defaults_to_mnt_retention() {
+        let cli =
+            Cli::try_parse_from(["master-target", "recovery-points", "--disk", "d1"]).unwrap();
+        let Command::RecoveryPoints(a) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!(a.retention, PathBuf::from("/mnt/retention"));
+        let cli = Cli::try_parse_from([
+            "master-target",
+            "recover",
+            "--datastore",
+            "/ds",
+            "--disk",
+            "d1",
+            "--point",
+            "latest",
+            "--in-place",
+        ])
+        .unwrap();
+        let Command::Recover(a) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!(a.retention, PathBuf::from(DEFAULT_RETENTION));
+        let cli = Cli::try_parse_from(["master-target", "serve"]).unwrap();
+        let Command::Serve(a) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!(
+            a.retention, None,
+            "serve resolves the default after its config file"
+        );
     }
 
     #[test]

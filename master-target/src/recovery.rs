@@ -322,7 +322,13 @@ fn to_copy(
     if !dir.is_dir() {
         return Err(RecoveryError::BadOutput(out.to_path_buf()));
     }
-    let flat_name = format!("{name}-flat.vmdk");
+    let sparse = req.format == CreateType::MonolithicSparse;
+    // A sparse output is assembled in a raw scratch file first, then packed into grains.
+    let flat_name = if sparse {
+        format!(".{name}.recover.raw")
+    } else {
+        format!("{name}-flat.vmdk")
+    };
     let flat = dir.join(&flat_name);
     for p in [out, flat.as_path()] {
         if p.exists() {
@@ -359,12 +365,23 @@ fn to_copy(
             seq,
             protocol::now_unix_ms()
         ));
-        let d = vmdk::fresh_descriptor(req.format, state.capacity, flat_name.clone(), &uuid);
+        let extent_file = if sparse {
+            format!("{name}.vmdk")
+        } else {
+            flat_name.clone()
+        };
+        let d = vmdk::fresh_descriptor(req.format, state.capacity, extent_file, &uuid);
         let text = d.render().map_err(|source| VmdkError::Descriptor {
             path: out.to_path_buf(),
             source,
         })?;
-        vmdk::write_atomic(out, text.as_bytes()).map_err(io_at("write", out))?;
+        if sparse {
+            pack_sparse(&copy, &flat, out, state.capacity, &text)?;
+            drop(copy);
+            std::fs::remove_file(&flat).map_err(io_at("remove", &flat))?;
+        } else {
+            vmdk::write_atomic(out, text.as_bytes()).map_err(io_at("write", out))?;
+        }
         Ok(Recovered {
             seq,
             point: what,
@@ -376,6 +393,37 @@ fn to_copy(
         let _ = std::fs::remove_file(out);
     }
     made
+}
+
+/// Writes the raw disk in `raw` as a new monolithicSparse image `out` (all-zero grains stay
+/// unallocated) and makes it durable.
+fn pack_sparse(
+    raw: &File,
+    raw_path: &Path,
+    out: &Path,
+    capacity: u64,
+    descriptor: &str,
+) -> Result<(), RecoveryError> {
+    let mut sparse =
+        vmdk::sparse::SparseExtent::create(out, capacity, descriptor).map_err(VmdkError::from)?;
+    let mut buf = vec![0u8; COPY_CHUNK];
+    let mut at = 0u64;
+    while at < capacity {
+        let n = (capacity - at).min(COPY_CHUNK as u64) as usize;
+        raw.read_exact_at(&mut buf[..n], at)
+            .map_err(io_at("read", raw_path))?;
+        let grain = (vmdk::sparse::GRAIN_SECTORS * 512) as usize;
+        for (i, g) in buf[..n].chunks(grain).enumerate() {
+            if g.iter().any(|&b| b != 0) {
+                sparse
+                    .write(at + (i * grain) as u64, g)
+                    .map_err(VmdkError::from)?;
+            }
+        }
+        at += n as u64;
+    }
+    sparse.sync().map_err(VmdkError::from)?;
+    Ok(())
 }
 
 /// Copies the disk's bytes into `copy` (raw): a flat extent file by file, a sparse one

@@ -174,6 +174,26 @@ impl Registry {
                 ));
             }
         }
+        if !inner.known.contains_key(id) {
+            // Two disk ids for one ddb.uuid (a template clone, or one UUID written twice):
+            // both would claim the same target identity.
+            let uuid = vmdk::uuid_for(id);
+            if let Some((other, (name, _))) = inner
+                .known
+                .iter()
+                .find(|(other, _)| vmdk::uuid_for(other) == uuid)
+            {
+                return Err(Refusal::for_disk(
+                    Code::DiskConflict,
+                    id,
+                    format!(
+                        "disk {id} has the ddb.uuid {uuid} of disk {other} ({name}.vmdk), which \
+                         this master target already holds (a disk cloned from a template?); \
+                         give the source disk a new UUID"
+                    ),
+                ));
+            }
+        }
         if let Some(owner) = inner.names.get(&info.name)
             && owner != id
         {
@@ -392,4 +412,51 @@ fn open(
     );
     let (tx, thread) = applier.spawn().map_err(|e| io(&e))?;
     Ok((Arc::new(DiskEntry { shared, tx }), thread))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: &str, name: &str) -> DiskInfo {
+        DiskInfo {
+            disk_id: id.into(),
+            name: name.into(),
+            capacity: 1 << 20,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_disk_with_an_interrupted_in_place_recovery_is_not_opened() {
+        let t = tempfile::tempdir().unwrap();
+        let ret = t.path();
+        std::fs::create_dir_all(state::disks_dir(ret)).unwrap();
+        refuse_interrupted_recovery(ret, "d1").unwrap();
+        std::fs::write(crate::recovery::intent_path(ret, "d1"), b"").unwrap();
+        let e = refuse_interrupted_recovery(ret, "d1").unwrap_err();
+        assert_eq!(e.code, Code::DiskConflict, "{e}");
+        assert!(e.message.contains("recover --in-place"), "{e}");
+        // Other disks are not affected.
+        refuse_interrupted_recovery(ret, "d2").unwrap();
+    }
+
+    #[test]
+    fn a_disk_whose_uuid_clashes_with_a_held_disk_is_refused() {
+        let mut inner = Inner::default();
+        let held = "0123456789abcdef0123456789abcdef";
+        inner.known.insert(held.into(), ("a".into(), 1 << 20));
+        inner.names.insert("a".into(), held.into());
+        // The same disk again is fine, and so is an unrelated one.
+        Registry::check_claims(&inner, &info(held, "a")).unwrap();
+        Registry::check_claims(&inner, &info("other-disk", "b")).unwrap();
+        // The same UUID spelt another way is another id with the same ddb.uuid.
+        let clone = info("01234567-89AB-CDEF-0123-456789ABCDEF", "b");
+        let e = Registry::check_claims(&inner, &clone).unwrap_err();
+        assert_eq!(e.code, Code::DiskConflict, "{e}");
+        assert!(
+            e.message.contains(held) && e.message.contains("a.vmdk"),
+            "{e}"
+        );
+    }
 }

@@ -80,6 +80,8 @@ async fn recovery_to_every_marker_equals_the_disk_at_that_marker() {
         ("t7".to_string(), 7),
         ("latest-app".to_string(), 10),
         ("latest".to_string(), 10),
+        // Every committed batch is a crash-consistent point: the newest is batch 10.
+        ("latest-crash".to_string(), 10),
         // Between batch 5 and 6: the latest point at or before it is batch 5.
         (format_rfc3339(T0 + 5 * 1000 + 500), 5),
     ] {
@@ -161,6 +163,26 @@ async fn a_monolithic_sparse_target_recovers_like_a_flat_one() {
         &s.states[2],
         "copy of a sparse disk at m2",
     );
+    // The same point as a monolithicSparse image, from the same sparse target.
+    let packed = dir.join("r2s.vmdk");
+    let o = run(&[
+        "recover",
+        "--datastore",
+        dir.join("ds").to_str().unwrap(),
+        "--retention",
+        dir.join("ret").to_str().unwrap(),
+        "--disk",
+        DISK,
+        "--point",
+        "m2",
+        "--out",
+        packed.to_str().unwrap(),
+        "--format",
+        "monolithic-sparse",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_qemu_identical(&packed, &s.states[2], dir);
+    assert!(!dir.join("r2s-flat.vmdk").exists() && !dir.join(".r2s.recover.raw").exists());
     drop(c);
     stop(child);
     assert_qemu_identical(&target, &s.states[6], dir);

@@ -1094,6 +1094,8 @@ mod tests {
             list_segments(&journal_dir(dir.path(), "d")).unwrap(),
             vec![2]
         );
+        // The quota, not the window, dropped it: warned once, with how far back points reach.
+        assert_eq!(j.warned_reach_seq, 1);
     }
 
     #[test]
