@@ -166,20 +166,25 @@ pub fn run_batcher(
             None => next_crash,
         };
         let mut extent = None;
-        let step = match changes.recv_timeout(deadline.saturating_duration_since(now)) {
-            Ok(change) => {
-                extent = change.extent();
-                b.push(change)
-            }
-            Err(RecvTimeoutError::Timeout) if Instant::now() >= next_crash => {
-                next_crash = Instant::now() + plan.crash_interval;
-                let m = ids.marker(&plan.disk_id, MarkerKind::Crash, "");
-                b.push(Change::Marker(m))
-            }
-            Err(RecvTimeoutError::Timeout) => b.cut(),
-            Err(RecvTimeoutError::Disconnected) => {
-                let _ = b.cut();
-                return BatcherEnd::Stopped;
+        // Checked before receiving, so that writers that never let the queue run dry do not
+        // starve the periodic marker; it goes behind every change received so far.
+        let step = if now >= next_crash {
+            next_crash = now + plan.crash_interval;
+            let m = ids.marker(&plan.disk_id, MarkerKind::Crash, "");
+            b.push(Change::Marker(m))
+        } else {
+            match changes.recv_timeout(deadline.saturating_duration_since(now)) {
+                Ok(change) => {
+                    extent = change.extent();
+                    b.push(change)
+                }
+                // The marker is cut at the top of the loop.
+                Err(RecvTimeoutError::Timeout) if Instant::now() >= next_crash => Ok(()),
+                Err(RecvTimeoutError::Timeout) => b.cut(),
+                Err(RecvTimeoutError::Disconnected) => {
+                    let _ = b.cut();
+                    return BatcherEnd::Stopped;
+                }
             }
         };
         match step {
@@ -393,6 +398,60 @@ mod tests {
             }
             BatcherEnd::Stopped => panic!("expected an overflow"),
         }
+    }
+
+    #[test]
+    fn busy_writers_do_not_starve_the_periodic_crash_marker() {
+        // The queue never runs dry: the writer refills it as fast as the batcher drains it.
+        let (tx, rx) = std::sync::mpsc::sync_channel(16);
+        // Incompressible data: cloning it is cheaper than batching it.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..64 << 10)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let writer = std::thread::spawn(move || {
+            let until = Instant::now() + Duration::from_millis(400);
+            while Instant::now() < until {
+                let c = Change::Write {
+                    offset: 0,
+                    data: noise.clone(),
+                };
+                tx.send(c).unwrap();
+            }
+        });
+        let (out, mut got) = mpsc::channel::<Result<Batch, ScanError>>(64);
+        let reader = std::thread::spawn(move || {
+            let mut markers = Vec::new();
+            while let Some(b) = got.blocking_recv() {
+                markers.extend(b.unwrap().markers);
+            }
+            markers
+        });
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_time()
+            .build()
+            .unwrap();
+        let mut p = plan();
+        p.crash_interval = Duration::from_millis(50);
+        p.linger = Duration::from_millis(5);
+        let ids = MarkerIds::default();
+        let end = run_batcher(&p, &ids, &rx, &out, rt.handle(), &mut |_, _| {});
+        assert!(matches!(end, BatcherEnd::Stopped));
+        drop(out);
+        writer.join().unwrap();
+        let markers = reader.join().unwrap();
+        assert!(
+            markers.len() >= 3,
+            "only {} crash markers in 400 ms at one per 50 ms",
+            markers.len()
+        );
+        assert!(markers.iter().all(|m| m.kind == MarkerKind::Crash as i32));
     }
 
     #[test]

@@ -558,3 +558,96 @@ async fn differential_sync_falls_back_to_full_when_the_target_has_no_disk() {
     assert_eq!(summary.differential, None);
     assert_eq!(summary.data_bytes + summary.zero_bytes, 6 << 20);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_differential_sync_of_5_percent_changed_blocks_sends_about_that_much() {
+    let (file, content) = source_disk();
+    let block = 4096usize;
+    let blocks = content.len() / block;
+    // 5 % of the blocks, scattered, made different on the target.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut changed = std::collections::BTreeSet::new();
+    while changed.len() < blocks * 5 / 100 {
+        changed.insert(next() as usize % blocks);
+    }
+    let mut target = content.clone();
+    for &b in &changed {
+        for byte in &mut target[b * block..(b + 1) * block] {
+            *byte = next() as u8 | 1;
+        }
+    }
+    let changed_bytes = (changed.len() * block) as u64;
+    let (url, state) = start_fake_holding(Script::default(), 0, target).await;
+    let mut cfg = config(&url, file.path());
+    cfg.differential = Some(block as u32);
+    let summary = bounded(run(cfg)).await.unwrap();
+    assert!(
+        state.lock().unwrap().disk == content,
+        "the target differs from the source"
+    );
+    let sent = summary.data_bytes + summary.zero_bytes;
+    let hashes = blocks as u64 * 16;
+    eprintln!(
+        "5% differential: {} blocks changed ({changed_bytes} bytes), {sent} bytes sent \
+         ({} data, {} zero), {} wire bytes, {hashes} bytes of hashes, disk {} bytes",
+        changed.len(),
+        summary.data_bytes,
+        summary.zero_bytes,
+        summary.wire_bytes,
+        content.len()
+    );
+    assert_eq!(
+        summary.differential,
+        Some((blocks as u64, changed.len() as u64))
+    );
+    assert!(
+        sent * 10 <= changed_bytes * 11,
+        "{sent} > 1.1 x {changed_bytes}"
+    );
+    assert!(
+        summary.wire_bytes * 10 <= changed_bytes * 11 + hashes * 10,
+        "{} wire bytes",
+        summary.wire_bytes
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_logs_json_lines_with_log_format_json() {
+    let (file, content) = source_disk();
+    let (url, state) = start_fake(Script::default(), 0).await;
+    let out = bounded(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_agent"))
+            .args(["sync", "--process-server", &url, "--disk"])
+            .arg(file.path())
+            .args([
+                "--disk-id",
+                DISK,
+                "--name",
+                "vm1_disk0",
+                "--log-format",
+                "json",
+            ])
+            .env("FAILBACK_PASSPHRASE", PASS)
+            .env_remove("RUST_LOG")
+            .output(),
+    )
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(state.lock().unwrap().disk == content);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty(), "no log lines");
+    for l in lines {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v.get("level").is_some() && v.get("fields").is_some(), "{l}");
+    }
+    assert!(String::from_utf8_lossy(&out.stdout).contains("sync done"));
+}
