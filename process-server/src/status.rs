@@ -17,14 +17,31 @@ use crate::server::Ctx;
 /// An agent silent this long gets an alert (agents send a heartbeat every 5 s).
 const HEARTBEAT_ALERT: Duration = Duration::from_secs(30);
 
-/// The disk's state word (see `DiskStatus.state`).
-fn state_of(s: &DiskState, paused: bool) -> &'static str {
+/// RPO above which a disk gets an alert (the default policy threshold of the service).
+pub const RPO_ALERT: Duration = Duration::from_secs(15 * 60);
+
+/// The alert for a disk whose RPO (`rpo_seconds`, negative = unknown) passed `threshold`.
+fn rpo_alert(rpo_seconds: f64, threshold: Duration) -> Option<String> {
+    (rpo_seconds > threshold.as_secs_f64()).then(|| {
+        format!(
+            "RPO is {:.0}s, above the policy threshold of {}s",
+            rpo_seconds,
+            threshold.as_secs()
+        )
+    })
+}
+
+/// The disk's state word (see `DiskStatus.state`). `link_up`: the master-target link is up;
+/// a backlog that cannot drain because it is down is "stalled".
+fn state_of(s: &DiskState, paused: bool, link_up: bool) -> &'static str {
     if s.failed.is_some() {
         "failed"
     } else if s.resync_required.is_some() {
         "resync-required"
     } else if s.agents > 0 && paused {
         "paused"
+    } else if s.cached > s.applied && !link_up {
+        "stalled"
     } else if s.cached > s.applied {
         "backlog"
     } else if s.agents == 0 {
@@ -53,19 +70,21 @@ fn disk_status(ctx: &Ctx, s: &DiskState, paused: bool, now_ms: i64) -> DiskStatu
             ));
         }
     }
+    let rpo_seconds = if s.applied_time_ms > 0 {
+        (now_ms - s.applied_time_ms).max(0) as f64 / 1000.0
+    } else {
+        -1.0
+    };
+    alerts.extend(rpo_alert(rpo_seconds, RPO_ALERT));
     DiskStatus {
         disk_id: id.clone(),
         name: s.info.name.clone(),
-        state: state_of(s, paused).to_string(),
+        state: state_of(s, paused, ctx.forwarder.link_state().starts_with("up")).to_string(),
         capacity: s.info.capacity,
         cached_seq: s.cached,
         applied_seq: s.applied,
         backlog_bytes: ctx.cache.with_index(|ix| ix.backlog_bytes(id, s.applied)),
-        rpo_seconds: if s.applied_time_ms > 0 {
-            (now_ms - s.applied_time_ms).max(0) as f64 / 1000.0
-        } else {
-            -1.0
-        },
+        rpo_seconds,
         throughput_in_bytes_per_sec: 0.0,
         throughput_out_bytes_per_sec: 0.0,
         last_recovery_point_unix_ms: 0,
@@ -103,6 +122,9 @@ pub fn reply(ctx: &Ctx, server_proof: Vec<u8>) -> StatusReply {
     facts.insert("agents_paused".into(), pause.unwrap_or_else(|| "no".into()));
     facts.insert("master_target_url".into(), ctx.master_target_url.clone());
     facts.insert("master_target_link".into(), ctx.forwarder.link_state());
+    if let Some(a) = flow.space_alert() {
+        facts.insert("cache_space_alert".into(), a);
+    }
     if let Some(f) = ctx.cache.flow().fatal().borrow().clone() {
         facts.insert("cache_failed".into(), f);
     }
@@ -190,4 +212,36 @@ pub fn to_table(r: &StatusReply) -> String {
         let _ = writeln!(s, "{k}: {v}");
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backlog_is_stalled_while_the_master_target_link_is_down() {
+        let r = crate::registry::DiskRecord {
+            disk_id: "a".into(),
+            name: "a".into(),
+            capacity: 1 << 20,
+            format: 0,
+            group: String::new(),
+            applied_floor: 3,
+        };
+        let disks = crate::disks::Disks::new(&[r], |_, _| 5);
+        let s = disks.get("a").unwrap();
+        assert_eq!(state_of(&s, false, true), "backlog");
+        assert_eq!(state_of(&s, false, false), "stalled");
+        disks.applied("a", 5, None);
+        let s = disks.get("a").unwrap();
+        assert_eq!(state_of(&s, false, false), "disconnected");
+    }
+
+    #[test]
+    fn rpo_alert_fires_only_above_the_threshold() {
+        assert_eq!(rpo_alert(-1.0, RPO_ALERT), None);
+        assert_eq!(rpo_alert(900.0, RPO_ALERT), None);
+        let a = rpo_alert(901.0, RPO_ALERT).unwrap();
+        assert!(a.contains("901s") && a.contains("900s"), "{a}");
+    }
 }

@@ -1,15 +1,41 @@
 //! Backpressure of the cache volume: usage against the quota's high-water mark, a full
-//! volume (ENOSPC), and the fatal-error latch.
+//! volume (ENOSPC), and the fatal-error latch. Before the pause, a ladder of health events:
+//! warning below 30 % of the quota free, critical below 25 % ([`Flow::space_alert`]).
 //!
 //! Ingest watches [`Flow::pause`]: while it holds a reason, agent streams are told
 //! `pause { paused: true, reason }` and their next batches are simply not read (nothing is
 //! refused or dropped); when it clears they get `pause { paused: false }`.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 use tokio::sync::watch;
+
+/// Free space of the quota, in percent, below which a warning health event is raised.
+pub const WARN_FREE_PERCENT: u64 = 30;
+/// Free space of the quota, in percent, below which a critical health event is raised.
+pub const CRITICAL_FREE_PERCENT: u64 = 25;
+
+/// Health of the cache's free space (the ladder below the high-water pause).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SpaceLevel {
+    Ok = 0,
+    /// Less than [`WARN_FREE_PERCENT`] of the quota free.
+    Warning = 1,
+    /// Less than [`CRITICAL_FREE_PERCENT`] of the quota free.
+    Critical = 2,
+}
+
+impl SpaceLevel {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => SpaceLevel::Ok,
+            1 => SpaceLevel::Warning,
+            _ => SpaceLevel::Critical,
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct Flow {
@@ -21,6 +47,8 @@ pub struct Flow {
     quota: u64,
     high_water_percent: u8,
     no_space: AtomicBool,
+    /// The last [`SpaceLevel`] reported, so each change is logged once.
+    level: AtomicU8,
     pause: watch::Sender<Option<String>>,
     fatal: watch::Sender<Option<String>>,
     /// Signalled when a segment is deleted, to wake a writer waiting out ENOSPC.
@@ -35,6 +63,7 @@ impl Flow {
             quota,
             high_water_percent,
             no_space: AtomicBool::new(false),
+            level: AtomicU8::new(SpaceLevel::Ok as u8),
             pause: watch::Sender::new(None),
             fatal: watch::Sender::new(None),
             freed: (Mutex::new(0), Condvar::new()),
@@ -108,8 +137,51 @@ impl Flow {
         let _ = cv.wait_for(&mut g, Duration::from_secs(1));
     }
 
+    /// The free-space level of the cache right now.
+    pub fn space_level(&self) -> SpaceLevel {
+        let free = self.quota.saturating_sub(self.usage()) as u128 * 100;
+        let quota = u128::from(self.quota);
+        if free < quota * u128::from(CRITICAL_FREE_PERCENT) {
+            SpaceLevel::Critical
+        } else if free < quota * u128::from(WARN_FREE_PERCENT) {
+            SpaceLevel::Warning
+        } else {
+            SpaceLevel::Ok
+        }
+    }
+
+    /// The health alert for the cache's free space, if any.
+    pub fn space_alert(&self) -> Option<String> {
+        let used = self.usage();
+        let free = self.quota.saturating_sub(used);
+        let (word, limit) = match self.space_level() {
+            SpaceLevel::Ok => return None,
+            SpaceLevel::Warning => ("warning", WARN_FREE_PERCENT),
+            SpaceLevel::Critical => ("critical", CRITICAL_FREE_PERCENT),
+        };
+        Some(format!(
+            "{word}: cache has {free} of {} bytes free, less than {limit}% (agents pause at {}% used)",
+            self.quota, self.high_water_percent
+        ))
+    }
+
+    /// Logs a health event when the free-space level changes.
+    fn report_level(&self) {
+        let now = self.space_level();
+        let before = SpaceLevel::from_u8(self.level.swap(now as u8, Ordering::Relaxed));
+        if now == before {
+            return;
+        }
+        match (now, self.space_alert()) {
+            (SpaceLevel::Critical, Some(a)) => tracing::error!("cache space {a}"),
+            (SpaceLevel::Warning, Some(a)) => tracing::warn!("cache space {a}"),
+            _ => tracing::info!("cache space back above {WARN_FREE_PERCENT}% free"),
+        }
+    }
+
     /// Recomputes the pause reason from usage and the no-space flag.
     fn refresh(&self) {
+        self.report_level();
         let usage = self.usage() + self.queued.load(Ordering::Relaxed);
         let reason = if self.no_space.load(Ordering::Relaxed) {
             Some(format!(
@@ -173,5 +245,27 @@ mod tests {
         assert!(rx.borrow().is_none());
         f.set_no_space(true);
         assert!(rx.borrow().as_deref().unwrap().contains("ENOSPC"));
+    }
+
+    #[test]
+    fn space_ladder_warns_below_30_and_is_critical_below_25_percent_free() {
+        let f = Flow::new(0, 1000, 80);
+        f.grew(700);
+        assert_eq!(f.space_level(), SpaceLevel::Ok);
+        assert!(f.space_alert().is_none());
+        f.grew(1);
+        assert_eq!(f.space_level(), SpaceLevel::Warning);
+        assert!(
+            f.space_alert()
+                .unwrap()
+                .starts_with("warning: cache has 299 of 1000")
+        );
+        f.grew(50);
+        assert_eq!(f.space_level(), SpaceLevel::Critical);
+        assert!(f.space_alert().unwrap().starts_with("critical"));
+        // Still below the high-water mark: warnings only, agents not paused.
+        assert!(f.pause().borrow().is_none());
+        f.shrank(751);
+        assert_eq!(f.space_level(), SpaceLevel::Ok);
     }
 }

@@ -454,45 +454,60 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            match self.commit(&group) {
-                Ok(locs) => {
+            // A group that fills the active segment is committed in parts, one per segment:
+            // each part is announced (index, acks) before the next segment is created, so a
+            // full volume (ENOSPC at rotation) never holds back records already synced, and
+            // the segments they sealed can be forwarded and deleted to free space.
+            while !group.is_empty() {
+                let (locs, full) = match self.commit(&group) {
+                    Ok(r) => r,
+                    Err(e) => return self.fail(e, group, &mut rx),
+                };
+                let rest = group.split_off(locs.len());
+                if !locs.is_empty() {
                     self.events.durable(&group, &locs);
-                    // Published only now: a segment sealed during this group may hold
-                    // records the index learns of in `durable`, and segments below the
-                    // active one are candidates for deletion.
-                    self.active_seq.store(self.active.seq, Ordering::Release);
                     for (a, loc) in group.into_iter().zip(locs) {
                         let _ = a.done.send(Ok(loc));
                     }
                 }
-                Err(e) => {
-                    tracing::error!("cache log: {e}; no more batches are accepted");
-                    self.events.fatal(&e);
-                    let e = Arc::new(e);
-                    rx.close();
-                    for a in group {
-                        let _ = a.done.send(Err(e.clone()));
-                    }
-                    while let Ok(a) = rx.try_recv() {
-                        let _ = a.done.send(Err(e.clone()));
-                    }
-                    return;
+                if full && let Err(e) = self.rotate() {
+                    return self.fail(e, rest, &mut rx);
                 }
+                // Published only now: segments below the active one are candidates for
+                // deletion, so the index must know their records first (`durable`).
+                self.active_seq.store(self.active.seq, Ordering::Release);
+                group = rest;
             }
         }
     }
 
-    /// Writes one group and syncs it; returns where each record went.
-    fn commit(&mut self, group: &[Append]) -> Result<Vec<Loc>, LogError> {
+    /// A fatal error: fails `group` and everything queued, and stops taking appends.
+    fn fail(&self, e: LogError, group: Vec<Append>, rx: &mut mpsc::Receiver<Append>) {
+        tracing::error!("cache log: {e}; no more batches are accepted");
+        self.events.fatal(&e);
+        let e = Arc::new(e);
+        rx.close();
+        for a in group {
+            let _ = a.done.send(Err(e.clone()));
+        }
+        while let Ok(a) = rx.try_recv() {
+            let _ = a.done.send(Err(e.clone()));
+        }
+    }
+
+    /// Writes the records of `group` that fit in the active segment and syncs them; returns
+    /// where each went (a prefix of `group`) and whether the segment is full (the next record
+    /// does not fit, so the caller rotates).
+    fn commit(&mut self, group: &[Append]) -> Result<(Vec<Loc>, bool), LogError> {
         self.buf.clear();
         let mut locs = Vec::with_capacity(group.len());
+        let mut full = false;
         for a in group {
             let rec_len = segment::record_len(&a.disk_id, a.batch.len()) as u64;
             let end = self.active.len + self.buf.len() as u64;
             if end + rec_len > self.segment_size && end > HEADER_LEN as u64 {
-                self.write_buf()?;
-                self.sync()?;
-                self.rotate()?;
+                full = true;
+                break;
             }
             let offset = self.active.len + self.buf.len() as u64;
             segment::encode_record(
@@ -510,9 +525,11 @@ impl Writer {
                 time_unix_ms: a.time_unix_ms,
             });
         }
-        self.write_buf()?;
-        self.sync()?;
-        Ok(locs)
+        if !locs.is_empty() {
+            self.write_buf()?;
+            self.sync()?;
+        }
+        Ok((locs, full))
     }
 
     fn path(&self) -> String {

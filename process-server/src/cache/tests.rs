@@ -2,6 +2,7 @@
 
 use std::fs::OpenOptions;
 use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
 
 use super::segment::{HEADER_LEN, encode_header, encode_record, file_name};
 use super::*;
@@ -217,4 +218,103 @@ fn a_second_server_on_the_same_directory_is_refused() {
         Cache::open(&config(dir.path(), 1 << 20)),
         Err(CacheError::Locked { .. })
     ));
+}
+
+/// A size-limited tmpfs mounted on a temporary directory (needs root), unmounted on drop.
+struct SmallVolume {
+    dir: tempfile::TempDir,
+}
+
+impl SmallVolume {
+    fn mount(size: &str) -> Option<SmallVolume> {
+        let dir = tempfile::tempdir().ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(SmallVolume { dir })
+    }
+}
+
+impl Drop for SmallVolume {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_volume_pauses_with_enospc_and_resumes_when_segments_are_freed() {
+    let Some(vol) = SmallVolume::mount("64k") else {
+        eprintln!("skipped: cannot mount a tmpfs here (not root?)");
+        return;
+    };
+    let dir = vol.dir.path();
+    // The quota is far above the volume, so only ENOSPC can stop the writer.
+    let (cache, _, seen) = open_started(dir, 16 << 10);
+    let mut pause = cache.flow().pause();
+    let mut rxs = std::collections::VecDeque::new();
+    for s in 1..=40 {
+        rxs.push_back(cache.append("a", s, 0, batch(s, 4000)).await.unwrap());
+    }
+    // 40 x 4 KiB do not fit in 64 KiB: the writer reports the full volume and waits.
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        pause.wait_for(|r| r.as_deref().is_some_and(|r| r.contains("ENOSPC"))),
+    )
+    .await
+    .expect("no ENOSPC pause")
+    .unwrap();
+    assert!(seen.lock().len() < 40);
+    assert!(cache.flow().fatal().borrow().is_none());
+    // Freeing applied segments lets it go on; every append completes, in order, none lost.
+    while let Some(mut rx) = rxs.pop_front() {
+        loop {
+            tokio::select! {
+                r = &mut rx => { r.unwrap().unwrap(); break; }
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                    cache.delete_applied(|_| Some(u64::MAX)).await.unwrap();
+                }
+            }
+        }
+    }
+    let seqs: Vec<u64> = seen.lock().iter().map(|(_, s)| *s).collect();
+    assert_eq!(seqs, (1..=40).collect::<Vec<_>>());
+    assert!(pause.borrow().is_none(), "{:?}", *pause.borrow());
+    assert!(cache.flow().fatal().borrow().is_none());
+    // What is still cached reads back intact.
+    let last = cache.with_index(|ix| ix.get("a", 40)).unwrap();
+    let got = cache.read(vec![("a".into(), 40, last)]).await;
+    assert_eq!(got[0].as_ref().unwrap(), &batch(40, 4000));
+    cache.close().await;
+    drop(cache);
+}
+
+#[tokio::test]
+async fn a_newest_segment_torn_at_creation_is_rewritten_and_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _, _) = open_started(dir.path(), 64 << 20);
+    append_all(&cache, "a", 1..=3, 300).await;
+    cache.close().await;
+    drop(cache);
+    // A crash while segment 2's header was being written.
+    std::fs::write(seg_path(dir.path(), 2), [0x46, 0x42, 0x43, 0x41, 0x7f]).unwrap();
+
+    let (cache, damage, _) = open_started(dir.path(), 64 << 20);
+    assert!(damage.is_empty(), "{damage:?}");
+    assert_eq!(cache.with_index(|ix| ix.seqs("a")), vec![1, 2, 3]);
+    append_all(&cache, "a", 4..=4, 300).await;
+    assert_eq!(cache.with_index(|ix| ix.get("a", 4)).unwrap().segment, 2);
+    cache.close().await;
+    drop(cache);
+    let (cache, damage, _) = open_started(dir.path(), 64 << 20);
+    assert!(damage.is_empty(), "{damage:?}");
+    assert_eq!(cache.with_index(|ix| ix.seqs("a")), vec![1, 2, 3, 4]);
+    let header = std::fs::read(seg_path(dir.path(), 2)).unwrap();
+    assert_eq!(super::segment::decode_header(&header, 2), Ok(2));
+    cache.close().await;
 }
