@@ -128,7 +128,19 @@ fn register(fd: OwnedFd) -> Result<AsyncFd<OwnedFd>> {
 impl Link {
     /// Creates namespace `netns` and the link to it, and starts forwarding (on the current
     /// tokio runtime).
-    pub fn create(netns: &str, rtt_ms: u64, rate_mbit: u64, buffer_ms: u64) -> Result<Link> {
+    ///
+    /// `loss` is the probability (0..1) that a packet is lost at random on the link, in
+    /// each direction, on top of the queue's tail drops (counted with them in `dropped`).
+    pub fn create(
+        netns: &str,
+        rtt_ms: u64,
+        rate_mbit: u64,
+        buffer_ms: u64,
+        loss: f64,
+    ) -> Result<Link> {
+        if !(0.0..1.0).contains(&loss) {
+            bail!("the loss probability must be in [0, 1), not {loss}");
+        }
         // Unique per link, so that a device of the previous link still being torn down
         // never clashes with this one's.
         static LINKS: AtomicU64 = AtomicU64::new(0);
@@ -180,6 +192,7 @@ impl Link {
                 tx,
                 link.dropped.clone(),
                 up_way.then(|| link.relayed.clone()),
+                loss,
             )));
             link.tasks.push(tokio::spawn(write_side(
                 to,
@@ -233,14 +246,15 @@ fn is_syn(pkt: &[u8]) -> bool {
 }
 
 /// Reads packets from `from` and queues each with its release time, or drops it when the
-/// direction's queue is full (tail drop, as a router does). With `syns`, counts the
-/// connections opened in this direction.
+/// direction's queue is full (tail drop, as a router does) or, with probability `loss`, at
+/// random. With `syns`, counts the connections opened in this direction.
 async fn read_side(
     from: Arc<AsyncFd<OwnedFd>>,
     dir: Arc<Direction>,
     tx: mpsc::UnboundedSender<(Instant, Vec<u8>)>,
     dropped: Arc<AtomicU64>,
     syns: Option<Arc<Relayed>>,
+    loss: f64,
 ) {
     let mut buf = vec![0u8; 65536];
     loop {
@@ -264,6 +278,10 @@ async fn read_side(
             && is_syn(&buf[..n])
         {
             r.connections.fetch_add(1, Ordering::Relaxed);
+        }
+        if loss > 0.0 && rand::random::<f64>() < loss {
+            dropped.fetch_add(1, Ordering::Relaxed);
+            continue;
         }
         match dir.queue.try_acquire_many(n as u32) {
             Ok(p) => p.forget(),
@@ -320,7 +338,7 @@ mod tests {
             return;
         }
         let name = format!("fbt{}", std::process::id());
-        let link = Link::create(&name, 10, 100, 50).unwrap();
+        let link = Link::create(&name, 10, 100, 50, 0.0).unwrap();
         let port = crate::cluster::free_port().unwrap();
         let mut echo = Command::new("socat");
         echo.args([

@@ -94,6 +94,10 @@ pub struct RunArgs {
     /// Emulator: router queue beyond the delay line, in ms of the link rate.
     #[arg(long, default_value_t = 50)]
     pub buffer_ms: u64,
+    /// Emulator, packet mode: random loss in percent of packets, each direction (the
+    /// bound then includes Mathis' limit for Reno/CUBIC).
+    #[arg(long, default_value_t = 0.0)]
+    pub loss_percent: f64,
     /// Seed of the generated disks.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -127,7 +131,7 @@ impl WanMode {
             WanMode::Packet => {
                 "packet mode: real TCP through a user-space forwarder that releases packets \
                  with the tokio timer (1 ms granularity) and shares the CPUs with the roles; \
-                 losses are tail drops of its queue only"
+                 losses are tail drops of its queue, plus random ones with --loss-percent"
             }
         }
     }
@@ -171,6 +175,12 @@ impl RunArgs {
         // SAFETY: geteuid has no preconditions.
         if self.wan == WanMode::Packet && unsafe { libc::geteuid() } != 0 {
             bail!("--wan packet needs root (network namespaces and TUN devices)");
+        }
+        if self.loss_percent != 0.0 && self.wan != WanMode::Packet {
+            bail!("--loss-percent needs --wan packet (the proxy has no packets to lose)");
+        }
+        if !(0.0..100.0).contains(&self.loss_percent) {
+            bail!("--loss-percent must be in [0, 100)");
         }
         if plan.rate_mbit.contains(&0) {
             bail!("--rate must be positive (Mbit/s)");
@@ -249,7 +259,8 @@ pub struct Row {
     pub link_utilisation: f64,
     /// Connections the emulator accepted (proxy) or saw opened (packet: SYNs) in one copy.
     pub connections: u64,
-    /// Packets the emulator's full queue dropped (packet mode; 0 in proxy mode).
+    /// Packets the emulator dropped: full queue, or random loss with --loss-percent
+    /// (packet mode; 0 in proxy mode).
     pub dropped_packets: u64,
     pub bound: Bound,
     /// Wire throughput over the bound.
@@ -272,9 +283,69 @@ pub struct Report {
     pub host: Host,
     pub plan: Plan,
     pub tls: bool,
+    /// Random packet loss of the emulated link, in percent (packet mode).
+    pub loss_percent: f64,
     pub workloads: Vec<WorkloadInfo>,
     pub notes: Vec<String>,
     pub rows: Vec<Row>,
+    /// The issue's targets (reported, never asserted), checked against this run's rows.
+    pub targets: Vec<Target>,
+}
+
+/// One of the targets the bench reports against, at 1 Gbit/s and 100 ms RTT.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Target {
+    pub what: &'static str,
+    /// The measured figure and the one wanted (`>=`).
+    pub measured: Option<f64>,
+    pub wanted: f64,
+    /// None when this run has no row to check it with.
+    pub met: Option<bool>,
+}
+
+/// Grid point the targets are stated at.
+const TARGET_RATE_MBIT: u64 = 1000;
+const TARGET_RTT_MS: u64 = 100;
+
+/// Checks the full-sync targets against `rows` (those at 1 Gbit/s and 100 ms RTT).
+/// Differential resync and RPO targets are not measured by `bench run` yet, so they are
+/// left out rather than reported as met.
+pub fn targets(rows: &[Row]) -> Vec<Target> {
+    let at = |workload: &str, system: &str| {
+        rows.iter().find(|r| {
+            r.workload == workload
+                && r.system == system
+                && r.rate_mbit == TARGET_RATE_MBIT
+                && r.rtt_ms == TARGET_RTT_MS
+        })
+    };
+    let ratio = |workload: &str, peer: &str| at(workload, peer).and_then(|r| r.failback_over_this);
+    let checks = [
+        (
+            "filesystem full sync: failback / nbdcopy MB/s",
+            ratio("filesystem", "nbdcopy"),
+            2.5,
+        ),
+        (
+            "filesystem full sync: failback / lz4|socat MB/s",
+            ratio("filesystem", "lz4|socat"),
+            1.5,
+        ),
+        (
+            "random full sync: failback link utilisation",
+            at("random", "failback").map(|r| r.link_utilisation),
+            0.95,
+        ),
+    ];
+    checks
+        .into_iter()
+        .map(|(what, measured, wanted)| Target {
+            what,
+            measured,
+            wanted,
+            met: measured.map(|m| m >= wanted),
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -337,6 +408,7 @@ impl Emulator {
                     rtt_ms,
                     rate_mbit,
                     args.buffer_ms,
+                    args.loss_percent / 100.0,
                 )?;
                 let far = SocketAddr::from((link.far, port));
                 Ok((Emulator::Packet(link), far, far))
@@ -395,6 +467,7 @@ impl Proxy {
             rate_mbit,
             buffer_ms: args.buffer_ms,
             window: args.proxy_window,
+            loss_percent: 0.0,
         };
         let relayed = Arc::new(Relayed::default());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -501,6 +574,9 @@ pub fn run(args: &RunArgs, exe: &Path) -> Result<Report> {
         plan.size >> 20,
         args.wan.label()
     );
+    if args.loss_percent > 0.0 {
+        println!("  random loss: {}% of packets each way", args.loss_percent);
+    }
     for n in &notes[1..] {
         println!("  note: {n}");
     }
@@ -592,8 +668,10 @@ pub fn run(args: &RunArgs, exe: &Path) -> Result<Report> {
         host,
         plan,
         tls: args.tls,
+        loss_percent: args.loss_percent,
         workloads,
         notes,
+        targets: targets(&rows),
         rows,
     };
     let stem = args.out.join(format!("run-{started_unix}"));
@@ -735,6 +813,13 @@ fn window_terms(args: &RunArgs, system: System, seen_connections: u64) -> Vec<(&
             .filter_map(|(key, name)| Some((name, tcp_buffer_max(key)? * conns)))
             .collect(),
     };
+    // BBR is not loss-based: Mathis' limit does not hold for it.
+    if args.wan == WanMode::Packet
+        && args.loss_percent > 0.0
+        && congestion_control().as_deref() != Some("bbr")
+    {
+        terms.push(("Mathis (loss)", mathis_window(args.loss_percent) * conns));
+    }
     if system == System::Failback {
         terms.push((
             "h2 window",
@@ -743,6 +828,20 @@ fn window_terms(args: &RunArgs, system: System, seen_connections: u64) -> Vec<(&
         terms.push(("forward window", args.forward_window));
     }
     terms
+}
+
+/// Mathis et al.: a Reno/CUBIC flow reaches at most (MSS / RTT) x 1.22 / sqrt(p), i.e. a
+/// window of MSS x 1.22 / sqrt(p) bytes per RTT, at MSS = MTU - 40.
+fn mathis_window(loss_percent: f64) -> u64 {
+    let mss = f64::from(crate::packet::MTU - 40);
+    (mss * 1.22 / (loss_percent / 100.0).sqrt()) as u64
+}
+
+/// `net.ipv4.tcp_congestion_control` of this namespace (the senders').
+fn congestion_control() -> Option<String> {
+    fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 /// The third (maximum) value of `net.ipv4.KEY`.
@@ -863,6 +962,20 @@ fn print_table(report: &Report) {
     for n in &report.notes {
         println!("note: {n}");
     }
+    println!(
+        "targets at {TARGET_RATE_MBIT} Mbit/s, {TARGET_RTT_MS} ms (reported, not asserted; differential resync and RPO are not measured yet):"
+    );
+    for t in &report.targets {
+        let (measured, verdict) = match (t.measured, t.met) {
+            (Some(m), Some(true)) => (format!("{m:.2}"), "met"),
+            (Some(m), _) => (format!("{m:.2}"), "NOT met"),
+            (None, _) => ("-".to_string(), "no row in this run"),
+        };
+        println!(
+            "  {:<50} {measured:>6} (want >= {:.2}): {verdict}",
+            t.what, t.wanted
+        );
+    }
 }
 
 #[cfg(test)]
@@ -881,6 +994,80 @@ mod tests {
         assert!((b.mb_per_sec - 167.77216).abs() < 1e-6);
         // At 100 Mbit/s the link is tighter.
         assert_eq!(bound(100, 100, &w).limited_by, "link rate");
+    }
+
+    fn row(workload: &str, system: &str, rtt_ms: u64, util: f64, fb_over: Option<f64>) -> Row {
+        Row {
+            workload: workload.into(),
+            system: system.into(),
+            rtt_ms,
+            rate_mbit: 1000,
+            disk_bytes: 0,
+            repeats: 1,
+            runs_seconds: vec![1.0],
+            seconds: 1.0,
+            mb_per_sec: 1.0,
+            blocks_per_sec: 1.0,
+            wire_bytes_up: 0,
+            wire_bytes_down: 0,
+            link_utilisation: util,
+            connections: 1,
+            dropped_packets: 0,
+            bound: bound(1000, rtt_ms, &[]),
+            of_bound: 0.0,
+            roles: Vec::new(),
+            emulator_cpu_secs_per_gib: 0.0,
+            failback_over_this: fb_over,
+        }
+    }
+
+    #[test]
+    fn targets_read_the_rows_at_1_gbit_and_100_ms_only() {
+        let rows = [
+            row("filesystem", "failback", 100, 0.5, None),
+            row("filesystem", "nbdcopy", 100, 0.2, Some(3.0)),
+            row("filesystem", "lz4|socat", 100, 0.2, Some(1.2)),
+            // Another RTT: ignored.
+            row("random", "failback", 20, 0.99, None),
+        ];
+        let t = targets(&rows);
+        assert_eq!(t.len(), 3);
+        assert_eq!((t[0].measured, t[0].met), (Some(3.0), Some(true)));
+        assert_eq!((t[1].measured, t[1].met), (Some(1.2), Some(false)));
+        assert_eq!((t[2].measured, t[2].met), (None, None));
+        let t = targets(&[row("random", "failback", 100, 0.96, None)]);
+        assert_eq!(t[2].met, Some(true));
+    }
+
+    #[test]
+    fn loss_adds_the_mathis_term_in_packet_mode_only() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        // 1360 B x 1.22 / sqrt(1e-4) = 165,920 B per connection: 6.6 MB/s for 4 at 100 ms.
+        assert_eq!(mathis_window(0.01), 165_920);
+        let args = Cli::parse_from(["bench", "--wan", "packet", "--loss-percent", "0.01"]).run;
+        let terms = window_terms(&args, System::Failback, 4);
+        let mathis = terms.iter().find(|(n, _)| *n == "Mathis (loss)");
+        if congestion_control().as_deref() == Some("bbr") {
+            assert!(mathis.is_none(), "BBR is not bound by Mathis: {terms:?}");
+        } else {
+            assert_eq!(mathis.unwrap().1, 4 * 165_920);
+            let b = bound(1000, 100, &terms);
+            assert_eq!(b.limited_by, "Mathis (loss) / RTT");
+            assert!((b.mb_per_sec - 6.6368).abs() < 1e-3, "{b:?}");
+        }
+        // The proxy has no packets to lose.
+        let proxy = Cli::parse_from(["bench", "--loss-percent", "0.01"]).run;
+        assert!(proxy.plan().is_err());
+        assert!(
+            !window_terms(&proxy, System::Failback, 4)
+                .iter()
+                .any(|(n, _)| *n == "Mathis (loss)")
+        );
     }
 
     #[test]

@@ -58,6 +58,9 @@ pub struct WanArgs {
     /// Bytes in flight per connection and direction (stands in for TCP's window); 0 = off.
     #[arg(long, default_value = "4M", value_parser = protocol::cli::parse_size)]
     pub window: u64,
+    /// Packet mode: random loss, in percent of packets, each direction.
+    #[arg(long, default_value_t = 0.0, requires = "packet")]
+    pub loss_percent: f64,
 }
 
 /// Bytes the proxy has relayed, per direction, over its lifetime: the "wire bytes" of a run
@@ -198,14 +201,23 @@ async fn pump(
 
 /// Runs the emulator (proxy or packet mode) until `shutdown` resolves.
 pub async fn serve(args: WanArgs, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    if !args.packet && args.loss_percent != 0.0 {
+        anyhow::bail!("--loss-percent needs --packet (the proxy has no packets to lose)");
+    }
     if args.packet {
-        let link =
-            crate::packet::Link::create(&args.netns, args.rtt_ms, args.rate_mbit, args.buffer_ms)?;
+        let link = crate::packet::Link::create(
+            &args.netns,
+            args.rtt_ms,
+            args.rate_mbit,
+            args.buffer_ms,
+            args.loss_percent / 100.0,
+        )?;
         eprintln!(
-            "bench wan: packet mode, RTT {} ms, {} Mbit/s, MTU {}: this namespace is {}, namespace {} is {}; \
+            "bench wan: packet mode, RTT {} ms, {} Mbit/s, loss {}%, MTU {}: this namespace is {}, namespace {} is {}; \
              run the far side with `ip netns exec {} ...`",
             args.rtt_ms,
             args.rate_mbit,
+            args.loss_percent,
             crate::packet::MTU,
             link.near,
             args.netns,
@@ -297,6 +309,7 @@ mod tests {
             rate_mbit: 0,
             buffer_ms: 50,
             window: 0,
+            loss_percent: 0.0,
         };
         tokio::spawn(serve(args, std::future::pending()));
         tokio::task::yield_now().await;
@@ -319,6 +332,51 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn rate_limits_each_direction() {
+        let upstream = echo_server().await;
+        let listen = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        // 8 Mbit/s = 1 MB/s each way, no window: 2 MB up and echoed back take about 2 s
+        // (the two directions overlap), never less.
+        let args = WanArgs {
+            listen: Some(listen),
+            upstream: Some(upstream),
+            packet: false,
+            netns: String::new(),
+            rtt_ms: 20,
+            rate_mbit: 8,
+            buffer_ms: 50,
+            window: 0,
+            loss_percent: 0.0,
+        };
+        tokio::spawn(serve(args, std::future::pending()));
+        tokio::task::yield_now().await;
+        let s = loop {
+            if let Ok(s) = TcpStream::connect(listen).await {
+                break s;
+            }
+            tokio::task::yield_now().await;
+        };
+        let data = vec![7u8; 2_000_000];
+        let (mut r, mut w) = s.into_split();
+        let t0 = Instant::now();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move { w.write_all(&sent).await.unwrap() });
+        let mut back = vec![0u8; data.len()];
+        r.read_exact(&mut back).await.unwrap();
+        writer.await.unwrap();
+        let took = t0.elapsed();
+        assert!(back == data);
+        assert!(
+            took >= Duration::from_millis(2000) && took < Duration::from_millis(2600),
+            "2 MB at 1 MB/s took {took:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn relays_bytes_intact_and_counts_them() {
         let upstream = echo_server().await;
         let listen = TcpListener::bind("127.0.0.1:0")
@@ -335,6 +393,7 @@ mod tests {
             rate_mbit: 100,
             buffer_ms: 50,
             window: 256 << 10,
+            loss_percent: 0.0,
         };
         let relayed = Arc::new(Relayed::default());
         tokio::spawn(serve_counted(args, relayed.clone(), std::future::pending()));

@@ -384,6 +384,42 @@ mod tests {
     }
 
     #[test]
+    fn filesystem_image_is_reproducible_and_about_60_percent_used() {
+        if Command::new("mke2fs").arg("-V").output().is_err() {
+            eprintln!("e2fsprogs not installed: filesystem workload not tested");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
+        Workload::Filesystem.build(&a, 64 << 20, 5).unwrap();
+        // mke2fs -d copies each staged file's ctime (the time of the copy), so two builds
+        // a second apart differ in their inode tables, but not in their layout or data.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        Workload::Filesystem.build(&b, 64 << 20, 5).unwrap();
+        let (a, b) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+        let blocks = (a.len() / 4096) as f64;
+        let used = |img: &[u8]| -> Vec<bool> {
+            img.chunks(4096)
+                .map(|c| c.iter().any(|&x| x != 0))
+                .collect()
+        };
+        assert_eq!(used(&a), used(&b), "the two builds place data differently");
+        let differing = a
+            .chunks(4096)
+            .zip(b.chunks(4096))
+            .filter(|(x, y)| x != y)
+            .count() as f64;
+        let share = used(&a).iter().filter(|&&u| u).count() as f64 / blocks;
+        eprintln!(
+            "filesystem image: {:.1}% of blocks hold data, {:.2}% differ between builds",
+            share * 100.0,
+            differing / blocks * 100.0
+        );
+        assert!(differing / blocks < 0.01, "{differing} blocks differ");
+        assert!((0.5..=0.7).contains(&share), "{share} of blocks hold data");
+    }
+
+    #[test]
     fn filesystem_image_is_a_clean_ext4() {
         if Command::new("e2fsck").arg("-V").output().is_err() {
             eprintln!("e2fsprogs not installed: filesystem workload not tested");
