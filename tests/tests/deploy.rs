@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use bench::cluster::{Cluster, free_port, run_with_timeout};
+use bench::cluster::{Cluster, free_port};
 use bench::{verify, workload};
 
 /// Copies a sample config from `deploy/` into `dir`, pointing its host-specific keys (which
@@ -39,17 +39,7 @@ fn sample_configs_start_the_daemons_and_sigterm_stops_them_cleanly() {
     }
     let source = dir.path().join("source.raw");
     workload::generate_disk(&source, 8 << 20, 5).unwrap();
-    let out = run_with_timeout(
-        &mut c.agent_sync(&source, "disk-deploy-1", "deployed", &["--wait"]),
-        Duration::from_secs(120),
-    )
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "agent failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        c.log_tails()
-    );
+    common::sync_ok(&c, &source, "disk-deploy-1", "deployed");
     verify::files_equal(&c.flat_path("deployed"), &source).unwrap();
     // The samples ask for JSON logs: the daemons' log lines must be JSON objects.
     let logs = c.log_tails();

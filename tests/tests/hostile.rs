@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use bench::cluster::{Cluster, run_with_timeout};
+use bench::cluster::Cluster;
 use bench::{verify, workload};
 use protocol::auth::{ClientAuth, Passphrase};
 use protocol::batch::{BatchBuilder, header_crc};
@@ -98,20 +98,7 @@ fn hostile_batches_get_precise_codes_and_change_nothing() {
     let c = common::cluster(dir.path());
     let source = dir.path().join("good.raw");
     workload::generate_disk(&source, CAPACITY, 3).unwrap();
-    let sync = |extra: &[&str]| {
-        let out = run_with_timeout(
-            &mut c.agent_sync(&source, "disk-good", "good", extra),
-            Duration::from_secs(120),
-        )
-        .unwrap();
-        assert!(
-            out.status.success(),
-            "honest agent failed: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            c.log_tails()
-        );
-    };
-    sync(&["--wait"]);
+    common::sync_ok(&c, &source, "disk-good", "good");
     let good_before = std::fs::read(c.flat_path("good")).unwrap();
 
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -179,6 +166,6 @@ fn hostile_batches_get_precise_codes_and_change_nothing() {
 
     // The servers still replicate honest work.
     workload::churn(&source, 7, 64).unwrap();
-    sync(&["--wait"]);
+    common::sync_ok(&c, &source, "disk-good", "good");
     verify::files_equal(&c.flat_path("good"), &source).unwrap();
 }

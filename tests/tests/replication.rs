@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bench::cluster::run_with_timeout;
 use bench::{verify, workload};
-use common::{Server, cluster, wait_for_disk};
+use common::{Server, cluster, sync_ok, wait_for_disk};
 
 const SYNC_TIMEOUT: Duration = Duration::from_secs(240);
 
@@ -44,17 +44,7 @@ fn full_sync_of_mixed_disk_equals_source_byte_for_byte() {
     let c = cluster(dir.path());
     let source = dir.path().join("source.raw");
     workload::generate_disk(&source, 48 << 20, 11).unwrap();
-    let out = run_with_timeout(
-        &mut c.agent_sync(&source, "disk-mixed-1", "mixed", &["--wait"]),
-        SYNC_TIMEOUT,
-    )
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "agent failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        c.log_tails()
-    );
+    sync_ok(&c, &source, "disk-mixed-1", "mixed");
     assert_replica_equals(&c, "mixed", &source);
 }
 
@@ -64,22 +54,9 @@ fn second_full_sync_after_changes_converges() {
     let c = cluster(dir.path());
     let source = dir.path().join("source.raw");
     workload::generate_disk(&source, 16 << 20, 5).unwrap();
-    let sync = || {
-        run_with_timeout(
-            &mut c.agent_sync(&source, "disk-twice", "twice", &["--wait"]),
-            SYNC_TIMEOUT,
-        )
-        .unwrap()
-    };
-    assert!(sync().status.success(), "{}", c.log_tails());
+    sync_ok(&c, &source, "disk-twice", "twice");
     workload::churn(&source, 200, 9).unwrap();
-    let out = sync();
-    assert!(
-        out.status.success(),
-        "second pass: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        c.log_tails()
-    );
+    sync_ok(&c, &source, "disk-twice", "twice");
     assert_replica_equals(&c, "twice", &source);
 }
 
@@ -183,17 +160,7 @@ fn full_sync_over_tls_on_both_hops() {
     }
     let source = dir.path().join("source.raw");
     workload::generate_disk(&source, 8 << 20, 21).unwrap();
-    let out = run_with_timeout(
-        &mut c.agent_sync(&source, "disk-tls", "tls", &["--wait"]),
-        SYNC_TIMEOUT,
-    )
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "agent over TLS failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        c.log_tails()
-    );
+    sync_ok(&c, &source, "disk-tls", "tls");
     assert_replica_equals(&c, "tls", &source);
     // A client that does not trust the CA is refused by the TLS handshake.
     let mut untrusted = c.role("agent");

@@ -16,6 +16,22 @@ pub fn roles_exe() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_failback-roles"))
 }
 
+/// Runs `agent sync --wait` of `source` to completion and panics, with the servers' logs,
+/// unless it succeeds.
+pub fn sync_ok(c: &Cluster, source: &Path, disk_id: &str, name: &str) {
+    let out = bench::cluster::run_with_timeout(
+        &mut c.agent_sync(source, disk_id, name, &["--wait"]),
+        Duration::from_secs(240),
+    )
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "agent sync of {name} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.log_tails()
+    );
+}
+
 /// A started master target + process server in a fresh temp dir.
 pub fn cluster(dir: &Path) -> Cluster {
     let mut c = Cluster::new(roles_exe(), dir).expect("cluster dirs");
