@@ -56,21 +56,9 @@ async fn crash_at(point: &str, data_written: bool, committed: bool) {
     drop(c);
     stop(child);
 
-    let out = run(&[
-        "recovery-points",
-        "--json",
-        "--disk",
-        DISK,
-        "--retention",
-        dir.join("ret").to_str().unwrap(),
-    ]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let points = v["points"].as_array().unwrap();
-    let seqs: Vec<u64> = points
-        .iter()
-        .filter(|p| p["kind"] == "batch")
-        .map(|p| p["seq"].as_u64().unwrap())
-        .collect();
+    let out = recovery_points(dir);
+    let points = points(&out);
+    let seqs = batch_seqs(&points);
     assert_eq!(
         seqs,
         (1..=N).collect::<Vec<_>>(),

@@ -44,22 +44,10 @@ async fn recovery_to_every_marker_equals_the_disk_at_that_marker() {
         c.acked(b.seq).await;
     }
 
-    let out = run(&[
-        "recovery-points",
-        "--json",
-        "--disk",
-        DISK,
-        "--retention",
-        dir.join("ret").to_str().unwrap(),
-    ]);
+    let out = recovery_points(dir);
     assert!(out.status.success());
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let points = v["points"].as_array().unwrap();
-    let batch_seqs: Vec<u64> = points
-        .iter()
-        .filter(|p| p["kind"] == "batch")
-        .map(|p| p["seq"].as_u64().unwrap())
-        .collect();
+    let points = points(&out);
+    let batch_seqs = batch_seqs(&points);
     assert_eq!(batch_seqs, (1..=10).collect::<Vec<_>>());
     let ids: Vec<_> = points
         .iter()

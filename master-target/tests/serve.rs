@@ -1,9 +1,10 @@
 //! The master target's server in-process on 127.0.0.1:0, driven by a small hop-2 client:
 //! real batches over real gRPC, images checked with qemu-img against the source bytes.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use master_target::server::{ServeOptions, serve};
@@ -11,12 +12,11 @@ use protocol::auth::{ClientAuth, Passphrase, ServerAuth};
 use protocol::batch::BatchBuilder;
 use protocol::error::Code;
 use protocol::pb::{
-    ApplyMessage, Batch, DiskFormat, DiskHashesRequest, DiskInfo, ForwardHello, ForwardMessage,
-    Marker, MarkerKind, apply_message::Body, forward_message,
+    ApplyMessage, Batch, DiskFormat, DiskHashesRequest, DiskInfo, ForwardMessage, Marker,
+    MarkerKind, apply_message::Body, forward_message,
 };
 use protocol::transport::{TlsFiles, WanTuning};
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
 const PASS: &str = "correct horse battery";
@@ -78,29 +78,7 @@ struct Conn {
 /// Opens an Apply stream, sends hello, and returns the connection with the messages the
 /// server sent until (and including) the welcome or a connection-level error.
 async fn connect(url: &str, pass: &str, disks: Vec<DiskInfo>) -> (Conn, Vec<Body>) {
-    let mut client =
-        protocol::client::master_target(url, &WanTuning::default(), &TlsFiles::default())
-            .await
-            .unwrap();
-    let auth = ClientAuth::new(Passphrase::new(pass).unwrap(), "ps-test");
-    let pending = protocol::client::begin_auth(&mut client, &auth)
-        .await
-        .unwrap();
-    let (tx, rx) = mpsc::channel(256);
-    tx.send(ForwardMessage {
-        body: Some(forward_message::Body::Hello(ForwardHello {
-            auth: Some(pending.auth.clone()),
-            disks,
-            connection: 0,
-        })),
-    })
-    .await
-    .unwrap();
-    let mut rx = client
-        .apply(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut rx, auth, pending) = common::open_apply(url, pass, "ps-test", disks, 256).await;
     let mut first = Vec::new();
     while let Ok(Some(m)) = tokio::time::timeout(STEP, rx.message()).await.unwrap() {
         let body = m.body.unwrap();
@@ -195,34 +173,6 @@ async fn wait_acks(conns: &mut [&mut Conn], want: &HashMap<String, u64>) -> Vec<
         }
     }
     other
-}
-
-fn qemu_identical(vmdk: &Path, raw: &[u8], dir: &Path) {
-    let rawp = dir.join(format!(
-        "{}.raw",
-        vmdk.file_stem().unwrap().to_string_lossy()
-    ));
-    std::fs::write(&rawp, raw).unwrap();
-    for args in [
-        vec!["check", vmdk.to_str().unwrap()],
-        vec![
-            "compare",
-            "-f",
-            "vmdk",
-            "-F",
-            "raw",
-            vmdk.to_str().unwrap(),
-            rawp.to_str().unwrap(),
-        ],
-    ] {
-        let out = Command::new("qemu-img").args(&args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "qemu-img {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
 }
 
 /// Asks `Differential.DiskHashes` for `d`'s chunks after `after_seq` and compares them with
@@ -366,8 +316,8 @@ async fn batches_over_two_connections_apply_in_order_and_survive_a_restart() {
     drop((a, b));
     server.stop().await;
 
-    qemu_identical(&ds.join("vm1_disk0.vmdk"), &raw1, t.path());
-    qemu_identical(&ds.join("vm1_disk1.vmdk"), &raw2, t.path());
+    common::assert_qemu_identical(&ds.join("vm1_disk0.vmdk"), &raw1, t.path());
+    common::assert_qemu_identical(&ds.join("vm1_disk1.vmdk"), &raw2, t.path());
     let points = master_target::recovery::points(&ret, "d1").unwrap();
     let markers = points.iter().filter(|p| p.kind != "batch").count();
     assert_eq!(markers, 40 / 5, "{points:?}");

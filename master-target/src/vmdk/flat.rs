@@ -10,7 +10,7 @@
 //! * nothing written is durable until [`FlatExtent::sync`] returns: it msyncs the dirty span
 //!   (an fdatasync of that range) and, if zero ranges changed extent metadata, fdatasyncs.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -80,18 +80,13 @@ impl std::fmt::Debug for FlatExtent {
 }
 
 fn lock(file: &File, path: &Path) -> Result<(), FlatError> {
-    // SAFETY: flock on a valid, owned descriptor; no memory is passed.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        return Err(FlatError::Locked {
+    match super::try_lock(file) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(FlatError::Locked {
             path: path.to_path_buf(),
-        });
+        }),
+        Err(e) => Err(FlatError::io("lock", path, e)),
     }
-    Err(FlatError::io("lock", path, e))
 }
 
 /// Free bytes for an unprivileged writer on the filesystem of `file`.
@@ -134,12 +129,7 @@ impl FlatExtent {
     /// Creates `path` (which must not exist) with `capacity` bytes reserved, synced, and
     /// mapped. On failure the partial file is removed.
     pub fn create(path: &Path, capacity: u64) -> Result<FlatExtent, FlatError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .map_err(|e| FlatError::io("create", path, e))?;
+        let file = super::open_rw(path, true).map_err(|e| FlatError::io("create", path, e))?;
         let made = (|| {
             lock(&file, path)?;
             // Refuse up front rather than fill the datastore and fail half way.
@@ -155,20 +145,13 @@ impl FlatExtent {
                 .map_err(|e| FlatError::io("fsync", path, e))?;
             Self::map(path.to_path_buf(), file, capacity)
         })();
-        if made.is_err() {
-            let _ = std::fs::remove_file(path);
-        }
-        made
+        super::remove_if_failed(path, made)
     }
 
     /// Opens an existing extent of exactly `capacity` bytes, locks it, reserves its space
     /// (a thin or qemu-made hole-only file becomes fully allocated) and maps it.
     pub fn open(path: &Path, capacity: u64) -> Result<FlatExtent, FlatError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| FlatError::io("open", path, e))?;
+        let file = super::open_rw(path, false).map_err(|e| FlatError::io("open", path, e))?;
         lock(&file, path)?;
         let actual = file
             .metadata()

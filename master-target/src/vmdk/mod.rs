@@ -562,6 +562,39 @@ pub fn fs_type(path: &Path) -> Option<i64> {
     Some(st.f_type as i64)
 }
 
+/// Opens `path` for reading and writing; with `create`, creates it and refuses one that
+/// already exists.
+fn open_rw(path: &Path, create: bool) -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(create)
+        .open(path)
+}
+
+/// Takes an exclusive `flock` on `file` without waiting: `Ok(false)` when another
+/// process holds it.
+fn try_lock(file: &File) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a valid, owned descriptor; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Ok(false);
+    }
+    Err(e)
+}
+
+/// Passes `made` on, first removing the partial file at `path` when making it failed.
+fn remove_if_failed<T, E>(path: &Path, made: Result<T, E>) -> Result<T, E> {
+    if made.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    made
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -576,6 +609,23 @@ pub(crate) mod tests {
             String::from_utf8_lossy(&out.stderr)
         );
         (out.status.success(), text)
+    }
+
+    /// Has qemu-img convert the raw image `raw` into a vmdk of `subformat` at `vmdk`.
+    fn qemu_convert(raw: &Path, vmdk: &Path, subformat: &str) {
+        let (ok, text) = qemu_img(&[
+            "convert",
+            "-q",
+            "-f",
+            "raw",
+            "-O",
+            "vmdk",
+            "-o",
+            &format!("subformat={subformat}"),
+            raw.to_str().unwrap(),
+            vmdk.to_str().unwrap(),
+        ]);
+        assert!(ok, "{text}");
     }
 
     /// Asserts that qemu-img accepts `vmdk` and finds it identical to `raw`.
@@ -735,19 +785,7 @@ pub(crate) mod tests {
         let rawp = dir.path().join("ref.raw");
         std::fs::write(&rawp, &raw).unwrap();
         let d = dir.path().join("q.vmdk");
-        let (ok, text) = qemu_img(&[
-            "convert",
-            "-q",
-            "-f",
-            "raw",
-            "-O",
-            "vmdk",
-            "-o",
-            "subformat=monolithicSparse",
-            rawp.to_str().unwrap(),
-            d.to_str().unwrap(),
-        ]);
-        assert!(ok, "{text}");
+        qemu_convert(&rawp, &d, "monolithicSparse");
         let mut disk = Disk::open_or_create(
             dir.path(),
             &spec("id-q", "q", cap, DiskFormat::MonolithicSparse),
@@ -958,19 +996,7 @@ pub(crate) mod tests {
         let rawp = dir.path().join("ref.raw");
         std::fs::write(&rawp, vec![7u8; cap as usize]).unwrap();
         let d = dir.path().join("so.vmdk");
-        let (ok, text) = qemu_img(&[
-            "convert",
-            "-q",
-            "-f",
-            "raw",
-            "-O",
-            "vmdk",
-            "-o",
-            "subformat=streamOptimized",
-            rawp.to_str().unwrap(),
-            d.to_str().unwrap(),
-        ]);
-        assert!(ok, "{text}");
+        qemu_convert(&rawp, &d, "streamOptimized");
         let before = std::fs::read(&d).unwrap();
         let e = Disk::open_or_create(
             dir.path(),

@@ -33,7 +33,7 @@
 //! [`sync`]: SparseExtent::sync
 
 use std::collections::BTreeSet;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -366,17 +366,13 @@ impl std::fmt::Debug for SparseExtent {
 }
 
 fn lock(file: &File, path: &Path) -> Result<(), SparseError> {
-    // SAFETY: flock on a valid, owned descriptor; no memory is passed.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        return Err(SparseError::Locked {
+    match super::try_lock(file) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(SparseError::Locked {
             path: path.to_path_buf(),
-        });
+        }),
+        Err(e) => Err(io_err("lock", path)(e)),
     }
-    Err(io_err("lock", path)(e))
 }
 
 impl SparseExtent {
@@ -393,12 +389,7 @@ impl SparseExtent {
                 reason: format!("capacity {capacity} (a sparse extent holds up to 2 TiB)"),
             });
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .map_err(io_err("create", path))?;
+        let file = super::open_rw(path, true).map_err(io_err("create", path))?;
         let made = (|| {
             lock(&file, path)?;
             let h = Header::for_capacity(capacity);
@@ -422,19 +413,12 @@ impl SparseExtent {
             file.sync_all().map_err(io_err("fsync", path))?;
             Self::from_file(path, file)
         })();
-        if made.is_err() {
-            let _ = std::fs::remove_file(path);
-        }
-        made
+        super::remove_if_failed(path, made)
     }
 
     /// Opens and locks an existing sparse file (ours or qemu's) of exactly `capacity`.
     pub fn open(path: &Path, capacity: u64) -> Result<SparseExtent, SparseError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(io_err("open", path))?;
+        let file = super::open_rw(path, false).map_err(io_err("open", path))?;
         lock(&file, path)?;
         let e = Self::from_file(path, file)?;
         if e.capacity() != capacity {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use protocol::auth::{ClientAuth, Passphrase};
+use protocol::auth::{ClientAuth, Passphrase, PendingAuth};
 use protocol::batch::BatchBuilder;
 use protocol::pb::{
     ApplyMessage, Batch, DiskFormat, DiskInfo, ForwardHello, ForwardMessage, Marker, MarkerKind,
@@ -89,6 +89,33 @@ pub fn run(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Runs `recovery-points --json` for [`DISK`] on the retention volume under `dir`.
+pub fn recovery_points(dir: &Path) -> Output {
+    run(&[
+        "recovery-points",
+        "--json",
+        "--disk",
+        DISK,
+        "--retention",
+        dir.join("ret").to_str().unwrap(),
+    ])
+}
+
+/// The `points` array of `recovery-points --json` output.
+pub fn points(out: &Output) -> Vec<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["points"].as_array().unwrap().clone()
+}
+
+/// The seqs of the batch points among `points`, in order.
+pub fn batch_seqs(points: &[serde_json::Value]) -> Vec<u64> {
+    points
+        .iter()
+        .filter(|p| p["kind"] == "batch")
+        .map(|p| p["seq"].as_u64().unwrap())
+        .collect()
+}
+
 pub struct Conn {
     pub tx: mpsc::Sender<ForwardMessage>,
     pub rx: Streaming<ApplyMessage>,
@@ -102,35 +129,19 @@ pub async fn hello(url: &str, capacity: u64) -> Conn {
 
 /// Connects, declares the disk in `format`, and returns the stream and its applied seq.
 pub async fn hello_as(url: &str, capacity: u64, format: DiskFormat) -> Conn {
-    let mut client =
-        protocol::client::master_target(url, &WanTuning::default(), &TlsFiles::default())
-            .await
-            .unwrap();
-    let auth = ClientAuth::new(Passphrase::new(PASS).unwrap(), "test");
-    let pending = protocol::client::begin_auth(&mut client, &auth)
-        .await
-        .unwrap();
-    let (tx, rx) = mpsc::channel(64);
-    tx.send(ForwardMessage {
-        body: Some(forward_message::Body::Hello(ForwardHello {
-            auth: Some(pending.auth),
-            disks: vec![DiskInfo {
-                disk_id: DISK.into(),
-                name: NAME.into(),
-                capacity,
-                format: format as i32,
-                group: String::new(),
-            }],
-            connection: 0,
-        })),
-    })
-    .await
-    .unwrap();
-    let mut rx = client
-        .apply(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    hello_queue(url, capacity, format, 64).await
+}
+
+/// Like [`hello_as`], with room for `queue` outbound messages before `send` waits.
+pub async fn hello_queue(url: &str, capacity: u64, format: DiskFormat, queue: usize) -> Conn {
+    let disks = vec![DiskInfo {
+        disk_id: DISK.into(),
+        name: NAME.into(),
+        capacity,
+        format: format as i32,
+        group: String::new(),
+    }];
+    let (tx, mut rx, _, _) = open_apply(url, PASS, "test", disks, queue).await;
     let m = tokio::time::timeout(STEP, rx.message())
         .await
         .unwrap()
@@ -146,6 +157,47 @@ pub async fn hello_as(url: &str, capacity: u64, format: DiskFormat) -> Conn {
     }
 }
 
+/// Authenticates as `client_id` with `pass`, opens an Apply stream with room for `queue`
+/// outbound messages, and sends the hello for `disks`; returns both ends of the stream and
+/// the client's half of the handshake.
+pub async fn open_apply(
+    url: &str,
+    pass: &str,
+    client_id: &str,
+    disks: Vec<DiskInfo>,
+    queue: usize,
+) -> (
+    mpsc::Sender<ForwardMessage>,
+    Streaming<ApplyMessage>,
+    ClientAuth,
+    PendingAuth,
+) {
+    let mut client =
+        protocol::client::master_target(url, &WanTuning::default(), &TlsFiles::default())
+            .await
+            .unwrap();
+    let auth = ClientAuth::new(Passphrase::new(pass).unwrap(), client_id);
+    let pending = protocol::client::begin_auth(&mut client, &auth)
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(queue);
+    tx.send(ForwardMessage {
+        body: Some(forward_message::Body::Hello(ForwardHello {
+            auth: Some(pending.auth.clone()),
+            disks,
+            connection: 0,
+        })),
+    })
+    .await
+    .unwrap();
+    let rx = client
+        .apply(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, rx, auth, pending)
+}
+
 impl Conn {
     pub async fn send(&self, b: &Batch) {
         self.tx
@@ -156,8 +208,8 @@ impl Conn {
             .unwrap();
     }
 
-    /// Waits for an ack of at least `seq`.
-    pub async fn acked(&mut self, seq: u64) {
+    /// Waits for an ack of at least `seq`; returns the acknowledged seq.
+    pub async fn acked(&mut self, seq: u64) -> u64 {
         loop {
             let m = tokio::time::timeout(STEP, self.rx.message())
                 .await
@@ -165,7 +217,7 @@ impl Conn {
                 .unwrap()
                 .unwrap();
             match m.body {
-                Some(Body::Ack(p)) if p.applied_seq >= seq => return,
+                Some(Body::Ack(p)) if p.applied_seq >= seq => return p.applied_seq,
                 Some(Body::Ack(_)) => {}
                 other => panic!("unexpected {other:?}"),
             }
