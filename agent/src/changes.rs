@@ -359,6 +359,16 @@ mod tests {
         assert!(got[1].markers.is_empty());
     }
 
+    /// A one-worker runtime with timers: `Handle::block_on` drives timers only on a
+    /// multi-thread runtime.
+    fn timer_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_time()
+            .build()
+            .unwrap()
+    }
+
     #[test]
     fn a_full_transfer_ends_the_batcher_with_what_it_could_not_send() {
         let (tx, rx) = std::sync::mpsc::sync_channel(4);
@@ -370,12 +380,7 @@ mod tests {
             tx.send(write(0)).unwrap();
         }
         let (out, _kept) = mpsc::channel(1);
-        // `Handle::block_on` drives timers only on a multi-thread runtime.
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_time()
-            .build()
-            .unwrap();
+        let rt = timer_runtime();
         let mut p = plan();
         p.overflow_grace = Duration::from_millis(10);
         p.linger = Duration::from_millis(10);
@@ -432,11 +437,7 @@ mod tests {
             }
             markers
         });
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_time()
-            .build()
-            .unwrap();
+        let rt = timer_runtime();
         let mut p = plan();
         p.crash_interval = Duration::from_millis(50);
         p.linger = Duration::from_millis(5);

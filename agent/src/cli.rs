@@ -97,12 +97,8 @@ pub struct ReplicateArgs {
     /// Unacknowledged bytes kept in flight [default: 64M].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub window: Option<u64>,
-    /// Uncompressed data per batch, a multiple of 4K up to 4M [default: 1M].
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    pub batch_size: Option<u64>,
-    /// Name this agent gives the process server [default: the host name].
-    #[arg(long, value_name = "NAME")]
-    pub identity: Option<String>,
+    #[command(flatten)]
+    pub flow: FlowArgs,
     /// Log format on stderr [default: text].
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -142,13 +138,24 @@ pub struct StatusArgs {
     pub passphrase_file: Option<PathBuf>,
 }
 
+/// Batching and naming options shared by `replicate` and `sync`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct FlowArgs {
+    /// Uncompressed data per batch, a multiple of 4K up to 4M [default: 1M].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub batch_size: Option<u64>,
+    /// Name this agent gives the process server [default: the host name].
+    #[arg(long, value_name = "NAME")]
+    pub identity: Option<String>,
+}
+
 /// Shortest marker interval accepted.
 pub const MIN_MARKER_INTERVAL: Duration = Duration::from_secs(1);
 
 impl ReplicateArgs {
     /// Validates the options into a [`ReplicateConfig`] (reads the passphrase).
     pub fn into_config(self) -> anyhow::Result<ReplicateConfig> {
-        let (batch_data, window_bytes) = sizes(self.batch_size, self.window)?;
+        let (batch_data, window_bytes) = sizes(self.flow.batch_size, self.window)?;
         for (flag, d) in [
             ("--crash-interval", self.crash_interval),
             ("--app-interval", self.app_interval),
@@ -160,7 +167,7 @@ impl ReplicateArgs {
         if self.security.tls_client_ca.is_some() {
             bail!("--tls-client-ca is a server option; the agent uses --tls-ca");
         }
-        let identity = identity(self.identity)?;
+        let identity = identity(self.flow.identity)?;
         let passphrase = self.security.passphrase()?;
         let format = self
             .format
@@ -272,12 +279,8 @@ pub struct SyncArgs {
     /// Unacknowledged bytes kept in flight (at least bandwidth x RTT) [default: 64M].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub window: Option<u64>,
-    /// Uncompressed data per batch, a multiple of 4K up to 4M [default: 1M].
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    pub batch_size: Option<u64>,
-    /// Name this agent gives the process server [default: the host name].
-    #[arg(long, value_name = "NAME")]
-    pub identity: Option<String>,
+    #[command(flatten)]
+    pub flow: FlowArgs,
     /// How long to keep retrying an unreachable process server, e.g. 30s, 10m, 2h
     /// [default: 10m].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
@@ -361,8 +364,10 @@ impl SyncArgs {
             chunk_size: self.chunk_size.or(size(&f.chunk_size, "chunk_size")?),
             wait: self.wait || f.wait.unwrap_or(false),
             window: self.window.or(size(&f.window, "window")?),
-            batch_size: self.batch_size.or(size(&f.batch_size, "batch_size")?),
-            identity: self.identity.or(f.identity),
+            flow: FlowArgs {
+                batch_size: self.flow.batch_size.or(size(&f.batch_size, "batch_size")?),
+                identity: self.flow.identity.or(f.identity),
+            },
             retry_for: self.retry_for.or(retry_for),
             log_format: self.log_format.or(f.log_format),
             security: self.security.or(SecurityArgs {
@@ -398,13 +403,13 @@ impl SyncArgs {
             bail!("--chunk-size {chunk_size} must be a power of two from 4K to 4M");
         }
         let differential = (self.mode == Some(Mode::Differential)).then_some(chunk_size as u32);
-        let (batch_data, window_bytes) = sizes(self.batch_size, self.window)?;
+        let (batch_data, window_bytes) = sizes(self.flow.batch_size, self.window)?;
         if let Some(tag) = &self.marker
             && tag.len() > MAX_NAME_LEN
         {
             bail!("--marker tag must be at most {MAX_NAME_LEN} bytes");
         }
-        let identity = identity(self.identity)?;
+        let identity = identity(self.flow.identity)?;
         if self.security.tls_client_ca.is_some() {
             bail!(
                 "--tls-client-ca is a server option; the agent trusts its process server with \
@@ -515,7 +520,7 @@ mod tests {
         ]);
         assert_eq!(a.format, Some(Format::MonolithicSparse));
         assert_eq!(a.window, Some(128 << 20));
-        assert_eq!(a.batch_size, Some(2 << 20));
+        assert_eq!(a.flow.batch_size, Some(2 << 20));
         assert_eq!(a.retry_for, Some(Duration::from_secs(30)));
         assert_eq!(a.wan.h2_stream_window, Some(16 << 20));
         assert!(a.wait);
@@ -537,7 +542,7 @@ mod tests {
         assert_eq!(a.process_server.as_deref(), Some("http://file:1"));
         assert_eq!(a.disk_id.as_deref(), Some("flag"));
         assert_eq!(a.window, Some(8 << 20));
-        assert_eq!(a.batch_size, Some(65536));
+        assert_eq!(a.flow.batch_size, Some(65536));
         assert_eq!(a.retry_for, Some(Duration::from_secs(60)));
         assert!(a.wait);
     }

@@ -64,6 +64,22 @@ pub fn run_cli() -> ExitCode {
     }
 }
 
+/// The config, or exit code 2 after reporting why there is none; then the async runtime, or a
+/// failure after reporting why it did not start.
+fn config_and_runtime<C>(
+    config: anyhow::Result<C>,
+) -> Result<(C, tokio::runtime::Runtime), ExitCode> {
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return Err(ExitCode::from(2));
+        }
+    };
+    let runtime = runtime().ok_or(ExitCode::FAILURE)?;
+    Ok((config, runtime))
+}
+
 fn runtime() -> Option<tokio::runtime::Runtime> {
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -79,15 +95,9 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
 
 fn replicate_command(args: ReplicateArgs) -> ExitCode {
     progress::init_logging(args.log_format.unwrap_or_default());
-    let config = match args.into_config() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            return ExitCode::from(2);
-        }
-    };
-    let Some(runtime) = runtime() else {
-        return ExitCode::FAILURE;
+    let (config, runtime) = match config_and_runtime(args.into_config()) {
+        Ok(v) => v,
+        Err(code) => return code,
     };
     let outcome = runtime.block_on(async {
         let running = replicate::start(config).await?;
@@ -162,18 +172,13 @@ fn control_command(call: ControlCall) -> ExitCode {
 }
 
 fn sync_command(args: SyncArgs) -> ExitCode {
-    let config = match args.merged().and_then(|a| {
+    let config = args.merged().and_then(|a| {
         progress::init_logging(a.log_format.unwrap_or_default());
         a.into_config()
-    }) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            return ExitCode::from(2);
-        }
-    };
-    let Some(runtime) = runtime() else {
-        return ExitCode::FAILURE;
+    });
+    let (config, runtime) = match config_and_runtime(config) {
+        Ok(v) => v,
+        Err(code) => return code,
     };
     let outcome = runtime.block_on(async {
         tokio::select! {

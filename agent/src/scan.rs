@@ -157,6 +157,30 @@ pub fn scan_part(
     }
 }
 
+/// Reads `start..end` of the source into `cutter`, `buf` at a time; with `track`, advances
+/// `stats.scanned` after each read.
+fn read_range(
+    source: &mut Source,
+    buf: &mut [u8],
+    (start, end): (u64, u64),
+    stats: &ScanStats,
+    cutter: &mut Cutter<'_>,
+    track: bool,
+) -> Result<(), Stop> {
+    let mut pos = start;
+    while pos < end {
+        let n = (buf.len() as u64).min(end - pos) as usize;
+        source.read_exact_at(&mut buf[..n], pos)?;
+        stats.read_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        cutter.chunk(pos, &buf[..n], stats)?;
+        pos += n as u64;
+        if track {
+            stats.scanned.store(pos, Ordering::Relaxed);
+        }
+    }
+    Ok(())
+}
+
 /// Reads every given range in full (no hole detection: a dirty range was just written).
 fn scan_ranges(
     source: &mut Source,
@@ -168,14 +192,7 @@ fn scan_ranges(
     let mut buf = vec![0u8; plan.read_chunk.max(ZERO_BLOCK)];
     for (start, end) in ranges {
         let end = end.min(source.capacity());
-        let mut pos = start;
-        while pos < end {
-            let n = (buf.len() as u64).min(end - pos) as usize;
-            source.read_exact_at(&mut buf[..n], pos)?;
-            stats.read_bytes.fetch_add(n as u64, Ordering::Relaxed);
-            cutter.chunk(pos, &buf[..n], stats)?;
-            pos += n as u64;
-        }
+        read_range(source, &mut buf, (start, end), stats, cutter, false)?;
     }
     Ok(())
 }
@@ -196,15 +213,7 @@ fn scan_into(
             stats.zero_bytes.fetch_add(start - at, Ordering::Relaxed);
             cutter.zero(at, start - at)?;
         }
-        let mut pos = start;
-        while pos < end {
-            let n = (buf.len() as u64).min(end - pos) as usize;
-            source.read_exact_at(&mut buf[..n], pos)?;
-            stats.read_bytes.fetch_add(n as u64, Ordering::Relaxed);
-            cutter.chunk(pos, &buf[..n], stats)?;
-            pos += n as u64;
-            stats.scanned.store(pos, Ordering::Relaxed);
-        }
+        read_range(source, &mut buf, (start, end), stats, cutter, true)?;
         at = end;
         stats.scanned.store(at, Ordering::Relaxed);
     }

@@ -4,30 +4,29 @@
 //! marker. The tests check that the rebuilt disk equals the source file, that a marker
 //! follows every write acknowledged before its flush, and the control API.
 
+mod common;
+
+use std::ffi::OsStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agent::control::{self, Kind, Request};
 use agent::replicate::{Mode, ReplicateConfig, Replication, start};
-use agent::session::Target;
-use agent::sync::disk_info;
+use common::{PASS, Reply, apply, challenge, hash_page, msg, progress, serve, target, welcome};
 use protocol::auth::{ClientAuth, Passphrase, ServerAuth};
-use protocol::batch::{decode_into, flags};
-use protocol::limits::MAX_MESSAGE_BYTES;
+use protocol::batch::flags;
 use protocol::pb::agent_message::Body as AgentBody;
-use protocol::pb::differential_server::{Differential, DifferentialServer};
+use protocol::pb::differential_server::Differential;
 use protocol::pb::process_server_message::Body as ServerBody;
-use protocol::pb::process_server_server::{ProcessServer, ProcessServerServer};
+use protocol::pb::process_server_server::ProcessServer;
 use protocol::pb::{
-    AgentMessage, ChallengeReply, ChallengeRequest, DiskFormat, DiskHashes, DiskHashesRequest,
-    DiskProgress, Marker, Pause, ProcessServerMessage, ServerWelcome, StatusReply, StatusRequest,
+    AgentMessage, ChallengeReply, ChallengeRequest, DiskHashes, DiskHashesRequest, Marker, Pause,
+    StatusReply, StatusRequest,
 };
-use protocol::transport::{TlsFiles, WanTuning};
 use tokio::sync::{Notify, mpsc};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request as GrpcRequest, Response, Status, Streaming};
 
-const PASS: &str = "a test passphrase";
 const DISK: &str = "6000C29a-repl";
 const CAP: usize = 8 << 20;
 
@@ -57,21 +56,13 @@ struct Fake {
     down: tokio::sync::watch::Receiver<bool>,
 }
 
-type Reply = Result<ProcessServerMessage, Status>;
-
-fn msg(body: ServerBody) -> Reply {
-    Ok(ProcessServerMessage { body: Some(body) })
-}
-
 #[tonic::async_trait]
 impl ProcessServer for Fake {
     async fn challenge(
         &self,
         _: GrpcRequest<ChallengeRequest>,
     ) -> Result<Response<ChallengeReply>, Status> {
-        Ok(Response::new(ChallengeReply {
-            server_nonce: self.auth.challenge().into(),
-        }))
+        challenge(&self.auth)
     }
 
     type ReplicateStream = ReceiverStream<Reply>;
@@ -101,16 +92,7 @@ impl ProcessServer for Fake {
             }
             st.cached_seq
         };
-        tx.send(msg(ServerBody::Welcome(ServerWelcome {
-            server_proof: proof.into(),
-            disks: vec![DiskProgress {
-                disk_id: disk.disk_id.clone(),
-                cached_seq: cached,
-                applied_seq: cached,
-            }],
-        })))
-        .await
-        .ok();
+        tx.send(welcome(proof, &disk.disk_id, cached)).await.ok();
         let mut paused = self.paused.clone();
         let pauses = tx.clone();
         tokio::spawn(async move {
@@ -144,14 +126,9 @@ impl ProcessServer for Fake {
                 let seq = {
                     let mut st = state.lock().unwrap();
                     assert_eq!(b.seq, st.cached_seq + 1, "batches arrive in seq order");
-                    let d = decode_into(&b, disk.capacity, &mut buf).expect("a valid batch");
-                    for (off, data) in d.writes() {
-                        st.disk[off as usize..off as usize + data.len()].copy_from_slice(data);
-                    }
-                    for z in &b.zeros {
-                        st.disk[z.offset as usize..(z.offset + z.length) as usize].fill(0);
-                        st.zeros.push((z.offset, z.length));
-                    }
+                    apply(&mut st.disk, &b, disk.capacity, &mut buf);
+                    st.zeros
+                        .extend(b.zeros.iter().map(|z| (z.offset, z.length)));
                     for m in &b.markers {
                         let snapshot = st.disk.clone();
                         st.markers.push((m.clone(), snapshot));
@@ -162,11 +139,7 @@ impl ProcessServer for Fake {
                     b.seq
                 };
                 stored.notify_waiters();
-                let ack = DiskProgress {
-                    disk_id: b.disk_id.clone(),
-                    cached_seq: seq,
-                    applied_seq: seq,
-                };
+                let ack = progress(&b.disk_id, seq);
                 if tx.send(msg(ServerBody::Ack(ack))).await.is_err() {
                     return;
                 }
@@ -202,18 +175,7 @@ impl Differential for FakeHashes {
         let chunk = r.chunk_size as usize;
         let total = st.disk.len().div_ceil(chunk) as u64;
         let end = (r.first_chunk + u64::from(r.max_chunks)).min(total);
-        let mut hashes = Vec::new();
-        let mut zeros = vec![0u8; (end.saturating_sub(r.first_chunk) as usize).div_ceil(8)];
-        for (i, c) in (r.first_chunk..end).enumerate() {
-            let from = c as usize * chunk;
-            let data = &st.disk[from..(from + chunk).min(st.disk.len())];
-            if data.iter().all(|&b| b == 0) {
-                zeros[i / 8] |= 1 << (i % 8);
-                hashes.extend_from_slice(&[0u8; 16]);
-            } else {
-                hashes.extend_from_slice(&xxhash_rust::xxh3::xxh3_128(data).to_le_bytes());
-            }
-        }
+        let (hashes, zeros) = hash_page(&st.disk, r.first_chunk, end, chunk);
         Ok(Response::new(DiskHashes {
             server_proof: proof.into(),
             exists: !st.disk.is_empty(),
@@ -246,10 +208,10 @@ impl Harness {
             ..State::default()
         }));
         let auth = Arc::new(ServerAuth::new(Passphrase::new(PASS).unwrap()));
-        let hashes = DifferentialServer::new(FakeHashes {
+        let hashes = FakeHashes {
             auth: auth.clone(),
             state: state.clone(),
-        });
+        };
         let stored = Arc::new(Notify::new());
         let (pause, paused) = tokio::sync::watch::channel(false);
         let (down_tx, down) = tokio::sync::watch::channel(false);
@@ -260,19 +222,7 @@ impl Harness {
             paused,
             down,
         };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let svc = ProcessServerServer::new(fake)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        tokio::spawn(
-            WanTuning::default()
-                .server(&TlsFiles::default())
-                .unwrap()
-                .add_service(svc)
-                .add_service(hashes)
-                .serve_with_incoming(TcpListenerStream::new(listener)),
-        );
+        let url = serve(fake, hashes).await;
         Harness {
             url,
             state,
@@ -308,16 +258,53 @@ fn source_disk(dir: &std::path::Path) -> std::path::PathBuf {
     path
 }
 
+/// A fake with no disk yet and an 8 MiB source disk in a fresh temporary directory.
+async fn fresh() -> (Harness, tempfile::TempDir, std::path::PathBuf) {
+    let h = Harness::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = source_disk(dir.path());
+    (h, dir, path)
+}
+
+/// Starts replicating `path` to `h` with the default config but a window of `window` bytes.
+async fn start_windowed(h: &Harness, path: &std::path::Path, window: usize) -> Replication {
+    let mut cfg = config(&h.url, path, None);
+    cfg.window_bytes = window;
+    start(cfg).await.unwrap()
+}
+
+/// Runs `write` and a flush through `r`, then reads the source at `path` and waits until the
+/// fake holds a marker of exactly it.
+async fn write_flush_marked(
+    r: &Replication,
+    h: &Harness,
+    path: &std::path::Path,
+    write: &str,
+) -> Vec<u8> {
+    bounded(qemu_io(r, &[write, "flush"])).await;
+    let after = std::fs::read(path).unwrap();
+    bounded(h.wait(|st| st.markers.last().is_some_and(|m| m.1 == after))).await;
+    after
+}
+
+/// Runs `during` through `r` while the initial pass goes on, waits for continuous mode, then
+/// runs one more write (`last`) and a flush, so that there is a marker to wait for, and waits
+/// for it: returns the source as it then stands.
+async fn caught_up(
+    r: &Replication,
+    h: &Harness,
+    path: &std::path::Path,
+    during: &[&str],
+    last: &str,
+) -> Vec<u8> {
+    bounded(qemu_io(r, during)).await;
+    bounded(r.state.wait_until(|s| s.mode() == Mode::Continuous)).await;
+    write_flush_marked(r, h, path, last).await
+}
+
 fn config(url: &str, disk: &std::path::Path, quiesce: Option<String>) -> ReplicateConfig {
     ReplicateConfig {
-        target: Target {
-            url: url.to_string(),
-            tuning: WanTuning::default(),
-            tls: TlsFiles::default(),
-            auth: ClientAuth::new(Passphrase::new(PASS).unwrap(), "test-agent"),
-            disk: disk_info(DISK, "vm1_disk0", DiskFormat::Vmfs),
-            heartbeat: Duration::from_secs(5),
-        },
+        target: target(url, DISK),
         disk: disk.to_path_buf(),
         nbd_listen: "127.0.0.1:0".into(),
         control: Some(("127.0.0.1:0".into(), Passphrase::new(PASS).unwrap())),
@@ -352,6 +339,39 @@ async fn qemu_io(r: &Replication, cmds: &[&str]) {
     assert!(!text.contains("failed"), "qemu-io {cmds:?}: {text}");
 }
 
+/// A marker request for the test disk.
+fn marker(kind: Kind, tag: &str) -> Request {
+    Request::Marker {
+        disk_id: DISK.into(),
+        kind,
+        tag: tag.into(),
+    }
+}
+
+/// Calls the control API at `url` as the test client.
+async fn call(url: &str, req: &Request) -> Result<control::Reply, control::ControlError> {
+    control::call(url, &client(), req).await
+}
+
+/// Runs `qemu-img` with `args` then `files` and asserts that it succeeded (showing what it
+/// wrote when it did not).
+async fn qemu_img(args: &[&OsStr], files: [&OsStr; 2]) {
+    let out = bounded(
+        tokio::process::Command::new("qemu-img")
+            .args(args)
+            .args(files)
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn client() -> ClientAuth {
     ClientAuth::new(Passphrase::new(PASS).unwrap(), "test-cli")
 }
@@ -382,9 +402,7 @@ fn check_replica(st: &State, before: &[u8], after: &[u8]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nbd_writes_are_replicated_in_order_with_a_marker_at_each_flush() {
-    let h = Harness::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = source_disk(dir.path());
+    let (h, _dir, path) = fresh().await;
     let r = start(config(&h.url, &path, None)).await.unwrap();
     bounded(r.state.wait_until(|s| s.mode() == Mode::Continuous)).await;
     bounded(h.wait(|st| st.stored.iter().any(|(_, f)| f & flags::RESYNC_END != 0))).await;
@@ -432,54 +450,29 @@ async fn nbd_writes_are_replicated_in_order_with_a_marker_at_each_flush() {
         assert!(covered(7 << 20, 64 << 10), "zeros: {sent:?}");
     }
     // Reads through the export see the file.
-    let out = bounded(
-        tokio::process::Command::new("qemu-img")
-            .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(format!("nbd://{}", r.nbd_addr))
-            .arg(&path)
-            .output(),
-    )
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let nbd = format!("nbd://{}", r.nbd_addr);
+    let args = ["compare", "-f", "raw", "-F", "raw"].map(OsStr::new);
+    qemu_img(&args, [OsStr::new(&nbd), path.as_os_str()]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_during_the_initial_pass_are_caught_up() {
-    let h = Harness::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = source_disk(dir.path());
-    let mut cfg = config(&h.url, &path, None);
+    let (h, _dir, path) = fresh().await;
     // A small window keeps the pass going while the writes arrive.
-    cfg.window_bytes = 64 << 10;
-    let r = start(cfg).await.unwrap();
-    bounded(qemu_io(
-        &r,
-        &[
-            "write -P 0x21 0 64k",
-            "write -P 0x22 6M 1M",
-            "write -z 8k 4k",
-            "flush",
-        ],
-    ))
-    .await;
-    bounded(r.state.wait_until(|s| s.mode() == Mode::Continuous)).await;
-    // One more write and flush, so that there is a marker to wait for.
-    bounded(qemu_io(&r, &["write -P 0x23 4M 4k", "flush"])).await;
-    let after = std::fs::read(&path).unwrap();
-    bounded(h.wait(|st| st.markers.last().is_some_and(|m| m.1 == after))).await;
+    let r = start_windowed(&h, &path, 64 << 10).await;
+    let during = [
+        "write -P 0x21 0 64k",
+        "write -P 0x22 6M 1M",
+        "write -z 8k 4k",
+        "flush",
+    ];
+    let after = caught_up(&r, &h, &path, &during, "write -P 0x23 4M 4k").await;
     assert!(h.state.lock().unwrap().disk == after);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_control_api_cuts_markers_and_reports_status() {
-    let h = Harness::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = source_disk(dir.path());
+    let (h, dir, path) = fresh().await;
     let log = dir.path().join("hook.log");
     let r = start(config(
         &h.url,
@@ -491,22 +484,10 @@ async fn the_control_api_cuts_markers_and_reports_status() {
     let url = format!("tcp://{}", r.control_addr.unwrap());
     bounded(r.state.wait_until(|s| s.mode() == Mode::Continuous)).await;
 
-    let user = Request::Marker {
-        disk_id: DISK.into(),
-        kind: Kind::User,
-        tag: "before-upgrade".into(),
-    };
-    let id = bounded(control::call(&url, &client(), &user))
-        .await
-        .unwrap()
-        .marker_id
-        .unwrap();
-    let app = Request::Marker {
-        disk_id: DISK.into(),
-        kind: Kind::App,
-        tag: String::new(),
-    };
-    bounded(control::call(&url, &client(), &app)).await.unwrap();
+    let user = marker(Kind::User, "before-upgrade");
+    let id = bounded(call(&url, &user)).await.unwrap().marker_id.unwrap();
+    let app = marker(Kind::App, "");
+    bounded(call(&url, &app)).await.unwrap();
     bounded(h.wait(|st| markers(st) >= 2)).await;
     {
         let st = h.state.lock().unwrap();
@@ -516,9 +497,7 @@ async fn the_control_api_cuts_markers_and_reports_status() {
     }
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "freeze\nthaw\n");
 
-    let status = bounded(control::call(&url, &client(), &Request::Status))
-        .await
-        .unwrap();
+    let status = bounded(call(&url, &Request::Status)).await.unwrap();
     let d = &status.disks.unwrap()[0];
     assert_eq!(d.mode, "continuous");
     assert_eq!(d.disk_id, DISK);
@@ -548,38 +527,22 @@ async fn the_control_api_cuts_markers_and_reports_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_freeze_cuts_no_marker_and_shows_in_status() {
-    let h = Harness::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = source_disk(dir.path());
+    let (h, _dir, path) = fresh().await;
     let r = start(config(&h.url, &path, Some("false".into())))
         .await
         .unwrap();
     let url = format!("{}", r.control_addr.unwrap());
     bounded(r.state.wait_until(|s| s.mode() == Mode::Continuous)).await;
-    let app = Request::Marker {
-        disk_id: DISK.into(),
-        kind: Kind::App,
-        tag: String::new(),
-    };
-    let e = bounded(control::call(&url, &client(), &app))
-        .await
-        .unwrap_err();
+    let app = marker(Kind::App, "");
+    let e = bounded(call(&url, &app)).await.unwrap_err();
     assert!(e.to_string().contains("freeze"), "{e}");
-    let status = bounded(control::call(&url, &client(), &Request::Status))
-        .await
-        .unwrap();
+    let status = bounded(call(&url, &Request::Status)).await.unwrap();
     let d = &status.disks.unwrap()[0];
     assert!(d.last_error.as_ref().unwrap().contains("freeze"));
     assert!(d.last_marker.is_none());
     // A crash marker still works and is the first marker the target sees.
-    let crash = Request::Marker {
-        disk_id: DISK.into(),
-        kind: Kind::Crash,
-        tag: String::new(),
-    };
-    bounded(control::call(&url, &client(), &crash))
-        .await
-        .unwrap();
+    let crash = marker(Kind::Crash, "");
+    bounded(call(&url, &crash)).await.unwrap();
     bounded(h.wait(|st| markers(st) >= 1)).await;
     let st = h.state.lock().unwrap();
     assert_eq!(st.markers.len(), 1);
@@ -588,13 +551,9 @@ async fn a_failing_freeze_cuts_no_marker_and_shows_in_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_process_server_turns_writes_into_a_bitmap_then_a_resync() {
-    let h = Harness::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = source_disk(dir.path());
-    let mut cfg = config(&h.url, &path, None);
+    let (h, _dir, path) = fresh().await;
     // Patterned writes compress to almost nothing: a one-batch window fills all the same.
-    cfg.window_bytes = 1;
-    let r = start(cfg).await.unwrap();
+    let r = start_windowed(&h, &path, 1).await;
     bounded(r.state.wait_until(|s| s.mode() == Mode::Continuous)).await;
     bounded(h.wait(|st| st.stored.iter().any(|(_, f)| f & flags::RESYNC_END != 0))).await;
     let resync_ends = |st: &State| {
@@ -621,9 +580,7 @@ async fn a_paused_process_server_turns_writes_into_a_bitmap_then_a_resync() {
     h.pause.send(false).unwrap();
     bounded(h.wait(|st| resync_ends(st) >= 2)).await;
     bounded(r.state.wait_until(|s| s.mode() == Mode::Continuous)).await;
-    bounded(qemu_io(&r, &["write -P 0x35 7M 4k", "flush"])).await;
-    let after = std::fs::read(&path).unwrap();
-    bounded(h.wait(|st| st.markers.last().is_some_and(|m| m.1 == after))).await;
+    let after = write_flush_marked(&r, &h, &path, "write -P 0x35 7M 4k").await;
     let st = h.state.lock().unwrap();
     assert!(
         st.disk == after,
@@ -674,9 +631,7 @@ async fn an_existing_target_gets_only_the_differing_chunks_first() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn markers_cut_between_workload_steps_hold_the_source_as_it_was() {
-    let h = Harness::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = source_disk(dir.path());
+    let (h, _dir, path) = fresh().await;
     let r = start(config(&h.url, &path, None)).await.unwrap();
     let url = format!("tcp://{}", r.control_addr.unwrap());
     bounded(r.state.wait_until(|s| s.mode() == Mode::Continuous)).await;
@@ -700,16 +655,8 @@ async fn markers_cut_between_workload_steps_hold_the_source_as_it_was() {
     let mut copies = Vec::new();
     for (i, step) in steps.iter().enumerate() {
         bounded(qemu_io(&r, step)).await;
-        let cut = Request::Marker {
-            disk_id: DISK.into(),
-            kind: Kind::User,
-            tag: format!("step-{i}"),
-        };
-        let id = bounded(control::call(&url, &client(), &cut))
-            .await
-            .unwrap()
-            .marker_id
-            .unwrap();
+        let cut = marker(Kind::User, &format!("step-{i}"));
+        let id = bounded(call(&url, &cut)).await.unwrap().marker_id.unwrap();
         copies.push((id, std::fs::read(&path).unwrap()));
     }
     let last = copies.last().unwrap().0.clone();
@@ -735,26 +682,14 @@ async fn markers_cut_between_workload_steps_hold_the_source_as_it_was() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_process_server_turns_writes_into_a_bitmap_and_the_target_converges() {
-    let h = Harness::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = source_disk(dir.path());
-    let mut cfg = config(&h.url, &path, None);
-    cfg.window_bytes = 1;
-    let r = start(cfg).await.unwrap();
+    let (h, _dir, path) = fresh().await;
+    let r = start_windowed(&h, &path, 1).await;
     let url = format!("tcp://{}", r.control_addr.unwrap());
     bounded(r.state.wait_until(|s| s.mode() == Mode::Continuous)).await;
     // A point before the outage.
     bounded(qemu_io(&r, &["write -P 0x61 512k 64k"])).await;
-    let cut = Request::Marker {
-        disk_id: DISK.into(),
-        kind: Kind::User,
-        tag: "before-outage".into(),
-    };
-    let id = bounded(control::call(&url, &client(), &cut))
-        .await
-        .unwrap()
-        .marker_id
-        .unwrap();
+    let cut = marker(Kind::User, "before-outage");
+    let id = bounded(call(&url, &cut)).await.unwrap().marker_id.unwrap();
     let at_marker = std::fs::read(&path).unwrap();
     bounded(h.wait(|st| st.markers.iter().any(|(m, _)| m.id == id))).await;
 
@@ -773,19 +708,11 @@ async fn an_unreachable_process_server_turns_writes_into_a_bitmap_and_the_target
     ))
     .await;
     bounded(r.state.wait_until(|s| s.mode() == Mode::Bitmap)).await;
-    let status = bounded(control::call(&url, &client(), &Request::Status))
-        .await
-        .unwrap();
+    let status = bounded(call(&url, &Request::Status)).await.unwrap();
     assert_eq!(status.disks.unwrap()[0].mode, "bitmap");
     // No point can be cut while the disk is only tracked in the bitmap.
-    let during = Request::Marker {
-        disk_id: DISK.into(),
-        kind: Kind::User,
-        tag: "during-outage".into(),
-    };
-    let e = bounded(control::call(&url, &client(), &during))
-        .await
-        .unwrap_err();
+    let during = marker(Kind::User, "during-outage");
+    let e = bounded(call(&url, &during)).await.unwrap_err();
     assert!(e.to_string().contains("resync"), "{e}");
     let stored_during = h.state.lock().unwrap().stored.len();
     // The agent keeps trying to reconnect meanwhile.
@@ -800,9 +727,7 @@ async fn an_unreachable_process_server_turns_writes_into_a_bitmap_and_the_target
 
     h.down.send(false).unwrap();
     bounded(r.state.wait_until(|s| s.mode() == Mode::Continuous)).await;
-    bounded(qemu_io(&r, &["write -P 0x66 7M 4k", "flush"])).await;
-    let after = std::fs::read(&path).unwrap();
-    bounded(h.wait(|st| st.markers.last().is_some_and(|m| m.1 == after))).await;
+    let after = write_flush_marked(&r, &h, &path, "write -P 0x66 7M 4k").await;
     let st = h.state.lock().unwrap();
     assert!(
         st.stored.len() > stored_during,
@@ -829,9 +754,7 @@ async fn an_unreachable_process_server_turns_writes_into_a_bitmap_and_the_target
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn periodic_crash_and_app_markers_are_cut_without_any_flush() {
-    let h = Harness::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = source_disk(dir.path());
+    let (h, dir, path) = fresh().await;
     let log = dir.path().join("hook.log");
     let mut cfg = config(&h.url, &path, Some(format!("echo >> {}", log.display())));
     cfg.crash_interval = Duration::from_millis(200);
@@ -858,9 +781,7 @@ async fn periodic_crash_and_app_markers_are_cut_without_any_flush() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_img_convert_writes_through_the_export_and_is_replicated() {
-    let h = Harness::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = source_disk(dir.path());
+    let (h, dir, path) = fresh().await;
     let r = start(config(&h.url, &path, None)).await.unwrap();
     bounded(r.state.wait_until(|s| s.mode() == Mode::Continuous)).await;
     // An image to copy over the whole disk: other data, zeros where the source had data.
@@ -868,20 +789,9 @@ async fn qemu_img_convert_writes_through_the_export_and_is_replicated() {
     let mut content: Vec<u8> = (0..CAP).map(|i| (i * 13 % 241) as u8).collect();
     content[..1 << 20].fill(0);
     std::fs::write(&image, &content).unwrap();
-    let out = bounded(
-        tokio::process::Command::new("qemu-img")
-            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-            .arg(&image)
-            .arg(format!("nbd://{}", r.nbd_addr))
-            .output(),
-    )
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let nbd = format!("nbd://{}", r.nbd_addr);
+    let args = ["convert", "-n", "-f", "raw", "-O", "raw"].map(OsStr::new);
+    qemu_img(&args, [image.as_os_str(), OsStr::new(&nbd)]).await;
     assert!(
         std::fs::read(&path).unwrap() == content,
         "FILE took the image"
@@ -903,25 +813,17 @@ async fn writes_during_a_differential_initial_pass_are_caught_up() {
         target[c * (64 << 10)] ^= 0x5a;
     }
     let h = Harness::holding(target).await;
-    let mut cfg = config(&h.url, &path, None);
-    cfg.window_bytes = 64 << 10;
-    let r = start(cfg).await.unwrap();
-    bounded(qemu_io(
-        &r,
-        &[
-            "write -P 0x71 64k 64k",
-            "write -P 0x72 5M 1M",
-            "write -z 0 4k",
-            "discard 7M 64k",
-            "flush",
-        ],
-    ))
-    .await;
-    // Measured: the differential pass is still running here (mode full-sync) in 3 of 3 runs.
-    bounded(r.state.wait_until(|s| s.mode() == Mode::Continuous)).await;
-    bounded(qemu_io(&r, &["write -P 0x73 4M 4k", "flush"])).await;
-    let after = std::fs::read(&path).unwrap();
-    bounded(h.wait(|st| st.markers.last().is_some_and(|m| m.1 == after))).await;
+    let r = start_windowed(&h, &path, 64 << 10).await;
+    let during = [
+        "write -P 0x71 64k 64k",
+        "write -P 0x72 5M 1M",
+        "write -z 0 4k",
+        "discard 7M 64k",
+        "flush",
+    ];
+    // Measured: the differential pass is still running after `during` (mode full-sync) in 3
+    // of 3 runs.
+    let after = caught_up(&r, &h, &path, &during, "write -P 0x73 4M 4k").await;
     let st = h.state.lock().unwrap();
     assert!(st.disk == after, "the target differs from the source");
     assert!(

@@ -6,29 +6,29 @@
 //! once mid-transfer (after storing a batch, before acking it), a refusal of the hello, and
 //! a pause.
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agent::session::{SessionError, Target};
-use agent::sync::{SyncConfig, SyncError, disk_info, run};
-use protocol::auth::{ClientAuth, Passphrase, ServerAuth};
-use protocol::batch::{decode_into, flags};
+use agent::session::SessionError;
+use agent::sync::{SyncConfig, SyncError, run};
+use common::{PASS, Reply, apply, challenge, hash_page, msg, progress, serve, target, welcome};
+use protocol::auth::{Passphrase, ServerAuth};
+use protocol::batch::flags;
 use protocol::error::{Code, Refusal};
-use protocol::limits::MAX_MESSAGE_BYTES;
 use protocol::pb::agent_message::Body as AgentBody;
-use protocol::pb::differential_server::{Differential, DifferentialServer};
+use protocol::pb::differential_server::Differential;
 use protocol::pb::process_server_message::Body as ServerBody;
-use protocol::pb::process_server_server::{ProcessServer, ProcessServerServer};
+use protocol::pb::process_server_server::ProcessServer;
 use protocol::pb::{
-    AgentMessage, ChallengeReply, ChallengeRequest, DiskFormat, DiskHashes, DiskHashesRequest,
-    DiskProgress, Marker, Pause, ProcessServerMessage, ServerWelcome, StatusReply, StatusRequest,
+    AgentMessage, ChallengeReply, ChallengeRequest, DiskHashes, DiskHashesRequest, Marker, Pause,
+    StatusReply, StatusRequest,
 };
-use protocol::transport::{TlsFiles, WanTuning};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-const PASS: &str = "a test passphrase";
 const DISK: &str = "6000C29a-test";
 /// Batches already on the wire when a pause is sent may still arrive within this time.
 const PAUSE_GRACE: Duration = Duration::from_millis(100);
@@ -71,21 +71,13 @@ struct Fake {
     script: Mutex<Script>,
 }
 
-type Reply = Result<ProcessServerMessage, Status>;
-
-fn msg(body: ServerBody) -> Reply {
-    Ok(ProcessServerMessage { body: Some(body) })
-}
-
 #[tonic::async_trait]
 impl ProcessServer for Fake {
     async fn challenge(
         &self,
         _: Request<ChallengeRequest>,
     ) -> Result<Response<ChallengeReply>, Status> {
-        Ok(Response::new(ChallengeReply {
-            server_nonce: self.auth.challenge().into(),
-        }))
+        challenge(&self.auth)
     }
 
     type ReplicateStream = ReceiverStream<Reply>;
@@ -132,17 +124,7 @@ impl ProcessServer for Fake {
             }
             st.cached_seq
         };
-        let progress = DiskProgress {
-            disk_id: disk.disk_id.clone(),
-            cached_seq: cached,
-            applied_seq: cached,
-        };
-        tx.send(msg(ServerBody::Welcome(ServerWelcome {
-            server_proof: proof.into(),
-            disks: vec![progress],
-        })))
-        .await
-        .ok();
+        tx.send(welcome(proof, &disk.disk_id, cached)).await.ok();
         let state = self.state.clone();
         if let Some(d) = script.pause_for {
             pause(&tx, d, state.clone());
@@ -223,13 +205,7 @@ async fn serve_stream(
                     format!("seq {}", b.seq),
                 )))
             } else {
-                let d = decode_into(&b, capacity, &mut buf).expect("a valid batch");
-                for (off, data) in d.writes() {
-                    st.disk[off as usize..off as usize + data.len()].copy_from_slice(data);
-                }
-                for z in &b.zeros {
-                    st.disk[z.offset as usize..(z.offset + z.length) as usize].fill(0);
-                }
+                apply(&mut st.disk, &b, capacity, &mut buf);
                 st.markers.extend(b.markers.iter().cloned());
                 st.last_flags = b.flags;
                 st.cached_seq = b.seq;
@@ -248,11 +224,7 @@ async fn serve_stream(
                 return;
             }
         };
-        let p = DiskProgress {
-            disk_id: b.disk_id.clone(),
-            cached_seq: seq,
-            applied_seq: seq,
-        };
+        let p = progress(&b.disk_id, seq);
         if tx.send(msg(ServerBody::Ack(p))).await.is_err() {
             return;
         }
@@ -291,18 +263,7 @@ impl Differential for FakeHashes {
         let chunk = r.chunk_size as usize;
         let total = st.disk.len().div_ceil(chunk.max(1)) as u64;
         let end = (r.first_chunk + u64::from(r.max_chunks).min(PAGE_MAX)).min(total);
-        let mut hashes = Vec::new();
-        let mut zeros = vec![0u8; ((end.saturating_sub(r.first_chunk)) as usize).div_ceil(8)];
-        for (i, c) in (r.first_chunk..end).enumerate() {
-            let from = c as usize * chunk;
-            let data = &st.disk[from..(from + chunk).min(st.disk.len())];
-            if data.iter().all(|&b| b == 0) {
-                zeros[i / 8] |= 1 << (i % 8);
-                hashes.extend_from_slice(&[0u8; 16]);
-            } else {
-                hashes.extend_from_slice(&xxhash_rust::xxh3::xxh3_128(data).to_le_bytes());
-            }
-        }
+        let (hashes, zeros) = hash_page(&st.disk, r.first_chunk, end, chunk);
         reply.hashes = hashes.into();
         reply.zero_chunks = zeros.into();
         Ok(Response::new(reply))
@@ -325,28 +286,16 @@ async fn start_fake_holding(
         ..State::default()
     }));
     let auth = Arc::new(ServerAuth::new(Passphrase::new(PASS).unwrap()));
-    let hashes = DifferentialServer::new(FakeHashes {
+    let hashes = FakeHashes {
         auth: auth.clone(),
         state: state.clone(),
-    });
+    };
     let fake = Fake {
         auth,
         state: state.clone(),
         script: Mutex::new(script),
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let svc = ProcessServerServer::new(fake)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    tokio::spawn(
-        WanTuning::default()
-            .server(&TlsFiles::default())
-            .unwrap()
-            .add_service(svc)
-            .add_service(hashes)
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
+    let url = serve(fake, hashes).await;
     (url, state)
 }
 
@@ -376,14 +325,7 @@ fn source_disk() -> (tempfile::NamedTempFile, Vec<u8>) {
 
 fn config(url: &str, disk: &std::path::Path) -> SyncConfig {
     SyncConfig {
-        target: Target {
-            url: url.to_string(),
-            tuning: WanTuning::default(),
-            tls: TlsFiles::default(),
-            auth: ClientAuth::new(Passphrase::new(PASS).unwrap(), "test-agent"),
-            disk: disk_info(DISK, "vm1_disk0", DiskFormat::Vmfs),
-            heartbeat: Duration::from_secs(5),
-        },
+        target: target(url, DISK),
         disk: disk.to_path_buf(),
         marker_tag: Some("after-sync".into()),
         wait: true,
