@@ -292,8 +292,8 @@ mod tests {
         addr
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn round_trip_takes_the_configured_rtt() {
+    /// A proxy in front of an echo server, and a connection through it.
+    async fn proxied(rtt_ms: u64, rate_mbit: u64, window: u64) -> (TcpStream, Arc<Relayed>) {
         let upstream = echo_server().await;
         let listen = TcpListener::bind("127.0.0.1:0")
             .await
@@ -305,20 +305,37 @@ mod tests {
             upstream: Some(upstream),
             packet: false,
             netns: String::new(),
-            rtt_ms: 80,
-            rate_mbit: 0,
+            rtt_ms,
+            rate_mbit,
             buffer_ms: 50,
-            window: 0,
+            window,
             loss_percent: 0.0,
         };
-        tokio::spawn(serve(args, std::future::pending()));
+        let relayed = Arc::new(Relayed::default());
+        tokio::spawn(serve_counted(args, relayed.clone(), std::future::pending()));
         tokio::task::yield_now().await;
-        let mut s = loop {
+        loop {
             if let Ok(s) = TcpStream::connect(listen).await {
-                break s;
+                return (s, relayed);
             }
             tokio::task::yield_now().await;
-        };
+        }
+    }
+
+    /// Sends `data` through the echo path while reading it back; returns what came back.
+    async fn echo_through(s: TcpStream, data: &[u8]) -> Vec<u8> {
+        let (mut r, mut w) = s.into_split();
+        let sent = data.to_vec();
+        let writer = tokio::spawn(async move { w.write_all(&sent).await.unwrap() });
+        let mut back = vec![0u8; data.len()];
+        r.read_exact(&mut back).await.unwrap();
+        writer.await.unwrap();
+        back
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn round_trip_takes_the_configured_rtt() {
+        let (mut s, _) = proxied(80, 0, 0).await;
         let t0 = Instant::now();
         s.write_all(b"ping").await.unwrap();
         let mut back = [0u8; 4];
@@ -333,41 +350,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn rate_limits_each_direction() {
-        let upstream = echo_server().await;
-        let listen = TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap()
-            .local_addr()
-            .unwrap();
         // 8 Mbit/s = 1 MB/s each way, no window: 2 MB up and echoed back take about 2 s
         // (the two directions overlap), never less.
-        let args = WanArgs {
-            listen: Some(listen),
-            upstream: Some(upstream),
-            packet: false,
-            netns: String::new(),
-            rtt_ms: 20,
-            rate_mbit: 8,
-            buffer_ms: 50,
-            window: 0,
-            loss_percent: 0.0,
-        };
-        tokio::spawn(serve(args, std::future::pending()));
-        tokio::task::yield_now().await;
-        let s = loop {
-            if let Ok(s) = TcpStream::connect(listen).await {
-                break s;
-            }
-            tokio::task::yield_now().await;
-        };
+        let (s, _) = proxied(20, 8, 0).await;
         let data = vec![7u8; 2_000_000];
-        let (mut r, mut w) = s.into_split();
         let t0 = Instant::now();
-        let sent = data.clone();
-        let writer = tokio::spawn(async move { w.write_all(&sent).await.unwrap() });
-        let mut back = vec![0u8; data.len()];
-        r.read_exact(&mut back).await.unwrap();
-        writer.await.unwrap();
+        let back = echo_through(s, &data).await;
         let took = t0.elapsed();
         assert!(back == data);
         assert!(
@@ -378,39 +366,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn relays_bytes_intact_and_counts_them() {
-        let upstream = echo_server().await;
-        let listen = TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let args = WanArgs {
-            listen: Some(listen),
-            upstream: Some(upstream),
-            packet: false,
-            netns: String::new(),
-            rtt_ms: 20,
-            rate_mbit: 100,
-            buffer_ms: 50,
-            window: 256 << 10,
-            loss_percent: 0.0,
-        };
-        let relayed = Arc::new(Relayed::default());
-        tokio::spawn(serve_counted(args, relayed.clone(), std::future::pending()));
-        tokio::task::yield_now().await;
-        let s = loop {
-            if let Ok(s) = TcpStream::connect(listen).await {
-                break s;
-            }
-            tokio::task::yield_now().await;
-        };
+        let (s, relayed) = proxied(20, 100, 256 << 10).await;
         let data: Vec<u8> = (0..(3 << 20) + 17).map(|_| rand::random()).collect();
-        let (mut r, mut w) = s.into_split();
-        let sent = data.clone();
-        let writer = tokio::spawn(async move { w.write_all(&sent).await.unwrap() });
-        let mut back = vec![0u8; data.len()];
-        r.read_exact(&mut back).await.unwrap();
-        writer.await.unwrap();
+        let back = echo_through(s, &data).await;
         assert!(back == data, "the proxy altered the bytes");
         assert_eq!(relayed.up.load(Ordering::Relaxed), data.len() as u64);
         assert_eq!(relayed.down.load(Ordering::Relaxed), data.len() as u64);

@@ -76,8 +76,10 @@ pub struct Cache {
     pending: Mutex<Option<(log::Active, mpsc::Receiver<Append>)>>,
     segment_size: u64,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// Held for the life of the cache: the `flock` on `DIR/lock`.
-    _lock: File,
+    /// The `flock` on `DIR/lock`: held until [`Cache::close`], not until the last clone of
+    /// the server's context drops (a stream task may outlive the server by a moment, and a
+    /// restarted server must not find the directory still locked).
+    lock: Mutex<Option<File>>,
 }
 
 impl std::fmt::Debug for Cache {
@@ -168,7 +170,7 @@ impl Cache {
                 pending: Mutex::new(Some((rec.active, rx))),
                 segment_size: cfg.segment_size,
                 thread: Mutex::new(None),
-                _lock: lock,
+                lock: Mutex::new(Some(lock)),
             },
             rec.damage,
         ))
@@ -290,6 +292,8 @@ impl Cache {
         if let Some(h) = handle {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
+        // The writer is gone: nothing appends any more, so the directory is free.
+        self.lock.lock().take();
     }
 }
 

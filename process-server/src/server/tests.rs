@@ -414,16 +414,15 @@ async fn batches_are_acked_forwarded_in_order_and_deleted_after_apply() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn cached_batches_survive_a_restart_and_are_forwarded_later() {
+/// Registers disk-1 with a reachable (fake) master target, then has batches 1..=12
+/// acknowledged while it is unreachable; returns the stopped server's cache and the fake.
+async fn twelve_cached_while_the_master_target_is_away() -> (tempfile::TempDir, FakeMt, String) {
     let cache = tempfile::tempdir().unwrap();
     let mt = FakeMt::new();
     let mt_url = start_fake_mt(mt.clone()).await;
-    // First run: register the disk, then lose the master target.
     let server = start_server(cache.path(), &mt_url).await;
     drop(agent(&server.url).await);
     server.stop().await;
-
     let unreachable = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         format!("http://{}", l.local_addr().unwrap())
@@ -431,10 +430,15 @@ async fn cached_batches_survive_a_restart_and_are_forwarded_later() {
     let server = start_server(cache.path(), &unreachable).await;
     let mut a = agent(&server.url).await;
     a.send(1..=12).await;
-    let p = a.until(|p| p.cached_seq == 12).await;
-    assert_eq!(p.applied_seq, 0);
+    assert_eq!(a.until(|p| p.cached_seq == 12).await.applied_seq, 0);
     drop(a);
     server.stop().await;
+    (cache, mt, mt_url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cached_batches_survive_a_restart_and_are_forwarded_later() {
+    let (cache, mt, mt_url) = twelve_cached_while_the_master_target_is_away().await;
 
     // Restart with the master target back: the cached batches go out without the agent.
     let server = start_server(cache.path(), &mt_url).await;
@@ -492,23 +496,7 @@ fn tear_newest_segment(dir: &Path, disk: &str, seq: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_torn_tail_is_cut_at_restart_and_every_acked_batch_is_delivered() {
-    let cache = tempfile::tempdir().unwrap();
-    let mt = FakeMt::new();
-    let mt_url = start_fake_mt(mt.clone()).await;
-    let server = start_server(cache.path(), &mt_url).await;
-    drop(agent(&server.url).await);
-    server.stop().await;
-    // Batches 1..=12 acknowledged while the master target is unreachable.
-    let unreachable = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}", l.local_addr().unwrap())
-    };
-    let server = start_server(cache.path(), &unreachable).await;
-    let mut a = agent(&server.url).await;
-    a.send(1..=12).await;
-    assert_eq!(a.until(|p| p.cached_seq == 12).await.applied_seq, 0);
-    drop(a);
-    server.stop().await;
+    let (cache, mt, mt_url) = twelve_cached_while_the_master_target_is_away().await;
     let newest = *segments(cache.path()).last().unwrap();
     let path = crate::cache::log::segment_path(cache.path(), newest);
     let good_len = std::fs::metadata(&path).unwrap().len();
