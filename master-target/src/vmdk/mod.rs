@@ -572,19 +572,30 @@ fn open_rw(path: &Path, create: bool) -> io::Result<File> {
         .open(path)
 }
 
-/// Takes an exclusive `flock` on `file` without waiting: `Ok(false)` when another
-/// process holds it.
+/// How long [`try_lock`] keeps trying before it reports the extent as held.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Takes an exclusive `flock` on `file`: `Ok(false)` when another process still holds it
+/// after [`LOCK_PATIENCE`]. The short wait is there because a lock we just released can
+/// linger for a moment: a `fork` in another thread of this process (spawning any helper)
+/// shares every descriptor, and with it the lock, until the child's `exec` closes it.
 fn try_lock(file: &File) -> io::Result<bool> {
     use std::os::fd::AsRawFd;
-    // SAFETY: flock on a valid, owned descriptor; no memory is passed.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        return Ok(true);
+    let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+    loop {
+        // SAFETY: flock on a valid, owned descriptor; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(e);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        return Ok(false);
-    }
-    Err(e)
 }
 
 /// Passes `made` on, first removing the partial file at `path` when making it failed.
