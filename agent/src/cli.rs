@@ -164,9 +164,7 @@ impl ReplicateArgs {
                 bail!("{flag} must be at least 1s");
             }
         }
-        if self.security.tls_client_ca.is_some() {
-            bail!("--tls-client-ca is a server option; the agent uses --tls-ca");
-        }
+        no_client_ca(&self.security)?;
         let identity = identity(self.flow.identity)?;
         let passphrase = self.security.passphrase()?;
         let format = self
@@ -410,12 +408,7 @@ impl SyncArgs {
             bail!("--marker tag must be at most {MAX_NAME_LEN} bytes");
         }
         let identity = identity(self.flow.identity)?;
-        if self.security.tls_client_ca.is_some() {
-            bail!(
-                "--tls-client-ca is a server option; the agent trusts its process server with \
-                 --tls-ca and proves itself with --tls-cert/--tls-key"
-            );
-        }
+        no_client_ca(&self.security)?;
         let passphrase = self.security.passphrase()?;
         let format = self
             .format
@@ -439,6 +432,17 @@ impl SyncArgs {
             differential,
         })
     }
+}
+
+/// Refuses `--tls-client-ca`: it comes with the shared flags but only servers use it.
+fn no_client_ca(security: &SecurityArgs) -> anyhow::Result<()> {
+    if security.tls_client_ca.is_some() {
+        bail!(
+            "--tls-client-ca is a server option; the agent trusts its process server with \
+             --tls-ca and proves itself with --tls-cert/--tls-key"
+        );
+    }
+    Ok(())
 }
 
 /// Checks `--batch-size` and `--window` and applies their defaults.

@@ -241,21 +241,7 @@ fn lz4_socat(t: &Transfer) -> Result<Measured> {
 fn nbd(t: &Transfer, peer: Peer) -> Result<Measured> {
     let (target, format) = if peer == Peer::QemuImg {
         let vmdk = t.dir.join("copy.vmdk");
-        let o = Command::new("qemu-img")
-            .args([
-                "create",
-                "-q",
-                "-f",
-                "vmdk",
-                "-o",
-                "subformat=monolithicFlat",
-            ])
-            .arg(&vmdk)
-            .arg(t.size.to_string())
-            .output()?;
-        if !o.status.success() {
-            bail!("qemu-img create: {}", String::from_utf8_lossy(&o.stderr));
-        }
+        verify::qemu_create_flat_vmdk(&vmdk, t.size)?;
         (vmdk, "vmdk")
     } else {
         let raw = t.dir.join("copy.raw");

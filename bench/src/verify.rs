@@ -64,6 +64,26 @@ pub fn qemu_check(vmdk: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `qemu-img create` of a zero-filled monolithicFlat VMDK of `size` bytes.
+pub fn qemu_create_flat_vmdk(vmdk: &Path, size: u64) -> Result<()> {
+    let o = Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=monolithicFlat",
+        ])
+        .arg(vmdk)
+        .arg(size.to_string())
+        .output()?;
+    if !o.status.success() {
+        bail!("qemu-img create: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    Ok(())
+}
+
 /// `qemu-img compare` of a VMDK against a raw image: "Images are identical".
 pub fn qemu_compare(vmdk: &Path, raw: &Path) -> Result<()> {
     let o = Command::new("qemu-img")

@@ -291,10 +291,11 @@ impl Disks {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn disks() -> Disks {
+    /// One disk `a`, applied up to 3 of 5 cached (also used by `status` tests).
+    pub(crate) fn disks() -> Disks {
         let r = DiskRecord {
             disk_id: "a".into(),
             name: "a".into(),

@@ -220,15 +220,7 @@ mod tests {
 
     #[test]
     fn a_backlog_is_stalled_while_the_master_target_link_is_down() {
-        let r = crate::registry::DiskRecord {
-            disk_id: "a".into(),
-            name: "a".into(),
-            capacity: 1 << 20,
-            format: 0,
-            group: String::new(),
-            applied_floor: 3,
-        };
-        let disks = crate::disks::Disks::new(&[r], |_, _| 5);
+        let disks = crate::disks::tests::disks();
         let s = disks.get("a").unwrap();
         assert_eq!(state_of(&s, false, true), "backlog");
         assert_eq!(state_of(&s, false, false), "stalled");

@@ -139,7 +139,12 @@ impl Flow {
 
     /// The free-space level of the cache right now.
     pub fn space_level(&self) -> SpaceLevel {
-        let free = self.quota.saturating_sub(self.usage()) as u128 * 100;
+        self.level_at(self.usage())
+    }
+
+    /// The free-space level with `used` bytes in the cache.
+    fn level_at(&self, used: u64) -> SpaceLevel {
+        let free = self.quota.saturating_sub(used) as u128 * 100;
         let quota = u128::from(self.quota);
         if free < quota * u128::from(CRITICAL_FREE_PERCENT) {
             SpaceLevel::Critical
@@ -152,9 +157,13 @@ impl Flow {
 
     /// The health alert for the cache's free space, if any.
     pub fn space_alert(&self) -> Option<String> {
-        let used = self.usage();
+        self.alert_at(self.usage())
+    }
+
+    /// The alert with `used` bytes in the cache: level and numbers from one reading.
+    fn alert_at(&self, used: u64) -> Option<String> {
         let free = self.quota.saturating_sub(used);
-        let (word, limit) = match self.space_level() {
+        let (word, limit) = match self.level_at(used) {
             SpaceLevel::Ok => return None,
             SpaceLevel::Warning => ("warning", WARN_FREE_PERCENT),
             SpaceLevel::Critical => ("critical", CRITICAL_FREE_PERCENT),
@@ -167,12 +176,13 @@ impl Flow {
 
     /// Logs a health event when the free-space level changes.
     fn report_level(&self) {
-        let now = self.space_level();
+        let used = self.usage();
+        let now = self.level_at(used);
         let before = SpaceLevel::from_u8(self.level.swap(now as u8, Ordering::Relaxed));
         if now == before {
             return;
         }
-        match (now, self.space_alert()) {
+        match (now, self.alert_at(used)) {
             (SpaceLevel::Critical, Some(a)) => tracing::error!("cache space {a}"),
             (SpaceLevel::Warning, Some(a)) => tracing::warn!("cache space {a}"),
             _ => tracing::info!("cache space back above {WARN_FREE_PERCENT}% free"),
