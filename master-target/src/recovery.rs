@@ -492,6 +492,12 @@ fn in_place(
     st.in_resync = false;
     st.store(&req.retention)?;
     std::fs::remove_file(&intent).map_err(io_at("remove", &intent))?;
+    // The removal is the end of the recovery: make it durable, or a crash could bring the
+    // intent back and keep the disk refused until `recover` runs again.
+    let dir = intent.parent().unwrap_or(&req.retention);
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_at("fsync dir", dir))?;
     Ok(Recovered {
         seq,
         point: what,
