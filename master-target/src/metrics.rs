@@ -1,21 +1,14 @@
-//! A tiny Prometheus endpoint: `GET /metrics` in the text exposition format.
-//!
-//! Hand-written HTTP/1.1 (one request per connection, bounded request size and time) so the
-//! master target needs no web framework for a handful of counters.
+//! The master target's Prometheus metrics (names, units and labels: docs/metrics.md),
+//! served by [`protocol::metrics::serve`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use protocol::metrics::{Exposition, Kind};
+use tokio::net::TcpListener;
 
+use crate::apply::DiskShared;
 use crate::registry::Registry;
-
-/// Largest request head read.
-const MAX_REQUEST: usize = 8192;
-/// A client must send its request within this time.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Process-wide counters (per-disk figures come from the registry).
 #[derive(Debug, Default)]
@@ -27,102 +20,84 @@ pub struct Counters {
 
 /// Renders every metric.
 pub async fn render(counters: &Counters, registry: &Registry) -> String {
-    let mut s = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, u64)>| {
-        s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-        for (labels, v) in rows {
-            s.push_str(&format!("{name}{labels} {v}\n"));
-        }
-    };
-    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    metric(
+    let mut e = Exposition::new();
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+    e.single(
         "master_target_connections_total",
-        "counter",
+        Kind::Counter,
         "Apply streams accepted since start.",
-        vec![(String::new(), get(&counters.connections_total))],
+        get(&counters.connections_total),
     );
-    metric(
+    e.single(
         "master_target_connections_open",
-        "gauge",
+        Kind::Gauge,
         "Apply streams open now.",
-        vec![(String::new(), get(&counters.connections_open))],
+        get(&counters.connections_open),
     );
-    metric(
+    e.single(
         "master_target_refusals_total",
-        "counter",
+        Kind::Counter,
         "Connections or disks refused (auth, conflicts, bad requests).",
-        vec![(String::new(), get(&counters.refusals_total))],
+        get(&counters.refusals_total),
     );
     let (open, _) = registry.snapshot().await;
-    let label = |id: &str| format!("{{disk_id=\"{id}\"}}");
-    metric(
+    let now_ms = protocol::now_unix_ms();
+    let per_disk = |value: &dyn Fn(&DiskShared) -> f64| {
+        open.iter()
+            .map(|o| (vec![("disk_id", o.shared.disk_id.as_str())], value(&o.shared)))
+            .collect::<Vec<_>>()
+    };
+    e.family(
         "master_target_disk_applied_seq",
-        "gauge",
+        Kind::Gauge,
         "Highest seq applied and durable, per open disk.",
-        open.iter()
-            .map(|e| (label(&e.shared.disk_id), get(&e.shared.durable_seq)))
-            .collect(),
+        per_disk(&|d| get(&d.durable_seq)),
     );
-    metric(
+    e.family(
         "master_target_disk_applied_bytes_total",
-        "counter",
+        Kind::Counter,
         "Uncompressed bytes applied since start, per open disk.",
-        open.iter()
-            .map(|e| (label(&e.shared.disk_id), get(&e.shared.bytes_applied)))
-            .collect(),
+        per_disk(&|d| get(&d.bytes_applied)),
     );
-    metric(
+    e.family(
         "master_target_disk_journal_bytes",
-        "gauge",
+        Kind::Gauge,
         "Bytes of undo journal on the retention volume, per open disk.",
-        open.iter()
-            .map(|e| (label(&e.shared.disk_id), get(&e.shared.journal_bytes)))
-            .collect(),
+        per_disk(&|d| get(&d.journal_bytes)),
     );
-    s
+    e.family(
+        "master_target_disk_rpo_seconds",
+        Kind::Gauge,
+        "Age (source clock) of the newest data durable here, per open disk.",
+        per_disk(&|d| {
+            let last = d.state.lock().last_batch_unix_ms;
+            if last > 0 {
+                (now_ms - last).max(0) as f64 / 1000.0
+            } else {
+                f64::NAN
+            }
+        }),
+    );
+    e.family(
+        "master_target_disk_consistent_timestamp_seconds",
+        Kind::Gauge,
+        "Source time of the latest crash-consistent point, per open disk (Unix seconds).",
+        per_disk(&|d| d.state.lock().consistent_unix_ms as f64 / 1000.0),
+    );
+    e.family(
+        "master_target_disk_in_resync",
+        Kind::Gauge,
+        "1 while the disk is inside a resync interval (no points), else 0.",
+        per_disk(&|d| f64::from(u8::from(d.state.lock().in_resync))),
+    );
+    e.finish()
 }
 
 /// Serves `/metrics` on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, counters: Arc<Counters>, registry: Arc<Registry>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
+    protocol::metrics::serve(listener, move || {
         let (counters, registry) = (counters.clone(), registry.clone());
-        tokio::spawn(async move {
-            let _ =
-                tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &counters, &registry)).await;
-        });
-    }
-}
-
-async fn answer(
-    mut stream: TcpStream,
-    counters: &Counters,
-    registry: &Registry,
-) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < MAX_REQUEST {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let head = String::from_utf8_lossy(&buf);
-    let (status, body) = if head.starts_with("GET /metrics ") {
-        ("200 OK", render(counters, registry).await)
-    } else {
-        (
-            "404 Not Found",
-            "only /metrics is served here\n".to_string(),
-        )
-    };
-    let reply = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(reply.as_bytes()).await?;
-    stream.shutdown().await
+        async move { render(&counters, &registry).await }
+    })
+    .await
 }

@@ -4,8 +4,9 @@
 //! `--h2-*`, `--log-format`), as the command-line contract requires.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::auth::{Passphrase, PassphraseError};
 use crate::transport::{TlsFiles, WanTuning};
@@ -115,6 +116,106 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size '{s}' is too large"))
 }
 
+/// Writes `n` bytes the way [`parse_size`] reads it back: with the largest binary unit that
+/// divides it exactly (`64M`, `10G`, `4097`).
+pub fn format_size(n: u64) -> String {
+    for (unit, shift) in [('T', 40), ('G', 30), ('M', 20), ('K', 10)] {
+        if n != 0 && n.trailing_zeros() >= shift {
+            return format!("{}{unit}", n >> shift);
+        }
+    }
+    n.to_string()
+}
+
+/// A size in a config file: a number of bytes (`1048576`) or a string (`"32M"`); printed back
+/// as a string by `--print-config`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Size, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(n) => Ok(Size(n)),
+            Raw::Text(t) => parse_size(&t).map(Size).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Serialize for Size {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_size(self.0))
+    }
+}
+
+/// The effective configuration as the TOML a `--config` file would hold (`--print-config`).
+pub fn render_config<T: Serialize>(config: &T) -> String {
+    toml::to_string_pretty(config).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+}
+
+/// `--watch [SECS]` of the `status` commands.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct WatchArgs {
+    /// Refresh every SECS seconds (default 2) until interrupted; with --json, one document
+    /// per line.
+    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "2",
+          value_parser = parse_watch_secs)]
+    pub watch: Option<Duration>,
+}
+
+fn parse_watch_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    if !(0.1..=3600.0).contains(&secs) {
+        return Err(format!("--watch {s}: between 0.1 and 3600 seconds"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Prints what `render` returns once, or with `every` again and again until SIGINT/SIGTERM.
+/// When watching a terminal (and `clear` is set), each refresh replaces the screen under a
+/// header with the time; a failed refresh (a server restarting, say) is shown in place and
+/// the watch goes on, as `watch(1)` does. Without `every`, a failure is returned.
+pub async fn watch<F, Fut, E>(every: Option<Duration>, clear: bool, mut render: F) -> Result<(), E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<String, E>>,
+    E: std::fmt::Display,
+{
+    use std::io::{IsTerminal, Write};
+    let Some(every) = every else {
+        print!("{}", render().await?);
+        return Ok(());
+    };
+    let clear = clear && std::io::stdout().is_terminal();
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        let page = match render().await {
+            Ok(page) => page,
+            Err(e) => format!("error: {e}\n"),
+        };
+        let mut out = std::io::stdout().lock();
+        if clear {
+            let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+            let _ = write!(out, "\x1b[H\x1b[2JEvery {every:?}: {now}\n\n");
+        }
+        let _ = out.write_all(page.as_bytes());
+        let _ = out.flush();
+        drop(out);
+        tokio::select! {
+            _ = &mut stop => return Ok(()),
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
 /// Log output format.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -163,7 +264,7 @@ pub fn load_config<T: serde::de::DeserializeOwned + Default>(
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::*;
 
     #[test]
     fn sizes_parse_with_binary_units() {
@@ -174,5 +275,38 @@ mod tests {
         assert_eq!(parse_size("1T"), Ok(1 << 40));
         assert!(parse_size("ten").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn sizes_print_back_as_they_parse() {
+        for n in [
+            0,
+            1,
+            4097,
+            64 << 10,
+            32 << 20,
+            10 << 30,
+            3 << 40,
+            (1 << 20) + 4096,
+        ] {
+            assert_eq!(parse_size(&format_size(n)), Ok(n), "{n}");
+        }
+        assert_eq!(format_size(64 << 20), "64M");
+        assert_eq!(format_size((1 << 20) + 4096), "1028K");
+    }
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct File {
+        window: Size,
+    }
+
+    #[test]
+    fn config_sizes_take_numbers_or_strings_and_render_as_strings() {
+        let a: File = toml::from_str("window = 1048576").unwrap();
+        let b: File = toml::from_str("window = \"1M\"").unwrap();
+        assert_eq!(a, b);
+        assert_eq!(render_config(&a), "window = \"1M\"\n");
+        let bad = toml::from_str::<File>("window = \"lots\"").unwrap_err();
+        assert!(bad.to_string().contains("not a size"), "{bad}");
     }
 }

@@ -10,6 +10,7 @@ pub mod client;
 pub mod disk;
 pub mod error;
 pub mod limits;
+pub mod metrics;
 pub mod transport;
 
 /// Messages and services generated from `proto/failback.proto`.
