@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use protocol::auth::ServerAuth;
 use protocol::error::{Code, Refusal};
-use protocol::limits::{MAX_DISKS_PER_HELLO, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
+use protocol::limits::{HELLO_TIMEOUT, MAX_DISKS_PER_HELLO, MAX_MESSAGE_BYTES, PROTOCOL_VERSION};
 use protocol::pb::differential_server::{Differential, DifferentialServer};
 use protocol::pb::master_target_server::{MasterTarget, MasterTargetServer};
 use protocol::pb::{
@@ -33,7 +33,7 @@ use protocol::pb::{
 use protocol::transport::{TlsFiles, TransportError, WanTuning};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::apply::ApplyCmd;
@@ -44,8 +44,6 @@ use crate::registry::{DiskEntry, Registry, SetupError};
 
 /// Messages queued towards one connection before its writers wait.
 const RESPONSE_DEPTH: usize = 64;
-/// How long a new stream may take to send its hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long shutdown waits for streams to end before giving up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -132,7 +130,7 @@ pub async fn serve(
         opts.identity,
     );
     let addr = listener.local_addr().ok();
-    let incoming = TcpListenerStream::new(listener);
+    let incoming = protocol::incoming::guarded(listener, Default::default());
     let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
         shutdown.await;
@@ -358,9 +356,16 @@ impl Connection {
             Ok(Ok(Some(ForwardMessage {
                 body: Some(forward_message::Body::Hello(h)),
             }))) => h,
-            Ok(Err(_) | Ok(None)) => return,
-            Err(_) | Ok(Ok(Some(_))) => {
-                let r = Refusal::new(Code::BadRequest, "the first message must be hello");
+            Ok(Ok(None)) => return,
+            refused => {
+                let why = match refused {
+                    Err(_) => format!("no hello within {HELLO_TIMEOUT:?}; closing the stream"),
+                    Ok(Err(s)) => format!("bad first message: {}", s.message()),
+                    _ => "the first message must be hello".to_string(),
+                };
+                let r = Refusal::new(Code::BadRequest, why);
+                tracing::warn!(conn = self.id, "refused stream: {r}");
+                self.counters.refusals_total.fetch_add(1, Ordering::Relaxed);
                 let _ = self.out.send(error_msg(&r)).await;
                 return;
             }

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use prost::Message;
 use protocol::disk::check_disk_info;
 use protocol::error::{Code, Refusal};
-use protocol::limits::MAX_DISKS_PER_HELLO;
+use protocol::limits::{HELLO_TIMEOUT, MAX_DISKS_PER_HELLO};
 use protocol::pb::{
     AgentHello, AgentMessage, Batch, DiskInfo, DiskProgress, Pause, ProcessServerMessage,
     ServerWelcome, agent_message, process_server_message,
@@ -86,7 +86,15 @@ async fn serve(
     mut inbound: Streaming<AgentMessage>,
     out: &Out,
 ) -> Result<(), Refusal> {
-    let hello = match inbound.message().await {
+    let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+        .await
+        .map_err(|_| {
+            Refusal::new(
+                Code::BadRequest,
+                format!("no hello within {HELLO_TIMEOUT:?}; closing the stream"),
+            )
+        })?;
+    let hello = match first {
         Ok(Some(AgentMessage {
             body: Some(agent_message::Body::Hello(h)),
         })) => h,

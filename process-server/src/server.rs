@@ -17,7 +17,7 @@ use protocol::pb::{AgentMessage, ChallengeReply, ChallengeRequest, StatusReply, 
 use protocol::transport::{TlsFiles, TransportError, WanTuning};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 
 use crate::cache::log::Damage;
 use crate::cache::{Cache, CacheConfig, CacheError};
@@ -302,7 +302,10 @@ pub async fn serve_on(
         let _ = shutdown_tx.send(true);
         let _ = stopped_tx.send(());
     };
-    let server = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop_signal);
+    let server = router.serve_with_incoming_shutdown(
+        protocol::incoming::guarded(listener, Default::default()),
+        stop_signal,
+    );
     tokio::pin!(server);
     let served = tokio::select! {
         r = &mut server => r,

@@ -39,3 +39,7 @@ pub const MAX_CAPACITY: u64 = 64 << 40;
 
 /// Most disks one hello may declare.
 pub const MAX_DISKS_PER_HELLO: usize = 256;
+
+/// How long a new stream may take to send its hello before the server ends it: an honest
+/// peer sends it at once, a hostile one must not hold a stream open for free.
+pub const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

@@ -16,6 +16,10 @@ use crate::limits::MAX_MESSAGE_BYTES;
 use crate::pb::master_target_client::MasterTargetClient;
 use crate::pb::process_server_client::ProcessServerClient;
 
+/// Streams one client connection may have open on a server; further streams are refused
+/// by HTTP/2 until earlier ones end (an idle stream ends at the role's hello timeout).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+
 /// Window, frame and keepalive settings for one side of a hop.
 #[derive(Debug, Clone)]
 pub struct WanTuning {
@@ -165,7 +169,8 @@ impl WanTuning {
             .http2_keepalive_interval(Some(self.keepalive_interval))
             .http2_keepalive_timeout(Some(self.keepalive_timeout))
             .tcp_keepalive(Some(self.tcp_keepalive))
-            .tcp_nodelay(true);
+            .tcp_nodelay(true)
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION));
         if let Some(cfg) = tls.server_config()? {
             s = s.tls_config(cfg)?;
         }
