@@ -44,15 +44,17 @@ pub enum Change {
     Marker(Marker),
 }
 
-/// Makes markers with ids unique per disk for the life of the process.
+/// Makes markers with ids unique for the life of the process (one maker per agent, shared
+/// by its disks, so that a group marker's id is unique on each of them).
 #[derive(Debug, Default)]
 pub struct MarkerIds {
     next: AtomicU64,
 }
 
 impl MarkerIds {
-    /// A marker of `kind` cut now: id `<disk_id>-<kind>-<ms>-<n>`.
-    pub fn marker(&self, disk_id: &str, kind: MarkerKind, tag: &str) -> Marker {
+    /// A marker of `kind` cut now, in no group: id `<prefix>-<kind>-<ms>-<n>`, the prefix
+    /// being the disk id (or the group's name for a group marker).
+    pub fn marker(&self, prefix: &str, kind: MarkerKind, tag: &str) -> Marker {
         let now = protocol::now_unix_ms();
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let kind_name = match kind {
@@ -60,7 +62,7 @@ impl MarkerIds {
             MarkerKind::User => "user",
             MarkerKind::Crash | MarkerKind::Unspecified => "crash",
         };
-        let mut id = format!("{disk_id}-{kind_name}-{now}-{n}");
+        let mut id = format!("{prefix}-{kind_name}-{now}-{n}");
         if id.len() > MAX_NAME_LEN {
             id = format!("{kind_name}-{now}-{n}");
         }
@@ -81,8 +83,6 @@ pub struct BatchPlan {
     pub first_seq: u64,
     pub batch_data: usize,
     pub linger: Duration,
-    /// A crash marker is cut this often, whatever the clients do.
-    pub crash_interval: Duration,
     /// How long a finished batch may wait for room in the transfer (whose window is full)
     /// before the batcher gives up on memory and falls back to the dirty bitmap.
     pub overflow_grace: Duration,
@@ -131,9 +131,10 @@ impl Change {
 /// Runs until the change channel closes (every sender gone), the receiver of batches goes
 /// away, or the transfer stays full for longer than the grace. Blocking: run it on its own
 /// thread; `rt` is the runtime the transfer runs on (to wait for room with a timeout).
+/// Periodic markers are not cut here: they arrive as changes from the group's clock
+/// (`replicate`), which cuts them on every disk of the group at one instant.
 pub fn run_batcher(
     plan: &BatchPlan,
-    ids: &MarkerIds,
     changes: &Receiver<Change>,
     out: &mpsc::Sender<Result<Batch, ScanError>>,
     rt: &tokio::runtime::Handle,
@@ -158,33 +159,23 @@ pub fn run_batcher(
             Ok(())
         },
     };
-    let mut next_crash = Instant::now() + plan.crash_interval;
     loop {
-        let now = Instant::now();
-        let deadline = match b.opened {
-            Some(t) => (t + plan.linger).min(next_crash),
-            None => next_crash,
+        // An open batch waits for more changes at most until its linger ends.
+        let received = match b.opened {
+            Some(opened) => changes
+                .recv_timeout((opened + plan.linger).saturating_duration_since(Instant::now())),
+            None => changes.recv().map_err(|_| RecvTimeoutError::Disconnected),
         };
         let mut extent = None;
-        // Checked before receiving, so that writers that never let the queue run dry do not
-        // starve the periodic marker; it goes behind every change received so far.
-        let step = if now >= next_crash {
-            next_crash = now + plan.crash_interval;
-            let m = ids.marker(&plan.disk_id, MarkerKind::Crash, "");
-            b.push(Change::Marker(m))
-        } else {
-            match changes.recv_timeout(deadline.saturating_duration_since(now)) {
-                Ok(change) => {
-                    extent = change.extent();
-                    b.push(change)
-                }
-                // The marker is cut at the top of the loop.
-                Err(RecvTimeoutError::Timeout) if Instant::now() >= next_crash => Ok(()),
-                Err(RecvTimeoutError::Timeout) => b.cut(),
-                Err(RecvTimeoutError::Disconnected) => {
-                    let _ = b.cut();
-                    return BatcherEnd::Stopped;
-                }
+        let step = match received {
+            Ok(change) => {
+                extent = change.extent();
+                b.push(change)
+            }
+            Err(RecvTimeoutError::Timeout) => b.cut(),
+            Err(RecvTimeoutError::Disconnected) => {
+                let _ = b.cut();
+                return BatcherEnd::Stopped;
             }
         };
         match step {
@@ -267,7 +258,6 @@ mod tests {
             first_seq: 10,
             batch_data: 8192,
             linger: Duration::from_secs(60),
-            crash_interval: Duration::from_secs(3600),
             overflow_grace: Duration::from_secs(60),
         }
     }
@@ -280,12 +270,11 @@ mod tests {
         }
         drop(tx);
         let (out, mut got) = mpsc::channel(64);
-        let ids = MarkerIds::default();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
             .unwrap();
-        let end = run_batcher(&plan(), &ids, &rx, &out, rt.handle(), &mut |_, _| {});
+        let end = run_batcher(&plan(), &rx, &out, rt.handle(), &mut |_, _| {});
         assert!(matches!(end, BatcherEnd::Stopped));
         drop(out);
         let mut v = Vec::new();
@@ -385,14 +374,7 @@ mod tests {
         p.overflow_grace = Duration::from_millis(10);
         p.linger = Duration::from_millis(10);
         let mut seen = Vec::new();
-        let end = run_batcher(
-            &p,
-            &MarkerIds::default(),
-            &rx,
-            &out,
-            rt.handle(),
-            &mut |s, _| seen.push(s),
-        );
+        let end = run_batcher(&p, &rx, &out, rt.handle(), &mut |s, _| seen.push(s));
         // The first batch filled the channel; the second, cut by the third (overlapping)
         // write, found no room.
         assert_eq!(seen, vec![10]);
@@ -403,56 +385,6 @@ mod tests {
             }
             BatcherEnd::Stopped => panic!("expected an overflow"),
         }
-    }
-
-    #[test]
-    fn busy_writers_do_not_starve_the_periodic_crash_marker() {
-        // The queue never runs dry: the writer refills it as fast as the batcher drains it.
-        let (tx, rx) = std::sync::mpsc::sync_channel(16);
-        // Incompressible data: cloning it is cheaper than batching it.
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let noise: Vec<u8> = (0..64 << 10)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        let writer = std::thread::spawn(move || {
-            let until = Instant::now() + Duration::from_millis(400);
-            while Instant::now() < until {
-                let c = Change::Write {
-                    offset: 0,
-                    data: noise.clone(),
-                };
-                tx.send(c).unwrap();
-            }
-        });
-        let (out, mut got) = mpsc::channel::<Result<Batch, ScanError>>(64);
-        let reader = std::thread::spawn(move || {
-            let mut markers = Vec::new();
-            while let Some(b) = got.blocking_recv() {
-                markers.extend(b.unwrap().markers);
-            }
-            markers
-        });
-        let rt = timer_runtime();
-        let mut p = plan();
-        p.crash_interval = Duration::from_millis(50);
-        p.linger = Duration::from_millis(5);
-        let ids = MarkerIds::default();
-        let end = run_batcher(&p, &ids, &rx, &out, rt.handle(), &mut |_, _| {});
-        assert!(matches!(end, BatcherEnd::Stopped));
-        drop(out);
-        writer.join().unwrap();
-        let markers = reader.join().unwrap();
-        assert!(
-            markers.len() >= 3,
-            "only {} crash markers in 400 ms at one per 50 ms",
-            markers.len()
-        );
-        assert!(markers.iter().all(|m| m.kind == MarkerKind::Crash as i32));
     }
 
     #[test]

@@ -1,29 +1,15 @@
-//! The `agent` command line (the public contract of `DESIGN.md`), its TOML config file, and
-//! their merge into a validated [`SyncConfig`]. Flags win over the config file; the file's
-//! keys are the long flag names with `_` for `-`.
+//! The `agent` command line (the public contract of `DESIGN.md`) and the conversion of its
+//! flags into the keys of the `--config` file ([`crate::config`] merges and validates them).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use protocol::auth::ClientAuth;
-use protocol::cli::{LogFormat, SecurityArgs, WanArgs, parse_size};
-use protocol::limits::{DEFAULT_BATCH_DATA, MAX_BATCH_DATA, MAX_NAME_LEN};
+use protocol::cli::{LogFormat, SecurityArgs, Size, WanArgs, WatchArgs, parse_size};
 use protocol::pb::DiskFormat;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use crate::changes::{LINGER, OVERFLOW_GRACE};
-use crate::diff::{DEFAULT_CHUNK, valid_chunk_size};
-use crate::replicate::{RETRY_FOREVER, ReplicateConfig};
-use crate::scan::ZERO_BLOCK;
-use crate::session::{HEARTBEAT, Target};
-use crate::sync::{SyncConfig, disk_info};
-
-/// Default bound of unacknowledged bytes in flight.
-pub const DEFAULT_WINDOW: u64 = 64 << 20;
-/// Default time an unreachable process server is retried.
-pub const DEFAULT_RETRY_FOR: Duration = Duration::from_secs(600);
+use crate::config::{ConfigError, Disks, GroupDisk, ReplicateFile, Span, SyncFile, merge};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -46,12 +32,14 @@ pub enum Command {
     /// the pass resumes where the process server stands; other refusals end the sync at once
     /// with `error <code>: <message>`. Exit status: 0 success, 1 failure, 2 bad arguments.
     Sync(Box<SyncArgs>),
-    /// Serve a disk over NBD and replicate every write continuously.
+    /// Serve disks over NBD and replicate every write continuously.
     ///
     /// Brings the target up to date first (full pass; writes made meanwhile are tracked
     /// and sent after it), then sends every write in the order it was acknowledged, with a
-    /// crash-consistent marker at each NBD flush and every --crash-interval. Runs until
-    /// interrupted or until the process server refuses the stream.
+    /// crash-consistent marker at each NBD flush and every --crash-interval. Several disks
+    /// (--disk ID=SOURCE,... repeated) form one group: each has its own NBD export and
+    /// stream, and every periodic or requested marker is cut on all of them at one instant.
+    /// Runs until interrupted or until the process server refuses a stream.
     Replicate(Box<ReplicateArgs>),
     /// Ask a running `agent replicate` (its --control-listen address) to cut a marker.
     Marker(MarkerArgs),
@@ -59,42 +47,59 @@ pub enum Command {
     Status(StatusArgs),
 }
 
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, Default)]
 // --tls-client-ca comes with the shared flags but only servers use it.
 #[command(mut_arg("tls_client_ca", |a| a.hide(true)))]
 pub struct ReplicateArgs {
+    /// TOML file with any of these options (keys as the flags, `_` for `-`; several disks as
+    /// `[[disk]]` tables); flags win.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration (--config merged with the flags, defaults filled in)
+    /// as TOML that --config reads, then exit.
+    #[arg(long)]
+    pub print_config: bool,
     /// Process server URL: http://HOST:PORT or https://HOST:PORT.
     #[arg(long, value_name = "URL")]
-    pub process_server: String,
-    /// Source disk: raw image file or block device, served read-write over NBD.
-    #[arg(long, value_name = "FILE")]
-    pub disk: PathBuf,
-    /// The source disk's UUID (1..=128 of [A-Za-z0-9._:-]).
+    pub process_server: Option<String>,
+    /// Source disk: raw image file or block device, served read-write over NBD. Repeated as
+    /// ID=SOURCE[,name=NAME][,nbd=HOST:PORT] for a group of disks (name defaults to ID, nbd
+    /// to --nbd-listen's port plus the disk's index; a FILE with `=` in its first path
+    /// component needs a `./` in front).
+    #[arg(long, value_name = "FILE|ID=SOURCE,...", value_parser = parse_disk)]
+    pub disk: Vec<DiskArg>,
+    /// The source disk's UUID (1..=128 of [A-Za-z0-9._:-]), with --disk FILE.
     #[arg(long, value_name = "ID")]
-    pub disk_id: String,
-    /// Target VMDK name on the datastore.
+    pub disk_id: Option<String>,
+    /// Target VMDK name on the datastore, with --disk FILE.
     #[arg(long, value_name = "NAME")]
-    pub name: String,
-    /// NBD listen address, e.g. 127.0.0.1:10809.
+    pub name: Option<String>,
+    /// NBD listen address, e.g. 127.0.0.1:10809 (with a group: the first disk's).
     #[arg(long, value_name = "HOST:PORT")]
-    pub nbd_listen: String,
+    pub nbd_listen: Option<String>,
+    /// Replication group carried by every marker cut on all the disks (1..=128 of
+    /// [A-Za-z0-9._:-]) [default: none].
+    #[arg(long, value_name = "NAME")]
+    pub group: Option<String>,
     /// Control API address for `agent marker` and `agent status` [default: off].
     #[arg(long, value_name = "HOST:PORT")]
     pub control_listen: Option<String>,
-    /// Target layout when the master target creates the disk [default: vmfs].
+    /// Target layout when the master target creates a disk [default: vmfs].
     #[arg(long, value_enum)]
     pub format: Option<Format>,
-    /// Interval of crash-consistent markers (at least 1s).
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "5m")]
-    pub crash_interval: Duration,
-    /// Interval of app-consistent markers, cut only with --app-quiesce-cmd (at least 1s).
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "60m")]
-    pub app_interval: Duration,
-    /// Command run as `CMD freeze` and `CMD thaw` around each app-consistent marker; a
-    /// failing freeze means no marker (reported in the log and in `agent status`).
+    /// Interval of crash-consistent markers, at least 1s [default: 5m].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub crash_interval: Option<Duration>,
+    /// Interval of app-consistent markers, cut only with --app-quiesce-cmd, at least 1s
+    /// [default: 60m].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub app_interval: Option<Duration>,
+    /// Command run as `CMD freeze` and `CMD thaw` around each app-consistent marker (once
+    /// for all the disks); a failing freeze means no marker (reported in the log and in
+    /// `agent status`).
     #[arg(long, value_name = "CMD")]
     pub app_quiesce_cmd: Option<String>,
-    /// Unacknowledged bytes kept in flight [default: 64M].
+    /// Unacknowledged bytes kept in flight, per disk [default: 64M].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub window: Option<u64>,
     #[command(flatten)]
@@ -108,13 +113,55 @@ pub struct ReplicateArgs {
     pub wan: WanArgs,
 }
 
+/// One `--disk` of `agent replicate`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DiskArg {
+    File(PathBuf),
+    Group(GroupDisk),
+}
+
+/// `ID=SOURCE[,name=NAME][,nbd=HOST:PORT]` when what precedes the first `=` is a valid disk
+/// id (which has no `/`), else a FILE.
+fn parse_disk(s: &str) -> Result<DiskArg, String> {
+    let Some((id, rest)) = s
+        .split_once('=')
+        .filter(|(id, _)| protocol::disk::is_safe_name(id))
+    else {
+        return Ok(DiskArg::File(s.into()));
+    };
+    let mut parts = rest.split(',');
+    let source = parts.next().filter(|p| !p.is_empty());
+    let mut disk = GroupDisk {
+        disk_id: id.to_string(),
+        source: source
+            .ok_or_else(|| format!("'{s}': no SOURCE after {id}="))?
+            .into(),
+        name: None,
+        nbd_listen: None,
+    };
+    for part in parts {
+        match part.split_once('=') {
+            Some(("name", v)) => disk.name = Some(v.to_string()),
+            Some(("nbd", v)) => disk.nbd_listen = Some(v.to_string()),
+            _ => {
+                return Err(format!(
+                    "'{part}' in '{s}': expected name=NAME or nbd=HOST:PORT"
+                ));
+            }
+        }
+    }
+    Ok(DiskArg::Group(disk))
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct MarkerArgs {
     /// Control address of the running agent: HOST:PORT (tcp:// optional).
     #[arg(long, value_name = "URL")]
     pub connect: String,
+    /// Mark this disk alone [default: every disk of the agent at one instant, with its
+    /// --group].
     #[arg(long, value_name = "ID")]
-    pub disk_id: String,
+    pub disk_id: Option<String>,
     #[arg(long, value_enum)]
     pub kind: crate::control::Kind,
     /// Free-form tag carried by the marker.
@@ -133,6 +180,8 @@ pub struct StatusArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub watch: WatchArgs,
     /// File holding the shared passphrase (mode 600). Default: $FAILBACK_PASSPHRASE.
     #[arg(long, value_name = "FILE")]
     pub passphrase_file: Option<PathBuf>,
@@ -149,66 +198,8 @@ pub struct FlowArgs {
     pub identity: Option<String>,
 }
 
-/// Shortest marker interval accepted.
-pub const MIN_MARKER_INTERVAL: Duration = Duration::from_secs(1);
-
-impl ReplicateArgs {
-    /// Validates the options into a [`ReplicateConfig`] (reads the passphrase).
-    pub fn into_config(self) -> anyhow::Result<ReplicateConfig> {
-        let (batch_data, window_bytes) = sizes(self.flow.batch_size, self.window)?;
-        for (flag, d) in [
-            ("--crash-interval", self.crash_interval),
-            ("--app-interval", self.app_interval),
-        ] {
-            if d < MIN_MARKER_INTERVAL {
-                bail!("{flag} must be at least 1s");
-            }
-        }
-        no_client_ca(&self.security)?;
-        let identity = identity(self.flow.identity)?;
-        let passphrase = self.security.passphrase()?;
-        let format = self
-            .format
-            .map(DiskFormat::from)
-            .unwrap_or(DiskFormat::Vmfs);
-        Ok(ReplicateConfig {
-            target: Target {
-                url: self.process_server,
-                tuning: self.wan.tuning(),
-                tls: self.security.tls(),
-                auth: ClientAuth::new(passphrase.clone(), identity),
-                disk: disk_info(&self.disk_id, &self.name, format),
-                heartbeat: HEARTBEAT,
-            },
-            disk: self.disk,
-            nbd_listen: self.nbd_listen,
-            control: self.control_listen.map(|a| (a, passphrase)),
-            window_bytes,
-            batch_data,
-            linger: LINGER,
-            crash_interval: self.crash_interval,
-            app_interval: self.app_interval,
-            app_quiesce_cmd: self.app_quiesce_cmd,
-            retry_for: RETRY_FOREVER,
-            overflow_grace: OVERFLOW_GRACE,
-        })
-    }
-}
-
-/// The identity given, or the host name; checked against the protocol's bounds.
-pub fn identity(given: Option<String>) -> anyhow::Result<String> {
-    let identity = match given {
-        Some(i) => i,
-        None => hostname().context("cannot find the host name; pass --identity")?,
-    };
-    if identity.is_empty() || identity.len() > MAX_NAME_LEN {
-        bail!("--identity must be 1..={MAX_NAME_LEN} bytes");
-    }
-    Ok(identity)
-}
-
 /// How the disk is compared with the target.
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// Read and send the whole disk (all-zero blocks and holes as zero extents).
@@ -219,7 +210,7 @@ pub enum Mode {
 }
 
 /// Layout of the target VMDK if the master target has to create it.
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Format {
     /// ESXi layout: descriptor (createType="vmfs") plus NAME-flat.vmdk.
@@ -244,9 +235,13 @@ impl From<Format> for DiskFormat {
 // --tls-client-ca comes with the shared flags but only servers use it.
 #[command(mut_arg("tls_client_ca", |a| a.hide(true)))]
 pub struct SyncArgs {
-    /// TOML file with any of these options (keys as the flags, `_` for `-`).
+    /// TOML file with any of these options (keys as the flags, `_` for `-`); flags win.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Print the effective configuration (--config merged with the flags, defaults filled in)
+    /// as TOML that --config reads, then exit.
+    #[arg(long)]
+    pub print_config: bool,
     /// Process server URL: http://HOST:PORT or https://HOST:PORT.
     #[arg(long, value_name = "URL")]
     pub process_server: Option<String>,
@@ -292,192 +287,100 @@ pub struct SyncArgs {
     pub wan: WanArgs,
 }
 
-/// A size in a config file: a number of bytes or a string such as "64M".
-#[derive(Deserialize, Debug, Clone)]
-#[serde(untagged)]
-enum Size {
-    Bytes(u64),
-    Text(String),
-}
-
-impl Size {
-    fn bytes(&self, key: &str) -> anyhow::Result<u64> {
-        match self {
-            Size::Bytes(n) => Ok(*n),
-            Size::Text(s) => parse_size(s).map_err(|e| anyhow::anyhow!("{key}: {e}")),
-        }
+/// Refuses `--tls-client-ca`: it comes with the shared flags but only servers use it.
+fn no_client_ca(security: &SecurityArgs) -> Result<(), ConfigError> {
+    match security.tls_client_ca {
+        Some(_) => Err(ConfigError::Invalid {
+            flag: "tls-client-ca",
+            why: "is a server option; the agent trusts its process server with --tls-ca and \
+                  proves itself with --tls-cert/--tls-key"
+                .into(),
+        }),
+        None => Ok(()),
     }
-}
-
-/// The `--config` file of `agent sync`.
-#[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields)]
-struct SyncFile {
-    process_server: Option<String>,
-    disk: Option<PathBuf>,
-    disk_id: Option<String>,
-    name: Option<String>,
-    mode: Option<Mode>,
-    format: Option<Format>,
-    marker: Option<String>,
-    chunk_size: Option<Size>,
-    wait: Option<bool>,
-    window: Option<Size>,
-    batch_size: Option<Size>,
-    identity: Option<String>,
-    retry_for: Option<String>,
-    log_format: Option<LogFormat>,
-    passphrase_file: Option<PathBuf>,
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
-    tls_ca: Option<PathBuf>,
-    h2_stream_window: Option<Size>,
-    h2_connection_window: Option<Size>,
-}
-
-fn size(file: &Option<Size>, key: &str) -> anyhow::Result<Option<u64>> {
-    file.as_ref().map(|s| s.bytes(key)).transpose()
 }
 
 impl SyncArgs {
-    /// Fills every option not given as a flag from the `--config` file.
-    pub fn merged(self) -> anyhow::Result<SyncArgs> {
-        let f: SyncFile =
-            protocol::cli::load_config(self.config.as_deref()).map_err(anyhow::Error::msg)?;
-        let retry_for = f
-            .retry_for
-            .as_deref()
-            .map(humantime::parse_duration)
-            .transpose()
-            .context("retry_for")?;
-        Ok(SyncArgs {
-            config: self.config,
-            process_server: self.process_server.or(f.process_server),
-            disk: self.disk.or(f.disk),
-            disk_id: self.disk_id.or(f.disk_id),
-            name: self.name.or(f.name),
-            mode: self.mode.or(f.mode),
-            format: self.format.or(f.format),
-            marker: self.marker.or(f.marker),
-            chunk_size: self.chunk_size.or(size(&f.chunk_size, "chunk_size")?),
-            wait: self.wait || f.wait.unwrap_or(false),
-            window: self.window.or(size(&f.window, "window")?),
-            flow: FlowArgs {
-                batch_size: self.flow.batch_size.or(size(&f.batch_size, "batch_size")?),
-                identity: self.flow.identity.or(f.identity),
-            },
-            retry_for: self.retry_for.or(retry_for),
-            log_format: self.log_format.or(f.log_format),
-            security: self.security.or(SecurityArgs {
-                passphrase_file: f.passphrase_file,
-                tls_cert: f.tls_cert,
-                tls_key: f.tls_key,
-                tls_ca: f.tls_ca,
-                ..SecurityArgs::default()
-            }),
-            wan: self.wan.or(WanArgs {
-                h2_stream_window: size(&f.h2_stream_window, "h2_stream_window")?,
-                h2_connection_window: size(&f.h2_connection_window, "h2_connection_window")?,
-            }),
-        })
-    }
-
-    /// Validates the merged options into a [`SyncConfig`] (reads the passphrase).
-    pub fn into_config(self) -> anyhow::Result<SyncConfig> {
-        let need = |v: Option<String>, flag: &str| {
-            v.with_context(|| {
-                format!(
-                    "missing --{flag} (or {} in --config)",
-                    flag.replace('-', "_")
-                )
-            })
-        };
-        let url = need(self.process_server, "process-server")?;
-        let disk = self.disk.context("missing --disk (or disk in --config)")?;
-        let disk_id = need(self.disk_id, "disk-id")?;
-        let name = need(self.name, "name")?;
-        let chunk_size = self.chunk_size.unwrap_or(u64::from(DEFAULT_CHUNK));
-        if !valid_chunk_size(chunk_size) {
-            bail!("--chunk-size {chunk_size} must be a power of two from 4K to 4M");
-        }
-        let differential = (self.mode == Some(Mode::Differential)).then_some(chunk_size as u32);
-        let (batch_data, window_bytes) = sizes(self.flow.batch_size, self.window)?;
-        if let Some(tag) = &self.marker
-            && tag.len() > MAX_NAME_LEN
-        {
-            bail!("--marker tag must be at most {MAX_NAME_LEN} bytes");
-        }
-        let identity = identity(self.flow.identity)?;
+    /// The effective options: the `--config` file with the flags over it, defaults filled in.
+    pub fn options(&self) -> Result<SyncFile, ConfigError> {
         no_client_ca(&self.security)?;
-        let passphrase = self.security.passphrase()?;
-        let format = self
-            .format
-            .map(DiskFormat::from)
-            .unwrap_or(DiskFormat::Vmfs);
-        Ok(SyncConfig {
-            target: Target {
-                url,
-                tuning: self.wan.tuning(),
-                tls: self.security.tls(),
-                auth: ClientAuth::new(passphrase, identity),
-                disk: disk_info(&disk_id, &name, format),
-                heartbeat: HEARTBEAT,
-            },
-            disk,
-            marker_tag: self.marker,
-            wait: self.wait,
-            window_bytes,
-            batch_data,
-            retry_for: self.retry_for.unwrap_or(DEFAULT_RETRY_FOR),
-            differential,
-        })
+        let flags = SyncFile {
+            process_server: self.process_server.clone(),
+            disk: self.disk.clone(),
+            disk_id: self.disk_id.clone(),
+            name: self.name.clone(),
+            mode: self.mode,
+            format: self.format,
+            marker: self.marker.clone(),
+            chunk_size: self.chunk_size.map(Size),
+            wait: self.wait.then_some(true),
+            window: self.window.map(Size),
+            batch_size: self.flow.batch_size.map(Size),
+            identity: self.flow.identity.clone(),
+            retry_for: self.retry_for.map(Span),
+            log_format: self.log_format,
+            passphrase_file: self.security.passphrase_file.clone(),
+            tls_cert: self.security.tls_cert.clone(),
+            tls_key: self.security.tls_key.clone(),
+            tls_ca: self.security.tls_ca.clone(),
+            h2_stream_window: self.wan.h2_stream_window.map(Size),
+            h2_connection_window: self.wan.h2_connection_window.map(Size),
+        };
+        Ok(merge(&flags, self.config.as_deref())?.with_defaults())
     }
 }
 
-/// Refuses `--tls-client-ca`: it comes with the shared flags but only servers use it.
-fn no_client_ca(security: &SecurityArgs) -> anyhow::Result<()> {
-    if security.tls_client_ca.is_some() {
-        bail!(
-            "--tls-client-ca is a server option; the agent trusts its process server with \
-             --tls-ca and proves itself with --tls-cert/--tls-key"
-        );
+impl ReplicateArgs {
+    /// The effective options: the `--config` file with the flags over it, defaults filled in.
+    pub fn options(&self) -> Result<ReplicateFile, ConfigError> {
+        no_client_ca(&self.security)?;
+        let flags = ReplicateFile {
+            process_server: self.process_server.clone(),
+            disk_id: self.disk_id.clone(),
+            name: self.name.clone(),
+            nbd_listen: self.nbd_listen.clone(),
+            group: self.group.clone(),
+            control_listen: self.control_listen.clone(),
+            format: self.format,
+            crash_interval: self.crash_interval.map(Span),
+            app_interval: self.app_interval.map(Span),
+            app_quiesce_cmd: self.app_quiesce_cmd.clone(),
+            window: self.window.map(Size),
+            batch_size: self.flow.batch_size.map(Size),
+            identity: self.flow.identity.clone(),
+            log_format: self.log_format,
+            passphrase_file: self.security.passphrase_file.clone(),
+            tls_cert: self.security.tls_cert.clone(),
+            tls_key: self.security.tls_key.clone(),
+            tls_ca: self.security.tls_ca.clone(),
+            h2_stream_window: self.wan.h2_stream_window.map(Size),
+            h2_connection_window: self.wan.h2_connection_window.map(Size),
+            disk: disks(&self.disk)?,
+        };
+        Ok(merge(&flags, self.config.as_deref())?.with_defaults())
     }
-    Ok(())
 }
 
-/// Checks `--batch-size` and `--window` and applies their defaults.
-fn sizes(batch_size: Option<u64>, window: Option<u64>) -> anyhow::Result<(usize, usize)> {
-    let batch_data = batch_size.unwrap_or(DEFAULT_BATCH_DATA as u64);
-    if batch_data < ZERO_BLOCK as u64
-        || batch_data > MAX_BATCH_DATA as u64
-        || !batch_data.is_multiple_of(ZERO_BLOCK as u64)
-    {
-        bail!(
-            "--batch-size {batch_data} must be a multiple of {ZERO_BLOCK} between {ZERO_BLOCK} \
-             and {MAX_BATCH_DATA}"
-        );
+/// The `--disk` flags as the config file's `disk` key: one FILE, or disks of a group.
+fn disks(args: &[DiskArg]) -> Result<Option<Disks>, ConfigError> {
+    match args {
+        [] => Ok(None),
+        [DiskArg::File(path)] => Ok(Some(Disks::One(path.clone()))),
+        _ => args
+            .iter()
+            .map(|a| match a {
+                DiskArg::Group(d) => Ok(d.clone()),
+                DiskArg::File(path) => Err(ConfigError::Invalid {
+                    flag: "disk",
+                    why: format!(
+                        "{}: with several disks, each is ID=SOURCE[,name=NAME][,nbd=HOST:PORT]",
+                        path.display()
+                    ),
+                }),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(|d| Some(Disks::Many(d))),
     }
-    let window = window.unwrap_or(DEFAULT_WINDOW);
-    if window == 0 {
-        bail!("--window must be above 0");
-    }
-    Ok((
-        batch_data as usize,
-        usize::try_from(window).context("--window")?,
-    ))
-}
-
-/// This host's name, the default identity.
-fn hostname() -> std::io::Result<String> {
-    let mut buf = [0u8; 256];
-    // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the whole call; gethostname
-    // writes at most that many bytes.
-    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
 }
 
 #[cfg(test)]
@@ -522,12 +425,13 @@ mod tests {
             "--log-format",
             "json",
         ]);
-        assert_eq!(a.format, Some(Format::MonolithicSparse));
-        assert_eq!(a.window, Some(128 << 20));
-        assert_eq!(a.flow.batch_size, Some(2 << 20));
-        assert_eq!(a.retry_for, Some(Duration::from_secs(30)));
-        assert_eq!(a.wan.h2_stream_window, Some(16 << 20));
-        assert!(a.wait);
+        let o = a.options().unwrap();
+        assert_eq!(o.format, Some(Format::MonolithicSparse));
+        assert_eq!(o.window, Some(Size(128 << 20)));
+        assert_eq!(o.batch_size, Some(Size(2 << 20)));
+        assert_eq!(o.retry_for, Some(Span(Duration::from_secs(30))));
+        assert_eq!(o.h2_stream_window, Some(Size(16 << 20)));
+        assert_eq!(o.wait, Some(true));
     }
 
     #[test]
@@ -541,14 +445,14 @@ mod tests {
         )
         .unwrap();
         let a = parse(&["--config", cfg.to_str().unwrap(), "--disk-id", "flag"])
-            .merged()
+            .options()
             .unwrap();
         assert_eq!(a.process_server.as_deref(), Some("http://file:1"));
         assert_eq!(a.disk_id.as_deref(), Some("flag"));
-        assert_eq!(a.window, Some(8 << 20));
-        assert_eq!(a.flow.batch_size, Some(65536));
-        assert_eq!(a.retry_for, Some(Duration::from_secs(60)));
-        assert!(a.wait);
+        assert_eq!(a.window, Some(Size(8 << 20)));
+        assert_eq!(a.batch_size, Some(Size(65536)));
+        assert_eq!(a.retry_for, Some(Span(Duration::from_secs(60))));
+        assert_eq!(a.wait, Some(true));
     }
 
     #[test]
@@ -557,7 +461,7 @@ mod tests {
         let cfg = dir.path().join("agent.toml");
         std::fs::write(&cfg, "proces_server = \"x\"\n").unwrap();
         let e = parse(&["--config", cfg.to_str().unwrap()])
-            .merged()
+            .options()
             .unwrap_err();
         assert!(e.to_string().contains("proces_server"), "{e}");
     }
@@ -584,10 +488,10 @@ mod tests {
             a.push(c);
             parse(&a)
         };
-        let e = with("48K").into_config().unwrap_err();
+        let e = with("48K").options().unwrap().into_config().unwrap_err();
         assert!(e.to_string().contains("--chunk-size"), "{e}");
-        let ok = with("128K");
-        assert_eq!(ok.chunk_size, Some(128 << 10));
+        let ok = with("128K").options().unwrap();
+        assert_eq!(ok.chunk_size, Some(Size(128 << 10)));
         assert_eq!(ok.mode, Some(Mode::Differential));
     }
 
@@ -611,9 +515,11 @@ mod tests {
         let Command::Replicate(a) = cli.command else {
             panic!("not replicate");
         };
-        assert_eq!(a.crash_interval, Duration::from_secs(300));
-        assert_eq!(a.app_interval, Duration::from_secs(3600));
-        assert!(a.control_listen.is_none() && a.app_quiesce_cmd.is_none());
+        let o = a.options().unwrap();
+        assert_eq!(o.crash_interval, Some(Span(Duration::from_secs(300))));
+        assert_eq!(o.app_interval, Some(Span(Duration::from_secs(3600))));
+        assert_eq!(o.disk, Some(Disks::One("/dev/sdb".into())));
+        assert!(o.control_listen.is_none() && o.app_quiesce_cmd.is_none());
         let short = Cli::try_parse_from([
             "agent",
             "replicate",
@@ -636,7 +542,7 @@ mod tests {
         let Command::Replicate(a) = short.command else {
             panic!("not replicate");
         };
-        let e = a.into_config().unwrap_err();
+        let e = a.options().unwrap().into_config().unwrap_err();
         assert!(e.to_string().contains("--crash-interval"), "{e}");
     }
 
@@ -657,7 +563,11 @@ mod tests {
         .unwrap();
         assert!(matches!(cli.command, Command::Marker(m) if m.kind == crate::control::Kind::App));
         let cli = Cli::try_parse_from(["agent", "status", "--connect", "h:9", "--json"]).unwrap();
-        assert!(matches!(cli.command, Command::Status(s) if s.json));
+        assert!(matches!(cli.command, Command::Status(s) if s.json && s.watch.watch.is_none()));
+        let cli = Cli::try_parse_from(["agent", "status", "--connect", "h:9", "--watch"]).unwrap();
+        assert!(
+            matches!(cli.command, Command::Status(s) if s.watch.watch == Some(Duration::from_secs(2)))
+        );
     }
 
     #[test]
@@ -674,8 +584,57 @@ mod tests {
             "--batch-size",
             "5000",
         ])
+        .options()
+        .unwrap()
         .into_config()
         .unwrap_err();
         assert!(e.to_string().contains("--batch-size"), "{e}");
+    }
+
+    fn replicate(args: &[&str]) -> ReplicateArgs {
+        let mut full = vec!["agent", "replicate"];
+        full.extend_from_slice(args);
+        match Cli::try_parse_from(full).unwrap().command {
+            Command::Replicate(a) => *a,
+            other => panic!("not replicate: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn repeated_disks_form_a_group() {
+        let a = replicate(&[
+            "--disk",
+            "a=/dev/sda,nbd=127.0.0.1:1",
+            "--disk",
+            "b=/var/lib/x=y.img,name=vm_b",
+            "--nbd-listen",
+            "127.0.0.1:10809",
+            "--group",
+            "vm1",
+        ]);
+        let Some(Disks::Many(d)) = a.options().unwrap().disk else {
+            panic!("not a group");
+        };
+        assert_eq!(d.len(), 2);
+        assert_eq!(
+            (d[0].disk_id.as_str(), d[0].source.to_str()),
+            ("a", Some("/dev/sda"))
+        );
+        assert_eq!(d[0].nbd_listen.as_deref(), Some("127.0.0.1:1"));
+        assert_eq!(d[1].source.to_str(), Some("/var/lib/x=y.img"));
+        assert_eq!(d[1].name.as_deref(), Some("vm_b"));
+        assert_eq!(d[1].nbd_listen.as_deref(), Some("127.0.0.1:10810"));
+    }
+
+    #[test]
+    fn a_path_is_a_single_disk_and_cannot_be_repeated() {
+        let a = replicate(&["--disk", "/srv/a=b.img"]);
+        assert_eq!(a.disk, vec![DiskArg::File("/srv/a=b.img".into())]);
+        let e = replicate(&["--disk", "/dev/sda", "--disk", "b=/dev/sdb"])
+            .options()
+            .unwrap_err();
+        assert!(e.to_string().contains("ID=SOURCE"), "{e}");
+        let bad = Cli::try_parse_from(["agent", "replicate", "--disk", "a=/dev/sda,size=1"]);
+        assert!(bad.unwrap_err().to_string().contains("size=1"));
     }
 }

@@ -10,13 +10,16 @@
 //! client: {"op":"status"}
 //! server: {"ok":true,"disks":[{"disk_id":..,"mode":"continuous","last_seq_sent":..,..}]}
 //! client: {"op":"marker","disk_id":"..","kind":"crash"|"app"|"user","tag":".."}
+//!         (without "disk_id": on every disk of the agent at one instant, a group marker)
 //! server: {"ok":true,"marker_id":".."}            or {"ok":false,"error":".."}
 //! ```
 //!
 //! The proofs are those of `protocol::auth` (HMAC over the nonces and identity), so a client
 //! without the passphrase learns nothing and can do nothing, and the client checks the
 //! server's proof before it trusts an answer. Lines are bounded ([`MAX_LINE`]) since they
-//! come from the network; a connection idle for [`IDLE`] is closed.
+//! come from the network; a connection idle for [`IDLE`] is closed; at most
+//! [`MAX_CONNECTIONS`] are served at once, and one more is answered
+//! `{"ok":false,"error":"too many control connections ..."}` and closed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +29,7 @@ use protocol::pb::{Auth, Marker, MarkerKind};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 
 use crate::replicate::Controls;
 
@@ -33,6 +37,13 @@ use crate::replicate::Controls;
 pub const MAX_LINE: u64 = 1 << 20;
 /// A connection that sends nothing for this long is closed.
 pub const IDLE: Duration = Duration::from_secs(300);
+/// Connections served at once. Each costs a task and up to two [`MAX_LINE`] buffers, and an
+/// unauthenticated one may sit for [`IDLE`]: without a cap, anyone who can reach the port
+/// could hold any number. A few `status --watch` and scripts need far fewer.
+pub const MAX_CONNECTIONS: usize = 16;
+/// Longest wait for the refusal of a connection over the cap to be written (a fresh socket
+/// takes one short line at once; this only bounds a peer that misbehaves).
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
 /// Longest wait for a reply by the client commands.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -76,7 +87,9 @@ impl From<Kind> for MarkerKind {
 pub enum Request {
     Status,
     Marker {
-        disk_id: String,
+        /// One disk alone; absent: every disk of the agent at one instant (a group marker).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        disk_id: Option<String>,
         kind: Kind,
         #[serde(default)]
         tag: String,
@@ -222,17 +235,25 @@ fn parse<T: for<'de> Deserialize<'de>>(line: &str) -> Result<T, ControlError> {
     serde_json::from_str(line).map_err(|e| ControlError::BadMessage(e.to_string()))
 }
 
-/// Serves the control API forever, one task per connection.
+/// Serves the control API forever, one task per connection, at most [`MAX_CONNECTIONS`] at
+/// once.
 pub async fn serve(listener: TcpListener, passphrase: Passphrase, controls: Arc<Controls>) {
     let auth = Arc::new(ServerAuth::new(passphrase));
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    tracing::debug!("control client {peer}: refused, {MAX_CONNECTIONS} open");
+                    refuse(stream).await;
+                    continue;
+                };
                 let (auth, controls) = (auth.clone(), controls.clone());
                 tokio::spawn(async move {
                     if let Err(e) = connection(stream, &auth, &controls).await {
                         tracing::debug!("control client {peer}: {e}");
                     }
+                    drop(slot);
                 });
             }
             Err(e) => {
@@ -241,6 +262,14 @@ pub async fn serve(listener: TcpListener, passphrase: Passphrase, controls: Arc<
             }
         }
     }
+}
+
+/// Tells a connection over the cap why it is closed, in place of the challenge.
+async fn refuse(mut stream: TcpStream) {
+    let reply = Reply::error(format!(
+        "too many control connections ({MAX_CONNECTIONS} open); try again later"
+    ));
+    let _ = tokio::time::timeout(REFUSAL_TIMEOUT, write_line(&mut stream, &reply)).await;
 }
 
 async fn connection(
@@ -302,7 +331,7 @@ async fn answer(req: Request, controls: &Controls) -> Reply {
             ..Reply::default()
         },
         Request::Marker { disk_id, kind, tag } => {
-            match controls.marker(&disk_id, kind.into(), &tag).await {
+            match controls.marker(disk_id.as_deref(), kind.into(), &tag).await {
                 Ok(m) => Reply {
                     ok: true,
                     marker_id: Some(m.id),
@@ -409,7 +438,7 @@ mod tests {
         assert_eq!(
             r,
             Request::Marker {
-                disk_id: "d".into(),
+                disk_id: Some("d".into()),
                 kind: Kind::App,
                 tag: "t".into()
             }

@@ -10,17 +10,20 @@
 //! * [`retry`]: backoff and outage handling;
 //! * [`progress`]: progress bar or periodic log lines;
 //! * [`diff`]: differential sync (chunk hashes of the target, only differing chunks sent);
-//! * [`sync`]: `agent sync` put together; [`cli`]: the command line.
+//! * [`sync`]: `agent sync` put together; [`cli`]: the command line; [`config`]: its
+//!   `--config` file and `--print-config`.
 //!
 //! `agent replicate`, from the NBD client to the wire:
 //! * [`nbd`]: the NBD export (wire format and server);
-//! * [`replicate`]: the file behind the export, the initial pass and catch-up, status;
+//! * [`replicate`]: the files behind the exports, the initial pass and catch-up, group
+//!   markers, status;
 //! * [`dirty`]: the dirty bitmap of writes made during the initial pass;
 //! * [`changes`]: acknowledged changes cut into ordered batches, with markers;
 //! * [`control`]: the control API of `agent marker` and `agent status`.
 
 pub mod changes;
 pub mod cli;
+pub mod config;
 pub mod control;
 pub mod diff;
 pub mod dirty;
@@ -64,20 +67,42 @@ pub fn run_cli() -> ExitCode {
     }
 }
 
-/// The config, or exit code 2 after reporting why there is none; then the async runtime, or a
-/// failure after reporting why it did not start.
-fn config_and_runtime<C>(
-    config: anyhow::Result<C>,
-) -> Result<(C, tokio::runtime::Runtime), ExitCode> {
-    let config = match config {
-        Ok(c) => c,
+/// What a command does with its effective options: print them (`--print-config`, exit 0),
+/// or validate them, start logging and the async runtime (exit 2 on a bad option).
+enum Prepared<C> {
+    Run(C, tokio::runtime::Runtime),
+    Exit(ExitCode),
+}
+
+fn prepare<F: serde::Serialize, C>(
+    options: Result<F, config::ConfigError>,
+    print_config: bool,
+    log_format: impl Fn(&F) -> Option<protocol::cli::LogFormat>,
+    into_config: impl FnOnce(F) -> Result<C, config::ConfigError>,
+) -> Prepared<C> {
+    let options = match options {
+        Ok(o) => o,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            return Err(ExitCode::from(2));
+            eprintln!("error: {e}");
+            return Prepared::Exit(ExitCode::from(2));
         }
     };
-    let runtime = runtime().ok_or(ExitCode::FAILURE)?;
-    Ok((config, runtime))
+    if print_config {
+        print!("{}", protocol::cli::render_config(&options));
+        return Prepared::Exit(ExitCode::SUCCESS);
+    }
+    progress::init_logging(log_format(&options).unwrap_or_default());
+    let config = match into_config(options) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Prepared::Exit(ExitCode::from(2));
+        }
+    };
+    match runtime() {
+        Some(rt) => Prepared::Run(config, rt),
+        None => Prepared::Exit(ExitCode::FAILURE),
+    }
 }
 
 fn runtime() -> Option<tokio::runtime::Runtime> {
@@ -94,10 +119,14 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
 }
 
 fn replicate_command(args: ReplicateArgs) -> ExitCode {
-    progress::init_logging(args.log_format.unwrap_or_default());
-    let (config, runtime) = match config_and_runtime(args.into_config()) {
-        Ok(v) => v,
-        Err(code) => return code,
+    let (config, runtime) = match prepare(
+        args.options(),
+        args.print_config,
+        |o| o.log_format,
+        config::ReplicateFile::into_config,
+    ) {
+        Prepared::Run(c, rt) => (c, rt),
+        Prepared::Exit(code) => return code,
     };
     let outcome = runtime.block_on(async {
         let running = replicate::start(config).await?;
@@ -120,65 +149,73 @@ enum ControlCall {
     Status(cli::StatusArgs),
 }
 
-/// `agent marker` and `agent status`: one request to a running agent's control API.
+/// `agent marker` and `agent status`: requests to a running agent's control API (one, or
+/// one per refresh with `status --watch`).
 fn control_command(call: ControlCall) -> ExitCode {
     let (connect, passphrase_file) = match &call {
         ControlCall::Marker(a) => (a.connect.clone(), a.passphrase_file.clone()),
         ControlCall::Status(a) => (a.connect.clone(), a.passphrase_file.clone()),
     };
     let auth = match protocol::auth::Passphrase::load(passphrase_file.as_deref())
-        .map_err(anyhow::Error::from)
-        .and_then(|p| Ok(protocol::auth::ClientAuth::new(p, cli::identity(None)?)))
+        .map_err(config::ConfigError::from)
+        .and_then(|p| Ok(protocol::auth::ClientAuth::new(p, config::identity(None)?)))
     {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {e}");
             return ExitCode::from(2);
         }
-    };
-    let request = match &call {
-        ControlCall::Marker(a) => control::Request::Marker {
-            disk_id: a.disk_id.clone(),
-            kind: a.kind,
-            tag: a.tag.clone(),
-        },
-        ControlCall::Status(_) => control::Request::Status,
     };
     let Some(runtime) = runtime() else {
         return ExitCode::FAILURE;
     };
-    let reply = match runtime.block_on(control::call(&connect, &auth, &request)) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {connect}: {e}");
-            return ExitCode::FAILURE;
+    let outcome = match call {
+        ControlCall::Marker(a) => {
+            let request = control::Request::Marker {
+                disk_id: a.disk_id,
+                kind: a.kind,
+                tag: a.tag,
+            };
+            runtime
+                .block_on(control::call(&connect, &auth, &request))
+                .map(|reply| println!("{}", reply.marker_id.unwrap_or_default()))
+        }
+        ControlCall::Status(a) => {
+            let render = || async {
+                let reply = control::call(&connect, &auth, &control::Request::Status).await?;
+                let disks = reply.disks.unwrap_or_default();
+                Ok::<_, control::ControlError>(match (a.json, a.watch.watch) {
+                    // Watching: one document per line.
+                    (true, Some(_)) => {
+                        serde_json::to_string(&disks).expect("status serialises") + "\n"
+                    }
+                    (true, None) => {
+                        serde_json::to_string_pretty(&disks).expect("status serialises") + "\n"
+                    }
+                    (false, _) => control::table(&disks),
+                })
+            };
+            runtime.block_on(protocol::cli::watch(a.watch.watch, !a.json, render))
         }
     };
-    match call {
-        ControlCall::Marker(_) => println!("{}", reply.marker_id.unwrap_or_default()),
-        ControlCall::Status(a) => {
-            let disks = reply.disks.unwrap_or_default();
-            if a.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&disks).expect("status serialises")
-                );
-            } else {
-                print!("{}", control::table(&disks));
-            }
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {connect}: {e}");
+            ExitCode::FAILURE
         }
     }
-    ExitCode::SUCCESS
 }
 
 fn sync_command(args: SyncArgs) -> ExitCode {
-    let config = args.merged().and_then(|a| {
-        progress::init_logging(a.log_format.unwrap_or_default());
-        a.into_config()
-    });
-    let (config, runtime) = match config_and_runtime(config) {
-        Ok(v) => v,
-        Err(code) => return code,
+    let (config, runtime) = match prepare(
+        args.options(),
+        args.print_config,
+        |o| o.log_format,
+        config::SyncFile::into_config,
+    ) {
+        Prepared::Run(c, rt) => (c, rt),
+        Prepared::Exit(code) => return code,
     };
     let outcome = runtime.block_on(async {
         tokio::select! {

@@ -1,4 +1,8 @@
-//! `agent replicate`: serve the source file over NBD and replicate every write, in order.
+//! `agent replicate`: serve the source files over NBD and replicate every write, in order.
+//!
+//! Each disk has its own NBD export, producer thread, batcher and stream (the diagram below);
+//! the disks of one agent share one marker clock ([`Controls`]), so every periodic or
+//! requested marker is a *group marker*: cut on every disk at one instant.
 //!
 //! ```text
 //!  NBD clients -> nbd::server -> FileDisk: pwrite FILE, then
@@ -27,7 +31,12 @@
 //!   bitmap (writers then only mark it, and never wait for the network); once the transfer
 //!   has room again, the dirty regions are re-read from FILE and sent as a resync interval
 //!   (`RESYNC` ... `RESYNC_END`, no markers inside), after which continuous batches resume;
-//! * blocking file I/O happens on the producer thread or the blocking pool only.
+//! * blocking file I/O happens on the producer thread or the blocking pool only;
+//! * a group marker is queued on every disk while the cutter holds every disk's sink lock
+//!   (taken in disk order, so two cutters cannot deadlock): no write is acknowledged on any
+//!   disk between the marker's positions in the streams, so the marker sits after every write
+//!   acknowledged before it on any disk and before every write acknowledged after it. If any
+//!   disk is in a resync interval, no disk gets the marker.
 
 use std::fs::File;
 use std::net::SocketAddr;
@@ -44,7 +53,7 @@ use protocol::error::Refusal;
 use protocol::pb::{Batch, Marker, MarkerKind};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::changes::{BatchPlan, BatcherEnd, CHANGE_QUEUE, Change, MarkerIds, run_batcher};
 use crate::control::{self, DiskStatus, MarkerStatus};
@@ -77,11 +86,13 @@ pub const RETRY_FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// Everything `agent replicate` needs, already validated.
 #[derive(Debug, Clone)]
 pub struct ReplicateConfig {
-    pub target: Target,
-    pub disk: PathBuf,
-    pub nbd_listen: String,
+    /// At least one; several form a group.
+    pub disks: Vec<DiskConfig>,
+    /// Group name carried by markers cut on every disk (empty: none, for a single disk).
+    pub group: String,
     /// Control API address and the passphrase its clients must know.
     pub control: Option<(String, Passphrase)>,
+    /// Per disk.
     pub window_bytes: usize,
     pub batch_data: usize,
     pub linger: Duration,
@@ -91,6 +102,14 @@ pub struct ReplicateConfig {
     pub retry_for: Duration,
     /// How long a full transfer is waited for before falling back to the dirty bitmap.
     pub overflow_grace: Duration,
+}
+
+/// One replicated disk: its source file, its NBD address and its stream's target.
+#[derive(Debug, Clone)]
+pub struct DiskConfig {
+    pub target: Target,
+    pub path: PathBuf,
+    pub nbd_listen: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +134,13 @@ pub enum ReplicateError {
     Sync(#[from] SyncError),
     #[error("replication stopped: the disk reader or batcher ended")]
     Stopped,
+    #[error("no disk to replicate")]
+    NoDisk,
+    #[error("disk {disk_id}: {source}")]
+    OfDisk {
+        disk_id: String,
+        source: Box<ReplicateError>,
+    },
 }
 
 /// Where replication of the disk stands (`agent status`).
@@ -332,19 +358,6 @@ impl FileDisk {
             }
         }
     }
-
-    /// Queues a marker behind every change recorded so far (blocking).
-    fn queue_marker(&self, kind: MarkerKind, tag: &str) -> Result<Marker, MarkerError> {
-        let sink = self.sink.lock();
-        if sink.is_some() {
-            return Err(MarkerError::NotConsistentYet);
-        }
-        let m = self.ids.marker(&self.state.disk_id, kind, tag);
-        self.queue
-            .send(Change::Marker(m.clone()))
-            .map_err(|_| MarkerError::Stopped)?;
-        Ok(m)
-    }
 }
 
 fn io_errno(e: &std::io::Error) -> u32 {
@@ -407,28 +420,41 @@ impl Backend for FileDisk {
     }
 }
 
-/// Marker requests and status, as the control API serves them.
+/// The disks of one agent and their one marker clock: marker requests and status, as the
+/// control API and the periodic markers use them.
 #[derive(Debug)]
 pub struct Controls {
-    disk: Arc<FileDisk>,
+    disks: Vec<Arc<FileDisk>>,
+    group: String,
+    ids: Arc<MarkerIds>,
     quiesce: Option<String>,
 }
 
 impl Controls {
     pub fn status(&self) -> Vec<DiskStatus> {
-        vec![self.disk.state.status()]
+        self.disks.iter().map(|d| d.state.status()).collect()
     }
 
-    /// Cuts a marker now; an app marker runs the quiesce hook around it.
+    /// Cuts a marker now, on `disk_id` alone or (`None`) on every disk at one instant with
+    /// the group's name; an app marker runs the quiesce hook (once) around it.
     pub async fn marker(
         &self,
-        disk_id: &str,
+        disk_id: Option<&str>,
         kind: MarkerKind,
         tag: &str,
     ) -> Result<Marker, MarkerError> {
-        if disk_id != self.disk.state.disk_id {
-            return Err(MarkerError::UnknownDisk(disk_id.to_string()));
-        }
+        let (disks, prefix, group) = match disk_id {
+            Some(id) => {
+                let disk = self.disks.iter().find(|d| d.state.disk_id == id);
+                let disk = disk.ok_or_else(|| MarkerError::UnknownDisk(id.to_string()))?;
+                (vec![disk.clone()], id, "")
+            }
+            // Without a group there is one disk (the config requires a group for several).
+            None if self.group.is_empty() => {
+                (self.disks.clone(), self.disks[0].state.disk_id.as_str(), "")
+            }
+            None => (self.disks.clone(), self.group.as_str(), self.group.as_str()),
+        };
         let hook = match (kind, &self.quiesce) {
             (MarkerKind::App, Some(cmd)) => Some(cmd.as_str()),
             _ => None,
@@ -439,21 +465,44 @@ impl Controls {
             // Undo whatever part of the freeze happened; its own failure is secondary.
             let _ = run_hook(cmd, "thaw").await;
             let e = format!("app marker not cut: {cmd} freeze: {e}");
-            self.disk.state.failed(e.clone());
+            for d in &disks {
+                d.state.failed(e.clone());
+            }
             return Err(MarkerError::Hook(e));
         }
-        let disk = self.disk.clone();
-        let tag = tag.to_string();
-        let cut = tokio::task::spawn_blocking(move || disk.queue_marker(kind, &tag))
-            .await
-            .unwrap_or(Err(MarkerError::Stopped));
+        let mut marker = self.ids.marker(prefix, kind, tag);
+        marker.group = group.to_string();
+        let cut = {
+            let disks = disks.clone();
+            tokio::task::spawn_blocking(move || cut(&disks, marker))
+                .await
+                .unwrap_or(Err(MarkerError::Stopped))
+        };
         if let Some(cmd) = hook
             && let Err(e) = run_hook(cmd, "thaw").await
         {
-            self.disk.state.failed(format!("{cmd} thaw: {e}"));
+            for d in &disks {
+                d.state.failed(format!("{cmd} thaw: {e}"));
+            }
         }
         cut
     }
+}
+
+/// Queues `marker` on every disk of `disks` behind every change recorded so far, with every
+/// disk's writers held meanwhile (module invariants). Blocking.
+fn cut(disks: &[Arc<FileDisk>], marker: Marker) -> Result<Marker, MarkerError> {
+    let sinks: Vec<_> = disks.iter().map(|d| d.sink.lock()).collect();
+    if sinks.iter().any(|s| s.is_some()) {
+        return Err(MarkerError::NotConsistentYet);
+    }
+    for d in disks {
+        d.queue
+            .send(Change::Marker(marker.clone()))
+            .map_err(|_| MarkerError::Stopped)?;
+    }
+    drop(sinks);
+    Ok(marker)
 }
 
 /// Runs `CMD ARG` (through the shell, so that CMD may carry arguments) and waits for it.
@@ -472,106 +521,175 @@ async fn run_hook(cmd: &str, arg: &str) -> Result<(), String> {
     }
 }
 
+/// One disk of a running replication.
+#[derive(Debug)]
+pub struct Replica {
+    pub nbd_addr: SocketAddr,
+    pub state: Arc<DiskState>,
+}
+
 /// A running replication.
 #[derive(Debug)]
 pub struct Replication {
-    pub nbd_addr: SocketAddr,
+    /// In the order of the config's disks.
+    pub disks: Vec<Replica>,
     pub control_addr: Option<SocketAddr>,
-    pub state: Arc<DiskState>,
-    main: JoinHandle<ReplicateError>,
+    /// One stream per disk; dropping the set stops them.
+    streams: JoinSet<ReplicateError>,
     helpers: Vec<JoinHandle<()>>,
 }
 
 impl Replication {
-    /// Waits until replication stops, which only an error does.
+    /// Waits until replication stops, which only an error on one of the disks does.
     pub async fn wait(mut self) -> ReplicateError {
-        (&mut self.main).await.unwrap_or(ReplicateError::Stopped)
+        match self.streams.join_next().await {
+            Some(Ok(e)) => e,
+            _ => ReplicateError::Stopped,
+        }
     }
 }
 
 impl Drop for Replication {
     fn drop(&mut self) {
-        self.main.abort();
         for h in &self.helpers {
             h.abort();
         }
     }
 }
 
-async fn bind(addr: &str) -> Result<TcpListener, ReplicateError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ReplicateError::Listening {
-            addr: addr.to_string(),
-            source,
-        })
+async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr), ReplicateError> {
+    let listening = |source| ReplicateError::Listening {
+        addr: addr.to_string(),
+        source,
+    };
+    let listener = TcpListener::bind(addr).await.map_err(listening)?;
+    let local = listener.local_addr().map_err(listening)?;
+    Ok((listener, local))
 }
 
-/// Opens FILE, binds the listeners and starts replicating; returns once the NBD export is
-/// being served (the initial pass goes on in the background).
-pub async fn start(mut cfg: ReplicateConfig) -> Result<Replication, ReplicateError> {
-    let path = cfg.disk.clone();
+/// A disk opened and its NBD address bound, not yet served.
+struct Opened {
+    source: Source,
+    disk: Arc<FileDisk>,
+    changes: std::sync::mpsc::Receiver<Change>,
+    nbd: TcpListener,
+    nbd_addr: SocketAddr,
+}
+
+async fn open_disk(d: &mut DiskConfig, ids: &Arc<MarkerIds>) -> Result<Opened, ReplicateError> {
+    let path = d.path.clone();
     let (source, file) = tokio::task::spawn_blocking(move || open(&path))
         .await
         .expect("opening the disk does not panic")?;
     let capacity = source.capacity();
-    cfg.target.disk.capacity = capacity;
-    protocol::disk::check_disk_info(&cfg.target.disk).map_err(ReplicateError::DeclaringDisk)?;
-    let nbd = bind(&cfg.nbd_listen).await?;
-    let nbd_addr = nbd
-        .local_addr()
-        .map_err(|source| ReplicateError::Listening {
-            addr: cfg.nbd_listen.clone(),
-            source,
-        })?;
-    let control = match &cfg.control {
-        Some((addr, pass)) => Some((bind(addr).await?, pass.clone())),
-        None => None,
-    };
-    let state = Arc::new(DiskState::new(
-        &cfg.target.disk.disk_id,
-        &cfg.target.disk.name,
-    ));
+    d.target.disk.capacity = capacity;
+    protocol::disk::check_disk_info(&d.target.disk).map_err(ReplicateError::DeclaringDisk)?;
+    let (nbd, nbd_addr) = bind(&d.nbd_listen).await?;
     let (queue, changes) = std::sync::mpsc::sync_channel(CHANGE_QUEUE);
     let disk = Arc::new(FileDisk {
         file,
         size: capacity,
         sink: Mutex::new(Some(DirtyMap::new(capacity))),
         queue,
-        ids: Arc::default(),
-        state: state.clone(),
+        ids: ids.clone(),
+        state: Arc::new(DiskState::new(&d.target.disk.disk_id, &d.target.disk.name)),
     });
+    Ok(Opened {
+        source,
+        disk,
+        changes,
+        nbd,
+        nbd_addr,
+    })
+}
+
+/// Opens every disk, binds the listeners and starts replicating; returns once the NBD
+/// exports are being served (the initial passes go on in the background).
+pub async fn start(mut cfg: ReplicateConfig) -> Result<Replication, ReplicateError> {
+    if cfg.disks.is_empty() {
+        return Err(ReplicateError::NoDisk);
+    }
+    let ids = Arc::new(MarkerIds::default());
+    let mut opened = Vec::with_capacity(cfg.disks.len());
+    for d in &mut cfg.disks {
+        opened.push(open_disk(d, &ids).await?);
+    }
+    let control = match &cfg.control {
+        Some((addr, pass)) => Some((bind(addr).await?, pass.clone())),
+        None => None,
+    };
     let controls = Arc::new(Controls {
-        disk: disk.clone(),
+        disks: opened.iter().map(|o| o.disk.clone()).collect(),
+        group: cfg.group.clone(),
+        ids,
         quiesce: cfg.app_quiesce_cmd.clone(),
     });
-    let mut helpers = vec![tokio::spawn(server::serve(nbd, disk.clone()))];
-    tracing::info!("serving {} over NBD on {nbd_addr}", cfg.disk.display());
+    let mut helpers = Vec::new();
     let mut control_addr = None;
-    if let Some((listener, pass)) = control {
-        control_addr = listener.local_addr().ok();
+    if let Some(((listener, addr), pass)) = control {
+        control_addr = Some(addr);
         helpers.push(tokio::spawn(control::serve(
             listener,
             pass,
             controls.clone(),
         )));
     }
-    if cfg.app_quiesce_cmd.is_some() {
-        helpers.push(tokio::spawn(app_markers(controls, cfg.app_interval)));
-    } else {
+    if cfg.app_quiesce_cmd.is_none() {
         tracing::info!(
             "no --app-quiesce-cmd: no periodic app-consistent markers (crash-consistent every {})",
             humantime::format_duration(cfg.crash_interval)
         );
     }
-    let main = tokio::spawn(replicate(cfg, source, disk, changes, state.clone()));
+    let app_interval = cfg.app_quiesce_cmd.is_some().then_some(cfg.app_interval);
+    helpers.push(tokio::spawn(clock(
+        controls,
+        cfg.crash_interval,
+        app_interval,
+    )));
+    let cfg = Arc::new(cfg);
+    let mut streams = JoinSet::new();
+    let disks = opened
+        .into_iter()
+        .enumerate()
+        .map(|(index, o)| spawn_disk(&mut streams, &mut helpers, cfg.clone(), index, o))
+        .collect();
     Ok(Replication {
-        nbd_addr,
+        disks,
         control_addr,
-        state,
-        main,
+        streams,
         helpers,
     })
+}
+
+/// Serves disk `index` over NBD (in `helpers`) and replicates it on its own stream (in
+/// `streams`).
+fn spawn_disk(
+    streams: &mut JoinSet<ReplicateError>,
+    helpers: &mut Vec<JoinHandle<()>>,
+    cfg: Arc<ReplicateConfig>,
+    index: usize,
+    o: Opened,
+) -> Replica {
+    helpers.push(tokio::spawn(server::serve(o.nbd, o.disk.clone())));
+    let d = &cfg.disks[index];
+    tracing::info!("serving {} over NBD on {}", d.path.display(), o.nbd_addr);
+    let replica = Replica {
+        nbd_addr: o.nbd_addr,
+        state: o.disk.state.clone(),
+    };
+    let disk_id = d.target.disk.disk_id.clone();
+    streams.spawn(async move {
+        let e = replicate(&cfg, index, o.source, o.disk, o.changes).await;
+        // With several disks, say which one stopped.
+        match cfg.disks.len() {
+            1 => e,
+            _ => ReplicateError::OfDisk {
+                disk_id,
+                source: Box::new(e),
+            },
+        }
+    });
+    replica
 }
 
 fn open(path: &Path) -> Result<(Source, File), ReplicateError> {
@@ -587,45 +705,65 @@ fn open(path: &Path) -> Result<(Source, File), ReplicateError> {
     Ok((source, file))
 }
 
-/// Cuts an app-consistent marker every `every` (the first one after `every`).
-async fn app_markers(controls: Arc<Controls>, every: Duration) {
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// The marker clock of the agent's disks: a crash-consistent marker on every disk each
+/// `crash` (the first after `crash`), and an app-consistent one each `app`, if given.
+async fn clock(controls: Arc<Controls>, crash: Duration, app: Option<Duration>) {
+    let ticker = |every: Duration| {
+        let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    };
+    let mut crash_tick = ticker(crash);
+    let mut app_tick = app.map(ticker);
     loop {
-        tick.tick().await;
-        let disk_id = controls.disk.state.disk_id.clone();
-        match controls.marker(&disk_id, MarkerKind::App, "").await {
-            Ok(m) => tracing::info!("app-consistent marker {}", m.id),
+        let kind = tokio::select! {
+            _ = crash_tick.tick() => MarkerKind::Crash,
+            _ = async {
+                match &mut app_tick {
+                    Some(t) => t.tick().await,
+                    None => std::future::pending().await,
+                }
+            } => MarkerKind::App,
+        };
+        match controls.marker(None, kind, "").await {
+            Ok(m) if kind == MarkerKind::App => tracing::info!("app-consistent marker {}", m.id),
+            Ok(m) => tracing::debug!("crash-consistent marker {}", m.id),
             // Already recorded in the status by `marker`.
             Err(MarkerError::Hook(_)) => {}
-            Err(e) => tracing::warn!("no app-consistent marker: {e}"),
+            // A disk is being resynchronised: its resync end is the next point.
+            Err(MarkerError::NotConsistentYet) => {
+                tracing::debug!("no periodic marker: a disk is being resynchronised");
+            }
+            Err(e) => tracing::warn!("no periodic marker: {e}"),
         }
     }
 }
 
 /// Connects, starts the producer and sends until an error that retrying cannot cure.
 async fn replicate(
-    cfg: ReplicateConfig,
+    cfg: &ReplicateConfig,
+    index: usize,
     source: Source,
     disk: Arc<FileDisk>,
     changes: std::sync::mpsc::Receiver<Change>,
-    state: Arc<DiskState>,
 ) -> ReplicateError {
+    let DiskConfig { target, path, .. } = &cfg.disks[index];
+    let state = disk.state.clone();
     let mut retry = Retry::new(cfg.retry_for);
-    let session = match retry.connect(&cfg.target).await {
+    let session = match retry.connect(target).await {
         Ok(s) => s,
         Err(e) => return e.into(),
     };
     let welcome = session.welcome.clone();
     tracing::info!(
         "replicating {} ({} bytes) as disk {}: the process server holds seq {}",
-        cfg.disk.display(),
+        path.display(),
         disk.size,
-        cfg.target.disk.disk_id,
+        target.disk.disk_id,
         welcome.cached_seq
     );
     // Only the differences, if the target already has the disk.
-    let hashes = match diff::fetch(&cfg.target, DEFAULT_CHUNK).await {
+    let hashes = match diff::fetch(target, DEFAULT_CHUNK).await {
         Ok(Hashes::Pages(pages)) => Some(pages),
         Ok(Hashes::Unavailable(why)) => {
             tracing::info!("{why}: the initial pass is a full pass");
@@ -638,11 +776,10 @@ async fn replicate(
     };
     let (tx, rx) = mpsc::channel(PRODUCER_AHEAD);
     let plan = BatchPlan {
-        disk_id: cfg.target.disk.disk_id.clone(),
+        disk_id: target.disk.disk_id.clone(),
         first_seq: welcome.cached_seq + 1,
         batch_data: cfg.batch_data,
         linger: cfg.linger,
-        crash_interval: cfg.crash_interval,
         overflow_grace: cfg.overflow_grace,
     };
     let thread_state = state.clone();
@@ -664,7 +801,7 @@ async fn replicate(
     }
     let mut transfer =
         Transfer::new(&welcome, cfg.window_bytes, rx, false, state.meter.clone()).endless();
-    match retry.drive(session, &mut transfer, &cfg.target).await {
+    match retry.drive(session, &mut transfer, target).await {
         Ok(()) => ReplicateError::Stopped,
         Err(e) => e.into(),
     }
@@ -709,7 +846,7 @@ fn produce(p: &Pipeline<'_>, mut source: Source, hashes: Option<HashPages>, mut 
             }
         }
         state.set_mode(Mode::Continuous);
-        let end = run_batcher(&plan, &disk.ids, changes, tx, rt, &mut |seq, marker| {
+        let end = run_batcher(&plan, changes, tx, rt, &mut |seq, marker| {
             state.produced(seq, marker)
         });
         let BatcherEnd::Overflow { unsent, extent } = end else {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agent::control::{self, Kind, Request};
-use agent::replicate::{Mode, ReplicateConfig, Replication, start};
+use agent::replicate::{DiskConfig, Mode, Replica, ReplicateConfig, Replication, start};
 use common::{PASS, Reply, apply, challenge, hash_page, msg, progress, serve, target, welcome};
 use protocol::auth::{ClientAuth, Passphrase, ServerAuth};
 use protocol::batch::flags;
@@ -281,7 +281,7 @@ async fn write_flush_marked(
     path: &std::path::Path,
     write: &str,
 ) -> Vec<u8> {
-    bounded(qemu_io(r, &[write, "flush"])).await;
+    bounded(qemu_io(&r.disks[0], &[write, "flush"])).await;
     let after = std::fs::read(path).unwrap();
     bounded(h.wait(|st| st.markers.last().is_some_and(|m| m.1 == after))).await;
     after
@@ -297,16 +297,24 @@ async fn caught_up(
     during: &[&str],
     last: &str,
 ) -> Vec<u8> {
-    bounded(qemu_io(r, during)).await;
-    bounded(r.state.wait_until(|s| s.mode() == Mode::Continuous)).await;
+    bounded(qemu_io(&r.disks[0], during)).await;
+    bounded(
+        r.disks[0]
+            .state
+            .wait_until(|s| s.mode() == Mode::Continuous),
+    )
+    .await;
     write_flush_marked(r, h, path, last).await
 }
 
 fn config(url: &str, disk: &std::path::Path, quiesce: Option<String>) -> ReplicateConfig {
     ReplicateConfig {
-        target: target(url, DISK),
-        disk: disk.to_path_buf(),
-        nbd_listen: "127.0.0.1:0".into(),
+        disks: vec![DiskConfig {
+            target: target(url, DISK),
+            path: disk.to_path_buf(),
+            nbd_listen: "127.0.0.1:0".into(),
+        }],
+        group: String::new(),
         control: Some(("127.0.0.1:0".into(), Passphrase::new(PASS).unwrap())),
         window_bytes: 256 << 10,
         batch_data: 64 << 10,
@@ -326,9 +334,9 @@ async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
 }
 
 /// Runs `qemu-io` against the export with these commands; panics unless it succeeds.
-async fn qemu_io(r: &Replication, cmds: &[&str]) {
+async fn qemu_io(disk: &Replica, cmds: &[&str]) {
     let mut c = tokio::process::Command::new("qemu-io");
-    c.args(["-f", "raw", &format!("nbd://{}", r.nbd_addr)]);
+    c.args(["-f", "raw", &format!("nbd://{}", disk.nbd_addr)]);
     for cmd in cmds {
         c.args(["-c", cmd]);
     }
@@ -342,7 +350,7 @@ async fn qemu_io(r: &Replication, cmds: &[&str]) {
 /// A marker request for the test disk.
 fn marker(kind: Kind, tag: &str) -> Request {
     Request::Marker {
-        disk_id: DISK.into(),
+        disk_id: Some(DISK.into()),
         kind,
         tag: tag.into(),
     }
@@ -404,7 +412,12 @@ fn check_replica(st: &State, before: &[u8], after: &[u8]) {
 async fn nbd_writes_are_replicated_in_order_with_a_marker_at_each_flush() {
     let (h, _dir, path) = fresh().await;
     let r = start(config(&h.url, &path, None)).await.unwrap();
-    bounded(r.state.wait_until(|s| s.mode() == Mode::Continuous)).await;
+    bounded(
+        r.disks[0]
+            .state
+            .wait_until(|s| s.mode() == Mode::Continuous),
+    )
+    .await;
     bounded(h.wait(|st| st.stored.iter().any(|(_, f)| f & flags::RESYNC_END != 0))).await;
     {
         let st = h.state.lock().unwrap();
@@ -422,7 +435,7 @@ async fn nbd_writes_are_replicated_in_order_with_a_marker_at_each_flush() {
     let before = std::fs::read(&path).unwrap();
     let initial_zeros = h.state.lock().unwrap().zeros.len();
     bounded(qemu_io(
-        &r,
+        &r.disks[0],
         &[
             "write -P 0xab 1M 64k",
             "flush",
@@ -450,7 +463,7 @@ async fn nbd_writes_are_replicated_in_order_with_a_marker_at_each_flush() {
         assert!(covered(7 << 20, 64 << 10), "zeros: {sent:?}");
     }
     // Reads through the export see the file.
-    let nbd = format!("nbd://{}", r.nbd_addr);
+    let nbd = format!("nbd://{}", r.disks[0].nbd_addr);
     let args = ["compare", "-f", "raw", "-F", "raw"].map(OsStr::new);
     qemu_img(&args, [OsStr::new(&nbd), path.as_os_str()]).await;
 }
@@ -482,7 +495,12 @@ async fn the_control_api_cuts_markers_and_reports_status() {
     .await
     .unwrap();
     let url = format!("tcp://{}", r.control_addr.unwrap());
-    bounded(r.state.wait_until(|s| s.mode() == Mode::Continuous)).await;
+    bounded(
+        r.disks[0]
+            .state
+            .wait_until(|s| s.mode() == Mode::Continuous),
+    )
+    .await;
 
     let user = marker(Kind::User, "before-upgrade");
     let id = bounded(call(&url, &user)).await.unwrap().marker_id.unwrap();
@@ -515,7 +533,7 @@ async fn the_control_api_cuts_markers_and_reports_status() {
         &url,
         &client(),
         &Request::Marker {
-            disk_id: "other".into(),
+            disk_id: Some("other".into()),
             kind: Kind::Crash,
             tag: String::new(),
         },
@@ -532,7 +550,12 @@ async fn a_failing_freeze_cuts_no_marker_and_shows_in_status() {
         .await
         .unwrap();
     let url = format!("{}", r.control_addr.unwrap());
-    bounded(r.state.wait_until(|s| s.mode() == Mode::Continuous)).await;
+    bounded(
+        r.disks[0]
+            .state
+            .wait_until(|s| s.mode() == Mode::Continuous),
+    )
+    .await;
     let app = marker(Kind::App, "");
     let e = bounded(call(&url, &app)).await.unwrap_err();
     assert!(e.to_string().contains("freeze"), "{e}");
@@ -554,7 +577,12 @@ async fn a_paused_process_server_turns_writes_into_a_bitmap_then_a_resync() {
     let (h, _dir, path) = fresh().await;
     // Patterned writes compress to almost nothing: a one-batch window fills all the same.
     let r = start_windowed(&h, &path, 1).await;
-    bounded(r.state.wait_until(|s| s.mode() == Mode::Continuous)).await;
+    bounded(
+        r.disks[0]
+            .state
+            .wait_until(|s| s.mode() == Mode::Continuous),
+    )
+    .await;
     bounded(h.wait(|st| st.stored.iter().any(|(_, f)| f & flags::RESYNC_END != 0))).await;
     let resync_ends = |st: &State| {
         st.stored
@@ -566,7 +594,7 @@ async fn a_paused_process_server_turns_writes_into_a_bitmap_then_a_resync() {
     // Far more batches than the window holds: without the bitmap these writes would wait for the
     // pause to end, which only comes after them.
     bounded(qemu_io(
-        &r,
+        &r.disks[0],
         &[
             "write -P 0x31 0 1M",
             "write -P 0x32 2M 1M",
@@ -576,10 +604,15 @@ async fn a_paused_process_server_turns_writes_into_a_bitmap_then_a_resync() {
         ],
     ))
     .await;
-    bounded(r.state.wait_until(|s| s.mode() == Mode::Bitmap)).await;
+    bounded(r.disks[0].state.wait_until(|s| s.mode() == Mode::Bitmap)).await;
     h.pause.send(false).unwrap();
     bounded(h.wait(|st| resync_ends(st) >= 2)).await;
-    bounded(r.state.wait_until(|s| s.mode() == Mode::Continuous)).await;
+    bounded(
+        r.disks[0]
+            .state
+            .wait_until(|s| s.mode() == Mode::Continuous),
+    )
+    .await;
     let after = write_flush_marked(&r, &h, &path, "write -P 0x35 7M 4k").await;
     let st = h.state.lock().unwrap();
     assert!(
@@ -621,7 +654,12 @@ async fn an_existing_target_gets_only_the_differing_chunks_first() {
     target[100_000] ^= 0x5a;
     let h = Harness::holding(target).await;
     let r = start(config(&h.url, &path, None)).await.unwrap();
-    bounded(r.state.wait_until(|s| s.mode() == Mode::Continuous)).await;
+    bounded(
+        r.disks[0]
+            .state
+            .wait_until(|s| s.mode() == Mode::Continuous),
+    )
+    .await;
     bounded(h.wait(|st| st.stored.iter().any(|(_, f)| f & flags::RESYNC_END != 0))).await;
     let st = h.state.lock().unwrap();
     assert!(st.disk == content, "the target differs from the source");
@@ -634,7 +672,12 @@ async fn markers_cut_between_workload_steps_hold_the_source_as_it_was() {
     let (h, _dir, path) = fresh().await;
     let r = start(config(&h.url, &path, None)).await.unwrap();
     let url = format!("tcp://{}", r.control_addr.unwrap());
-    bounded(r.state.wait_until(|s| s.mode() == Mode::Continuous)).await;
+    bounded(
+        r.disks[0]
+            .state
+            .wait_until(|s| s.mode() == Mode::Continuous),
+    )
+    .await;
     let steps: [&[&str]; 5] = [
         &["write -P 0x41 0 256k", "write -P 0x42 128k 4k"],
         &[
@@ -654,7 +697,7 @@ async fn markers_cut_between_workload_steps_hold_the_source_as_it_was() {
     ];
     let mut copies = Vec::new();
     for (i, step) in steps.iter().enumerate() {
-        bounded(qemu_io(&r, step)).await;
+        bounded(qemu_io(&r.disks[0], step)).await;
         let cut = marker(Kind::User, &format!("step-{i}"));
         let id = bounded(call(&url, &cut)).await.unwrap().marker_id.unwrap();
         copies.push((id, std::fs::read(&path).unwrap()));
@@ -685,9 +728,14 @@ async fn an_unreachable_process_server_turns_writes_into_a_bitmap_and_the_target
     let (h, _dir, path) = fresh().await;
     let r = start_windowed(&h, &path, 1).await;
     let url = format!("tcp://{}", r.control_addr.unwrap());
-    bounded(r.state.wait_until(|s| s.mode() == Mode::Continuous)).await;
+    bounded(
+        r.disks[0]
+            .state
+            .wait_until(|s| s.mode() == Mode::Continuous),
+    )
+    .await;
     // A point before the outage.
-    bounded(qemu_io(&r, &["write -P 0x61 512k 64k"])).await;
+    bounded(qemu_io(&r.disks[0], &["write -P 0x61 512k 64k"])).await;
     let cut = marker(Kind::User, "before-outage");
     let id = bounded(call(&url, &cut)).await.unwrap().marker_id.unwrap();
     let at_marker = std::fs::read(&path).unwrap();
@@ -696,7 +744,7 @@ async fn an_unreachable_process_server_turns_writes_into_a_bitmap_and_the_target
     h.down.send(true).unwrap();
     // Writes go on while the process server cannot be reached: they must not wait for it.
     bounded(qemu_io(
-        &r,
+        &r.disks[0],
         &[
             "write -P 0x62 0 1M",
             "write -P 0x63 2M 1M",
@@ -707,7 +755,7 @@ async fn an_unreachable_process_server_turns_writes_into_a_bitmap_and_the_target
         ],
     ))
     .await;
-    bounded(r.state.wait_until(|s| s.mode() == Mode::Bitmap)).await;
+    bounded(r.disks[0].state.wait_until(|s| s.mode() == Mode::Bitmap)).await;
     let status = bounded(call(&url, &Request::Status)).await.unwrap();
     assert_eq!(status.disks.unwrap()[0].mode, "bitmap");
     // No point can be cut while the disk is only tracked in the bitmap.
@@ -726,7 +774,12 @@ async fn an_unreachable_process_server_turns_writes_into_a_bitmap_and_the_target
     }
 
     h.down.send(false).unwrap();
-    bounded(r.state.wait_until(|s| s.mode() == Mode::Continuous)).await;
+    bounded(
+        r.disks[0]
+            .state
+            .wait_until(|s| s.mode() == Mode::Continuous),
+    )
+    .await;
     let after = write_flush_marked(&r, &h, &path, "write -P 0x66 7M 4k").await;
     let st = h.state.lock().unwrap();
     assert!(
@@ -760,7 +813,12 @@ async fn periodic_crash_and_app_markers_are_cut_without_any_flush() {
     cfg.crash_interval = Duration::from_millis(200);
     cfg.app_interval = Duration::from_millis(300);
     let r = start(cfg).await.unwrap();
-    bounded(r.state.wait_until(|s| s.mode() == Mode::Continuous)).await;
+    bounded(
+        r.disks[0]
+            .state
+            .wait_until(|s| s.mode() == Mode::Continuous),
+    )
+    .await;
     let kind = |st: &State, k: protocol::pb::MarkerKind| {
         st.markers
             .iter()
@@ -783,13 +841,18 @@ async fn periodic_crash_and_app_markers_are_cut_without_any_flush() {
 async fn qemu_img_convert_writes_through_the_export_and_is_replicated() {
     let (h, dir, path) = fresh().await;
     let r = start(config(&h.url, &path, None)).await.unwrap();
-    bounded(r.state.wait_until(|s| s.mode() == Mode::Continuous)).await;
+    bounded(
+        r.disks[0]
+            .state
+            .wait_until(|s| s.mode() == Mode::Continuous),
+    )
+    .await;
     // An image to copy over the whole disk: other data, zeros where the source had data.
     let image = dir.path().join("image.raw");
     let mut content: Vec<u8> = (0..CAP).map(|i| (i * 13 % 241) as u8).collect();
     content[..1 << 20].fill(0);
     std::fs::write(&image, &content).unwrap();
-    let nbd = format!("nbd://{}", r.nbd_addr);
+    let nbd = format!("nbd://{}", r.disks[0].nbd_addr);
     let args = ["convert", "-n", "-f", "raw", "-O", "raw"].map(OsStr::new);
     qemu_img(&args, [image.as_os_str(), OsStr::new(&nbd)]).await;
     assert!(
@@ -797,7 +860,7 @@ async fn qemu_img_convert_writes_through_the_export_and_is_replicated() {
         "FILE took the image"
     );
     // A flush so that there is a marker to wait for.
-    bounded(qemu_io(&r, &["flush"])).await;
+    bounded(qemu_io(&r.disks[0], &["flush"])).await;
     bounded(h.wait(|st| st.markers.last().is_some_and(|m| m.1 == content))).await;
     assert!(h.state.lock().unwrap().disk == content);
 }
@@ -843,4 +906,242 @@ async fn writes_during_a_differential_initial_pass_are_caught_up() {
         st.marker_seqs.iter().all(|&s| s > end),
         "a marker inside the initial interval"
     );
+}
+
+/// A minimal NBD client (fixed newstyle, `NBD_OPT_EXPORT_NAME`) that sends one write at a
+/// time and waits for its reply, so that the test knows exactly when each was acknowledged.
+struct NbdClient {
+    stream: tokio::net::TcpStream,
+    cookie: u64,
+}
+
+impl NbdClient {
+    async fn connect(addr: std::net::SocketAddr) -> NbdClient {
+        use agent::nbd::proto::{
+            FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, IHAVEOPT, OPT_EXPORT_NAME,
+        };
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // One small request after another: Nagle would hold each for the delayed ack.
+        stream.set_nodelay(true).unwrap();
+        let mut greeting = [0u8; 18];
+        stream.read_exact(&mut greeting).await.unwrap();
+        let flags = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES;
+        stream.write_all(&flags.to_be_bytes()).await.unwrap();
+        let mut option = IHAVEOPT.to_be_bytes().to_vec();
+        option.extend_from_slice(&OPT_EXPORT_NAME.to_be_bytes());
+        option.extend_from_slice(&0u32.to_be_bytes());
+        stream.write_all(&option).await.unwrap();
+        // Size and transmission flags, without the zeroes.
+        let mut export = [0u8; 10];
+        stream.read_exact(&mut export).await.unwrap();
+        NbdClient { stream, cookie: 0 }
+    }
+
+    /// Writes `data` at `offset` and returns once the server acknowledged it.
+    async fn write(&mut self, offset: u64, data: &[u8]) {
+        use agent::nbd::proto::{Command, Request, SIMPLE_REPLY_MAGIC};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.cookie += 1;
+        let header = Request {
+            flags: 0,
+            command: Command::Write,
+            cookie: self.cookie,
+            offset,
+            length: data.len() as u32,
+        }
+        .encode();
+        self.stream
+            .write_all(&[&header[..], data].concat())
+            .await
+            .unwrap();
+        let mut reply = [0u8; 16];
+        self.stream.read_exact(&mut reply).await.unwrap();
+        assert_eq!(reply[0..4], SIMPLE_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(reply[4..8], [0; 4], "write {offset} failed");
+    }
+}
+
+const DISK_B: &str = "6000C29b-repl";
+/// Blocks of the chained workload of the group test.
+const CHAIN: usize = 1000;
+/// The group test cuts a marker each time the writer passes this many blocks.
+const CUT_EVERY: usize = 100;
+
+/// The content of block `i` of the chained workload: unlike any block of `source_disk`.
+fn chain_block(i: usize) -> Vec<u8> {
+    vec![(i % 200) as u8 + 40; 4096]
+}
+
+/// How many blocks of the chained workload `disk` holds; they must be a prefix.
+fn chain_prefix(disk: &[u8]) -> usize {
+    let written = |i: usize| disk[i * 4096..(i + 1) * 4096] == chain_block(i)[..];
+    let k = (0..CHAIN).take_while(|&i| written(i)).count();
+    assert!(
+        (k..CHAIN).all(|i| !written(i)),
+        "the chained writes at a marker are not a prefix"
+    );
+    k
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_marker_is_cut_on_every_disk_at_one_instant() {
+    let (ha, dir, path_a) = fresh().await;
+    let hb = Harness::start().await;
+    let dir_b = tempfile::tempdir().unwrap();
+    let path_b = source_disk(dir_b.path());
+    let log = dir.path().join("hook.log");
+    let mut cfg = config(&ha.url, &path_a, Some(format!("echo >> {}", log.display())));
+    cfg.disks.push(DiskConfig {
+        target: target(&hb.url, DISK_B),
+        path: path_b.clone(),
+        nbd_listen: "127.0.0.1:0".into(),
+    });
+    cfg.group = "vm1".into();
+    let r = start(cfg).await.unwrap();
+    let url = format!("tcp://{}", r.control_addr.unwrap());
+    for d in &r.disks {
+        bounded(d.state.wait_until(|s| s.mode() == Mode::Continuous)).await;
+    }
+    // One writer goes A[0], B[0], A[1], B[1], ..., each write acknowledged before the next
+    // starts: at any one instant, disk A holds k or k + 1 of its blocks when B holds k.
+    let (a, b) = (r.disks[0].nbd_addr, r.disks[1].nbd_addr);
+    // The writer says where it stands every few blocks, without waiting: a marker is cut at
+    // each of these while the writes go on.
+    let (progress, mut stands) = mpsc::channel(CHAIN / CUT_EVERY);
+    let writer = tokio::spawn(async move {
+        let (mut a, mut b) = (NbdClient::connect(a).await, NbdClient::connect(b).await);
+        for i in 0..CHAIN {
+            a.write(i as u64 * 4096, &chain_block(i)).await;
+            b.write(i as u64 * 4096, &chain_block(i)).await;
+            if i % CUT_EVERY == 0 {
+                let _ = progress.try_send(i);
+            }
+        }
+    });
+    let mut ids = Vec::new();
+    while let Some(i) = stands.recv().await {
+        let cut = Request::Marker {
+            disk_id: None,
+            kind: Kind::User,
+            tag: format!("at-{i}"),
+        };
+        ids.push(bounded(call(&url, &cut)).await.unwrap().marker_id.unwrap());
+    }
+    bounded(writer).await.unwrap();
+    // The quiesce hook runs once for the whole group.
+    let app = Request::Marker {
+        disk_id: None,
+        kind: Kind::App,
+        tag: "app".into(),
+    };
+    ids.push(bounded(call(&url, &app)).await.unwrap().marker_id.unwrap());
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "freeze\nthaw\n");
+
+    let last = ids.last().unwrap().clone();
+    for h in [&ha, &hb] {
+        bounded(h.wait(|st| st.markers.iter().any(|(m, _)| m.id == last))).await;
+    }
+    {
+        let (sa, sb) = (ha.state.lock().unwrap(), hb.state.lock().unwrap());
+        let mut inside = 0;
+        for id in &ids {
+            let find = |st: &State| {
+                st.markers
+                    .iter()
+                    .find(|(m, _)| &m.id == id)
+                    .cloned()
+                    .expect("every group marker reached both disks")
+            };
+            let ((ma, disk_a), (mb, disk_b)) = (find(&sa), find(&sb));
+            assert_eq!(ma, mb, "the disks' markers differ");
+            assert_eq!(ma.group, "vm1");
+            let (ka, kb) = (chain_prefix(&disk_a), chain_prefix(&disk_b));
+            assert!(
+                ka == kb || ka == kb + 1,
+                "marker {id}: disk A holds {ka} chained writes, disk B {kb}: not one instant"
+            );
+            if 0 < ka && ka < CHAIN {
+                inside += 1;
+            }
+        }
+        assert!(inside > 0, "no marker was cut while the writes went on");
+    }
+    // A marker for one disk of the group is that disk's alone.
+    let one = Request::Marker {
+        disk_id: Some(DISK_B.into()),
+        kind: Kind::User,
+        tag: "b-only".into(),
+    };
+    let id = bounded(call(&url, &one)).await.unwrap().marker_id.unwrap();
+    bounded(hb.wait(|st| st.markers.iter().any(|(m, _)| m.id == id))).await;
+    let (sa, sb) = (ha.state.lock().unwrap(), hb.state.lock().unwrap());
+    let (m, _) = sb.markers.iter().find(|(m, _)| m.id == id).unwrap();
+    assert_eq!((m.group.as_str(), m.tag.as_str()), ("", "b-only"));
+    assert!(sa.markers.iter().all(|(m, _)| m.id != id));
+    assert!(sa.disk == std::fs::read(&path_a).unwrap());
+    assert!(sb.disk == std::fs::read(&path_b).unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_connections_over_the_cap_are_refused_with_a_reason() {
+    use tokio::io::AsyncBufReadExt;
+    let (h, _dir, path) = fresh().await;
+    let r = start(config(&h.url, &path, None)).await.unwrap();
+    let addr = r.control_addr.unwrap();
+    // Connections that got their challenge and say nothing hold their slots.
+    let mut held = Vec::new();
+    for _ in 0..control::MAX_CONNECTIONS {
+        let mut c = tokio::io::BufReader::new(tokio::net::TcpStream::connect(addr).await.unwrap());
+        let mut challenge = String::new();
+        bounded(c.read_line(&mut challenge)).await.unwrap();
+        assert!(challenge.contains("challenge"), "{challenge}");
+        held.push(c);
+    }
+    let url = format!("tcp://{addr}");
+    let e = bounded(call(&url, &Request::Status)).await.unwrap_err();
+    assert!(
+        e.to_string().contains("too many control connections"),
+        "{e}"
+    );
+    // Once they go, clients are served again (as soon as the agent has seen them close).
+    drop(held);
+    let served = async {
+        loop {
+            match call(&url, &Request::Status).await {
+                Ok(reply) => return reply,
+                Err(e) => assert!(e.to_string().contains("too many"), "{e}"),
+            }
+            tokio::task::yield_now().await;
+        }
+    };
+    assert!(bounded(served).await.disks.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_watch_refreshes_until_interrupted() {
+    use tokio::io::AsyncBufReadExt;
+    let (h, _dir, path) = fresh().await;
+    let r = start(config(&h.url, &path, None)).await.unwrap();
+    let addr = r.control_addr.unwrap().to_string();
+    let mut watch = tokio::process::Command::new(env!("CARGO_BIN_EXE_agent"))
+        .args(["status", "--connect", &addr, "--json", "--watch", "0.1"])
+        .env("FAILBACK_PASSPHRASE", PASS)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(watch.stdout.take().unwrap()).lines();
+    for _ in 0..3 {
+        let line = bounded(lines.next_line()).await.unwrap().unwrap();
+        let disks: Vec<control::DiskStatus> = serde_json::from_str(&line).unwrap();
+        assert_eq!(disks[0].disk_id, DISK);
+    }
+    let pid = watch.id().unwrap().to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    assert!(bounded(watch.wait()).await.unwrap().success());
 }
