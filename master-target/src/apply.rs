@@ -426,6 +426,7 @@ impl Applier {
                     seq: r.batch.seq,
                     batch_unix_ms: r.batch.time_unix_ms,
                     in_resync: r.in_resync,
+                    thinned: false,
                 })
                 .collect(),
             markers: group
@@ -487,10 +488,7 @@ mod tests {
             disk_id: "d1".into(),
             name: "d1".into(),
             capacity: CAP,
-            data: crate::vmdk::extent::DataRef {
-                path: ds.join("d1-flat.vmdk"),
-                sparse: false,
-            },
+            data: crate::vmdk::extent::DataRef::flat(ds.join("d1-flat.vmdk")),
             durable_seq: AtomicU64::new(0),
             bytes_applied: AtomicU64::new(0),
             journal_bytes: AtomicU64::new(0),

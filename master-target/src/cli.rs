@@ -1,5 +1,5 @@
 //! The command line (the public contract of DESIGN.md): `serve`, `status`,
-//! `recovery-points`, `recover`. The only place that uses `anyhow`.
+//! `recovery-points`, `recover`, `verify`. The only place that uses `anyhow`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,10 +30,13 @@ enum Command {
     Serve(ServeArgs),
     /// Show the disks of a running master target.
     Status(StatusArgs),
-    /// List the recovery points recorded for a disk.
+    /// List the recovery points recorded for a disk, or common to a replication group.
     RecoveryPoints(RecoveryPointsArgs),
     /// Write a disk as of a recovery point to a new VMDK, or roll the target back in place.
     Recover(RecoverArgs),
+    /// Check a disk's VMDK structure (descriptor, extents, sparse tables): what
+    /// `qemu-img check` does not.
+    Verify(VerifyArgs),
 }
 
 #[derive(Args, Debug)]
@@ -130,8 +133,17 @@ struct RecoveryPointsArgs {
     #[arg(long, value_name = "DIR", default_value = DEFAULT_RETENTION)]
     retention: PathBuf,
     /// Disk id whose points to list.
-    #[arg(long, value_name = "DISK_ID")]
-    disk: String,
+    #[arg(
+        long,
+        value_name = "DISK_ID",
+        required_unless_present = "group",
+        conflicts_with = "group"
+    )]
+    disk: Option<String>,
+    /// Replication group whose common points to list: the group markers every disk
+    /// holding a marker of the group has.
+    #[arg(long, value_name = "GROUP")]
+    group: Option<String>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -146,17 +158,28 @@ struct RecoverArgs {
     #[arg(long, value_name = "DIR", default_value = DEFAULT_RETENTION)]
     retention: PathBuf,
     /// Disk id to recover.
-    #[arg(long, value_name = "DISK_ID")]
-    disk: String,
+    #[arg(
+        long,
+        value_name = "DISK_ID",
+        required_unless_present = "group",
+        conflicts_with = "group"
+    )]
+    disk: Option<String>,
+    /// Recover every disk of this replication group to one group marker (--point: latest,
+    /// latest-app, MARKER_ID, TAG or RFC3339 among the group's common points); --out then
+    /// names a directory that receives NAME.vmdk per disk.
+    #[arg(long, value_name = "GROUP")]
+    group: Option<String>,
     /// latest | latest-crash | latest-app | MARKER_ID | TAG | RFC3339 time (the latest
     /// point at or before it).
     #[arg(long, value_name = "POINT")]
     point: String,
-    /// New VMDK to write (NEW.vmdk plus NEW-flat.vmdk beside it, or NEW.vmdk alone with
-    /// --format monolithic-sparse); the disk keeps replicating meanwhile.
+    /// New VMDK to write (NEW.vmdk plus NEW-flat.vmdk beside it, NEW.vmdk alone with
+    /// --format monolithic-sparse, NEW-f001.vmdk... with two-gb-max-extent-flat), or with
+    /// --group an existing directory; the disks keep replicating meanwhile.
     #[arg(
         long,
-        value_name = "NEW.vmdk",
+        value_name = "NEW.vmdk|DIR",
         required_unless_present = "in_place",
         conflicts_with = "in_place"
     )]
@@ -170,11 +193,25 @@ struct RecoverArgs {
     in_place: bool,
 }
 
+#[derive(Args, Debug)]
+struct VerifyArgs {
+    /// Datastore directory holding the disk's VMDK.
+    #[arg(long, value_name = "DIR")]
+    datastore: PathBuf,
+    /// Disk id: the image whose ddb.uuid is the disk's, else DISK_ID.vmdk.
+    #[arg(long, value_name = "DISK_ID")]
+    disk: String,
+    /// Print the report as JSON (the exit status still says whether it is ok).
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 enum OutFormat {
     Vmfs,
     MonolithicFlat,
     MonolithicSparse,
+    TwoGbMaxExtentFlat,
 }
 
 /// The retention volume when neither `--retention` nor the config file names one.
@@ -219,6 +256,7 @@ pub fn run() -> ExitCode {
             Command::Status(a) => run_status(a).await,
             Command::RecoveryPoints(a) => run_recovery_points(a),
             Command::Recover(a) => tokio::task::spawn_blocking(move || run_recover(a)).await?,
+            Command::Verify(a) => tokio::task::spawn_blocking(move || run_verify(a)).await?,
         }
     });
     match result {
@@ -336,38 +374,86 @@ async fn run_status(a: StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_recovery_points(a: RecoveryPointsArgs) -> anyhow::Result<()> {
-    if !protocol::disk::is_safe_name(&a.disk) {
-        bail!("disk id '{}' is not valid", a.disk.escape_debug());
+/// `--disk` (checked to be a safe name) or `--group`, which clap makes exclusive.
+enum Target {
+    Disk(String),
+    Group(String),
+}
+
+fn target(disk: Option<String>, group: Option<String>) -> anyhow::Result<Target> {
+    match (disk, group) {
+        (Some(d), _) if !protocol::disk::is_safe_name(&d) => {
+            bail!("disk id '{}' is not valid", d.escape_debug())
+        }
+        (Some(d), _) => Ok(Target::Disk(d)),
+        (None, Some(g)) => Ok(Target::Group(g)),
+        (None, None) => bail!("--disk or --group is required"),
     }
-    let points = crate::recovery::points(&a.retention, &a.disk)?;
+}
+
+fn run_recovery_points(a: RecoveryPointsArgs) -> anyhow::Result<()> {
+    let (json, table) = match target(a.disk, a.group)? {
+        Target::Disk(disk) => {
+            let points = crate::recovery::points(&a.retention, &disk)?;
+            (
+                crate::recovery::to_json(&disk, &points),
+                crate::recovery::to_table(&points),
+            )
+        }
+        Target::Group(group) => {
+            let (disks, points) = crate::group_recovery::points(&a.retention, &group)?;
+            (
+                crate::group_recovery::to_json(&group, &disks, &points),
+                crate::group_recovery::to_table(&disks, &points),
+            )
+        }
+    };
     if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&crate::recovery::to_json(&a.disk, &points))?
-        );
+        println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
-        print!("{}", crate::recovery::to_table(&points));
+        print!("{table}");
     }
     Ok(())
 }
 
 fn run_recover(a: RecoverArgs) -> anyhow::Result<()> {
     init_logging(LogFormat::Text);
-    if !protocol::disk::is_safe_name(&a.disk) {
-        bail!("disk id '{}' is not valid", a.disk.escape_debug());
-    }
+    let format = match a.format.unwrap_or(OutFormat::Vmfs) {
+        OutFormat::Vmfs => crate::vmdk::descriptor::CreateType::Vmfs,
+        OutFormat::MonolithicFlat => crate::vmdk::descriptor::CreateType::MonolithicFlat,
+        OutFormat::MonolithicSparse => crate::vmdk::descriptor::CreateType::MonolithicSparse,
+        OutFormat::TwoGbMaxExtentFlat => crate::vmdk::descriptor::CreateType::TwoGbMaxExtentFlat,
+    };
+    let disk_id = match target(a.disk, a.group)? {
+        Target::Disk(d) => d,
+        Target::Group(group) => {
+            let req = crate::group_recovery::GroupRecoverRequest {
+                datastore: a.datastore,
+                retention: a.retention,
+                group,
+                point: a.point,
+                out_dir: a.out,
+                format,
+            };
+            for (disk, done) in crate::group_recovery::recover(&req)? {
+                println!(
+                    "recovered disk {disk} of group {} to the {} (seq {}): {}",
+                    req.group,
+                    done.point,
+                    done.seq,
+                    done.path.display()
+                );
+            }
+            return Ok(());
+        }
+    };
     let req = crate::recovery::RecoverRequest {
         datastore: a.datastore,
         retention: a.retention,
-        disk_id: a.disk,
+        disk_id,
         point: a.point,
         out: a.out,
-        format: match a.format.unwrap_or(OutFormat::Vmfs) {
-            OutFormat::Vmfs => crate::vmdk::descriptor::CreateType::Vmfs,
-            OutFormat::MonolithicFlat => crate::vmdk::descriptor::CreateType::MonolithicFlat,
-            OutFormat::MonolithicSparse => crate::vmdk::descriptor::CreateType::MonolithicSparse,
-        },
+        format,
     };
     let done = crate::recovery::recover(&req)?;
     println!(
@@ -377,6 +463,34 @@ fn run_recover(a: RecoverArgs) -> anyhow::Result<()> {
         done.seq,
         done.path.display()
     );
+    Ok(())
+}
+
+fn run_verify(a: VerifyArgs) -> anyhow::Result<()> {
+    use crate::vmdk::verify;
+    let desc = verify::find_image(&a.datastore, &a.disk)?;
+    let report = verify::verify(&a.datastore, &desc)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+    } else {
+        println!("{}", report.summary());
+        for w in &report.warnings {
+            println!("warning: {w}");
+        }
+        for p in &report.problems {
+            println!("problem: {p}");
+        }
+        if report.unlisted > 0 {
+            println!("problem: {} more not listed", report.unlisted);
+        }
+    }
+    if !report.ok() {
+        bail!(
+            "{} has {} structural problem(s)",
+            desc.display(),
+            report.problems.len() + report.unlisted
+        );
+    }
     Ok(())
 }
 
@@ -422,6 +536,28 @@ mod tests {
             a.retention, None,
             "serve resolves the default after its config file"
         );
+    }
+
+    #[test]
+    fn points_and_recover_take_a_disk_or_a_group_not_both() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["master-target"], args].concat());
+        assert!(parse(&["recovery-points"]).is_err());
+        assert!(parse(&["recovery-points", "--disk", "d", "--group", "g"]).is_err());
+        let cli = parse(&["recovery-points", "--group", "g"]).unwrap();
+        let Command::RecoveryPoints(a) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!((a.disk, a.group.as_deref()), (None, Some("g")));
+        let r = [
+            "recover",
+            "--datastore",
+            "/ds",
+            "--point",
+            "latest",
+            "--in-place",
+        ];
+        assert!(parse(&r).is_err());
+        assert!(parse(&[&r[..], &["--group", "g"]].concat()).is_ok());
     }
 
     #[test]

@@ -92,10 +92,7 @@ mod tests {
         data[4096] = 1;
         data[3 * 4096 + 10] = 2;
         std::fs::write(&p, &data).unwrap();
-        let p = DataRef {
-            path: p,
-            sparse: false,
-        };
+        let p = DataRef::flat(p);
         let page = hash_page(&p, data.len() as u64, 4096, 0, 0).unwrap();
         assert_eq!(page.zero_chunks, vec![0b0101]);
         assert_eq!(page.hashes.len(), 4 * 16);

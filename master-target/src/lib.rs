@@ -9,12 +9,14 @@
 //!             -> retention::journal (undo + commit records)        [retention volume]
 //!             -> vmdk (descriptor + flat extent through mmap)
 //!             -> state (applied seq)                               [retention volume]
-//!  recovery (points, recover) reads the journal and copies or rolls back a target
+//!  recovery (points, recover) reads the journal and copies or rolls back a target;
+//!  group_recovery does it for every disk of a replication group
 //! ```
 
 pub mod apply;
 pub mod cli;
 pub mod failpoint;
+pub mod group_recovery;
 pub mod hashes;
 pub mod metrics;
 pub mod outbox;

@@ -44,7 +44,12 @@ pub async fn render(counters: &Counters, registry: &Registry) -> String {
     let now_ms = protocol::now_unix_ms();
     let per_disk = |value: &dyn Fn(&DiskShared) -> f64| {
         open.iter()
-            .map(|o| (vec![("disk_id", o.shared.disk_id.as_str())], value(&o.shared)))
+            .map(|o| {
+                (
+                    vec![("disk_id", o.shared.disk_id.as_str())],
+                    value(&o.shared),
+                )
+            })
             .collect::<Vec<_>>()
     };
     e.family(

@@ -29,7 +29,7 @@ use crate::retention::journal::{self, History, JournalError, RetentionPolicy, Un
 use crate::state::{DiskState, StateError};
 use crate::status::format_time;
 use crate::vmdk::descriptor::CreateType;
-use crate::vmdk::extent::{DataRef, Extent, Reader};
+use crate::vmdk::extent::{DataLayout, DataRef, Extent, Reader};
 use crate::vmdk::{self, VmdkError};
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +57,16 @@ pub enum RecoveryError {
         op: &'static str,
         path: PathBuf,
         source: io::Error,
+    },
+    #[error("no disk on this retention volume holds a marker of group '{0}'")]
+    NoSuchGroup(String),
+    #[error(
+        "recovering disk {disk_id} of the group failed ({done} disk(s) before it were recovered): {source}"
+    )]
+    GroupDisk {
+        disk_id: String,
+        done: usize,
+        source: Box<RecoveryError>,
     },
     #[error("{0}")]
     State(#[from] StateError),
@@ -110,7 +120,7 @@ pub fn history_points(h: &History) -> Vec<Point> {
     let mut out = Vec::new();
     for c in &h.commits {
         for b in &c.batches {
-            if b.in_resync || b.seq < h.base_seq {
+            if !b.is_point() || b.seq < h.base_seq {
                 continue;
             }
             out.push(Point {
@@ -322,17 +332,30 @@ fn to_copy(
     if !dir.is_dir() {
         return Err(RecoveryError::BadOutput(out.to_path_buf()));
     }
-    let sparse = req.format == CreateType::MonolithicSparse;
-    // A sparse output is assembled in a raw scratch file first, then packed into grains.
-    let flat_name = if sparse {
+    // A sparse or split output is assembled in a raw scratch file first, then packed into
+    // its extents; a single flat extent is rolled back where it lies.
+    let packed = matches!(
+        req.format,
+        CreateType::MonolithicSparse | CreateType::TwoGbMaxExtentFlat
+    );
+    let flat_name = if packed {
         format!(".{name}.recover.raw")
     } else {
         format!("{name}-flat.vmdk")
     };
     let flat = dir.join(&flat_name);
-    for p in [out, flat.as_path()] {
+    let extents = vmdk::extents_for(req.format, name, state.capacity);
+    // Every file this recovery makes; none may exist, so all are removed on failure.
+    let mut outputs = vec![out.to_path_buf(), flat.clone()];
+    for e in &extents {
+        let p = dir.join(&e.file);
+        if !outputs.contains(&p) {
+            outputs.push(p);
+        }
+    }
+    for p in &outputs {
         if p.exists() {
-            return Err(RecoveryError::OutputExists(p.to_path_buf()));
+            return Err(RecoveryError::OutputExists(p.clone()));
         }
     }
     let made = (|| {
@@ -365,21 +388,27 @@ fn to_copy(
             seq,
             protocol::now_unix_ms()
         ));
-        let extent_file = if sparse {
-            format!("{name}.vmdk")
-        } else {
-            flat_name.clone()
-        };
-        let d = vmdk::fresh_descriptor(req.format, state.capacity, extent_file, &uuid);
+        let d = vmdk::fresh_descriptor(req.format, extents, &uuid);
         let text = d.render().map_err(|source| VmdkError::Descriptor {
             path: out.to_path_buf(),
             source,
         })?;
-        if sparse {
-            pack_sparse(&copy, &flat, out, state.capacity, &text)?;
+        if packed {
+            let mut target = match req.format {
+                CreateType::MonolithicSparse => Extent::Sparse(
+                    vmdk::sparse::SparseExtent::create(out, state.capacity, &text)
+                        .map_err(VmdkError::from)?,
+                ),
+                _ => Extent::Split(
+                    vmdk::two_gb_flat::SplitFlat::create(dir, &d.extents)
+                        .map_err(VmdkError::from)?,
+                ),
+            };
+            pack(&copy, &flat, &mut target, state.capacity)?;
             drop(copy);
             std::fs::remove_file(&flat).map_err(io_at("remove", &flat))?;
-        } else {
+        }
+        if req.format != CreateType::MonolithicSparse {
             vmdk::write_atomic(out, text.as_bytes()).map_err(io_at("write", out))?;
         }
         Ok(Recovered {
@@ -389,23 +418,21 @@ fn to_copy(
         })
     })();
     if made.is_err() {
-        let _ = std::fs::remove_file(&flat);
-        let _ = std::fs::remove_file(out);
+        for p in &outputs {
+            let _ = std::fs::remove_file(p);
+        }
     }
     made
 }
 
-/// Writes the raw disk in `raw` as a new monolithicSparse image `out` (all-zero grains stay
-/// unallocated) and makes it durable.
-fn pack_sparse(
+/// Writes the raw disk in `raw` into the new, zero-filled `target` (all-zero grains are
+/// skipped: a sparse target leaves them unallocated) and makes it durable.
+fn pack(
     raw: &File,
     raw_path: &Path,
-    out: &Path,
+    target: &mut Extent,
     capacity: u64,
-    descriptor: &str,
 ) -> Result<(), RecoveryError> {
-    let mut sparse =
-        vmdk::sparse::SparseExtent::create(out, capacity, descriptor).map_err(VmdkError::from)?;
     let mut buf = vec![0u8; COPY_CHUNK];
     let mut at = 0u64;
     while at < capacity {
@@ -415,21 +442,19 @@ fn pack_sparse(
         let grain = (vmdk::sparse::GRAIN_SECTORS * 512) as usize;
         for (i, g) in buf[..n].chunks(grain).enumerate() {
             if g.iter().any(|&b| b != 0) {
-                sparse
-                    .write(at + (i * grain) as u64, g)
-                    .map_err(VmdkError::from)?;
+                target.write(at + (i * grain) as u64, g)?;
             }
         }
         at += n as u64;
     }
-    sparse.sync().map_err(VmdkError::from)?;
+    target.sync()?;
     Ok(())
 }
 
-/// Copies the disk's bytes into `copy` (raw): a flat extent file by file, a sparse one
-/// through its grain tables.
+/// Copies the disk's bytes into `copy` (raw): a flat extent by a file copy, a sparse or
+/// split one through its reader.
 fn copy_data(data: &DataRef, capacity: u64, copy: &File, path: &Path) -> Result<(), RecoveryError> {
-    if !data.sparse {
+    if data.layout == DataLayout::Flat {
         let mut src = File::open(&data.path).map_err(io_at("open", &data.path))?;
         let mut dst = copy;
         io::copy(&mut src, &mut dst).map_err(io_at("copy to", path))?;

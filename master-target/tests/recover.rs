@@ -133,11 +133,30 @@ async fn recovery_to_every_marker_equals_the_disk_at_that_marker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_monolithic_sparse_target_recovers_like_a_flat_one() {
+    recovers_like_a_flat_one(
+        protocol::pb::DiskFormat::MonolithicSparse,
+        "monolithic-sparse",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_gb_max_extent_flat_target_recovers_like_a_flat_one() {
+    recovers_like_a_flat_one(
+        protocol::pb::DiskFormat::TwoGbMaxExtentFlat,
+        "two-gb-max-extent-flat",
+    )
+    .await;
+}
+
+/// A target of `format` recovers to a new vmfs copy and to a copy in `out_format`
+/// (packed from a scratch file that does not survive), then in place.
+async fn recovers_like_a_flat_one(format: protocol::pb::DiskFormat, out_format: &str) {
     let t = dirs();
     let dir = t.path();
     let s = script(CAP, 6, &[2, 4]);
     let (child, url) = start(dir, &[]);
-    let mut c = hello_as(&url, CAP, protocol::pb::DiskFormat::MonolithicSparse).await;
+    let mut c = hello_as(&url, CAP, format).await;
     for b in &s.batches {
         c.send(b).await;
         c.acked(b.seq).await;
@@ -149,9 +168,9 @@ async fn a_monolithic_sparse_target_recovers_like_a_flat_one() {
     assert_bytes(
         &dir.join("r2-flat.vmdk"),
         &s.states[2],
-        "copy of a sparse disk at m2",
+        "copy of the target at m2",
     );
-    // The same point as a monolithicSparse image, from the same sparse target.
+    // The same point in `out_format`, from the same target.
     let packed = dir.join("r2s.vmdk");
     let o = run(&[
         "recover",
@@ -166,7 +185,7 @@ async fn a_monolithic_sparse_target_recovers_like_a_flat_one() {
         "--out",
         packed.to_str().unwrap(),
         "--format",
-        "monolithic-sparse",
+        out_format,
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_qemu_identical(&packed, &s.states[2], dir);

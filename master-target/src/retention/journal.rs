@@ -13,7 +13,8 @@
 //! UNDO   (kind 1): { seq u64 | batch_unix_ms i64 | n u32 | piece[n] | bytes }
 //!          piece:  { offset u64 | len u32 | zero u8 }   (bytes holds the non-zero pieces in order)
 //! COMMIT (kind 2): { applied_unix_ms i64 | nb u32 | batch[nb] | nm u32 | marker[nm] }
-//!          batch:  { seq u64 | batch_unix_ms i64 | flags u32 }        (flags bit 0: in resync)
+//!          batch:  { seq u64 | batch_unix_ms i64 | flags u32 }        (flags bit 0: in resync,
+//!                                                  bit 1: thinned, no longer a point)
 //!          marker: { seq u64 | time_unix_ms i64 | kind u32 | id_len u16 | id
 //!                  | group_len u16 | group | tag_len u16 | tag }
 //! ```
@@ -41,6 +42,12 @@
 //! `p` = applying, newest first, every committed UNDO record with seq > p. A segment is
 //! sealed only right after a COMMIT and whole sealed segments are pruned (window, quota),
 //! so the oldest point still reachable is the oldest segment's `base_seq`.
+//!
+//! Older points are thinned and their undo data compacted (compact.rs): a thinned batch
+//! keeps its COMMIT entry (flag bit 1) but is no longer a point, its markers are dropped,
+//! and the UNDO records between two remaining points are merged into records that hold,
+//! for each block, only the oldest before-image, with the seq of the newest batch merged.
+//! Rolling back to a remaining point applies exactly the same bytes as before.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -67,9 +74,10 @@ pub const UNDO_PIECE: usize = 64 << 10;
 /// A segment is sealed (after a commit) once it holds this many bytes.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
 
-const KIND_UNDO: u8 = 1;
-const KIND_COMMIT: u8 = 2;
+pub(super) const KIND_UNDO: u8 = 1;
+pub(super) const KIND_COMMIT: u8 = 2;
 const FLAG_IN_RESYNC: u32 = 1;
+const FLAG_THINNED: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -106,6 +114,12 @@ pub struct RetentionPolicy {
     pub window_ms: i64,
     /// Most bytes of journal per disk (0 = no quota); the oldest segments go first.
     pub quota_bytes: u64,
+    /// Every point newer than this (source time, ms, before the newest batch) is kept;
+    /// older ones are thinned (compact.rs). Default 2 h.
+    pub thin_after_ms: i64,
+    /// Older than [`Self::thin_after_ms`], one point is kept per this much source time
+    /// (per whole, wall-clock aligned period). Default 1 h.
+    pub thin_every_ms: i64,
 }
 
 impl Default for RetentionPolicy {
@@ -113,6 +127,8 @@ impl Default for RetentionPolicy {
         RetentionPolicy {
             window_ms: 24 * 3600 * 1000,
             quota_bytes: 0,
+            thin_after_ms: 2 * 3600 * 1000,
+            thin_every_ms: 3600 * 1000,
         }
     }
 }
@@ -132,7 +148,7 @@ pub struct UndoInfo {
     pub batch_unix_ms: i64,
     /// Target bytes this record restores.
     pub bytes: u64,
-    segment: u64,
+    pub(super) segment: u64,
     payload_at: u64,
     payload_len: u32,
 }
@@ -144,6 +160,15 @@ pub struct BatchEntry {
     pub batch_unix_ms: i64,
     /// The disk is inside a resync interval after this batch: not a recovery point.
     pub in_resync: bool,
+    /// Thinned out of the retained points (compact.rs): not a recovery point any more.
+    pub thinned: bool,
+}
+
+impl BatchEntry {
+    /// Whether the disk right after this batch can be recovered to.
+    pub fn is_point(&self) -> bool {
+        !self.in_resync && !self.thinned
+    }
 }
 
 /// A marker and the batch that carried it.
@@ -173,13 +198,14 @@ pub struct Commit {
 }
 
 impl Commit {
-    fn encode(&self, out: &mut Vec<u8>) {
+    pub(super) fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.applied_unix_ms.to_le_bytes());
         out.extend_from_slice(&(self.batches.len() as u32).to_le_bytes());
         for b in &self.batches {
             out.extend_from_slice(&b.seq.to_le_bytes());
             out.extend_from_slice(&b.batch_unix_ms.to_le_bytes());
-            let flags = if b.in_resync { FLAG_IN_RESYNC } else { 0 };
+            let flags = if b.in_resync { FLAG_IN_RESYNC } else { 0 }
+                | if b.thinned { FLAG_THINNED } else { 0 };
             out.extend_from_slice(&flags.to_le_bytes());
         }
         out.extend_from_slice(&(self.markers.len() as u32).to_le_bytes());
@@ -200,10 +226,12 @@ impl Commit {
         let nb = r.u32()? as usize;
         let mut batches = Vec::with_capacity(nb.min(1024));
         for _ in 0..nb {
+            let (seq, batch_unix_ms, flags) = (r.u64()?, r.u64()? as i64, r.u32()?);
             batches.push(BatchEntry {
-                seq: r.u64()?,
-                batch_unix_ms: r.u64()? as i64,
-                in_resync: r.u32()? & FLAG_IN_RESYNC != 0,
+                seq,
+                batch_unix_ms,
+                in_resync: flags & FLAG_IN_RESYNC != 0,
+                thinned: flags & FLAG_THINNED != 0,
             });
         }
         let nm = r.u32()? as usize;
@@ -290,13 +318,33 @@ fn decode_undo_head(p: &[u8]) -> Option<(u64, i64, Vec<Piece>, usize)> {
     (r.0.len() == data).then_some((seq, batch_unix_ms, pieces, at))
 }
 
+/// An UNDO payload (see the module docs).
+pub(super) fn undo_payload(seq: u64, ms: i64, pieces: &[Piece], data: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(20 + pieces.len() * 13 + data.len());
+    p.extend_from_slice(&seq.to_le_bytes());
+    p.extend_from_slice(&ms.to_le_bytes());
+    p.extend_from_slice(&(pieces.len() as u32).to_le_bytes());
+    for piece in pieces {
+        p.extend_from_slice(&piece.offset.to_le_bytes());
+        p.extend_from_slice(&piece.len.to_le_bytes());
+        p.push(u8::from(piece.zero));
+    }
+    p.extend_from_slice(data);
+    p
+}
+
 /// Directory of `disk_id`'s journal.
 pub fn journal_dir(retention: &Path, disk_id: &str) -> PathBuf {
     crate::state::disks_dir(retention).join(format!("{disk_id}.journal"))
 }
 
-fn segment_path(dir: &Path, no: u64) -> PathBuf {
+pub(super) fn segment_path(dir: &Path, no: u64) -> PathBuf {
     dir.join(format!("{no:016x}.seg"))
+}
+
+/// Where a segment is written before it is renamed into place (new or rewritten).
+pub(super) fn segment_tmp_path(dir: &Path, no: u64) -> PathBuf {
+    dir.join(format!(".{no:016x}.seg.tmp"))
 }
 
 fn record_crc(segment: u64, head: &[u8], payload: &[u8]) -> u32 {
@@ -306,7 +354,7 @@ fn record_crc(segment: u64, head: &[u8], payload: &[u8]) -> u32 {
     h.finalize()
 }
 
-fn encode_record(segment: u64, kind: u8, payload: &[u8], out: &mut Vec<u8>) {
+pub(super) fn encode_record(segment: u64, kind: u8, payload: &[u8], out: &mut Vec<u8>) {
     let mut head = [0u8; 8];
     head[0] = kind;
     head[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
@@ -315,7 +363,7 @@ fn encode_record(segment: u64, kind: u8, payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(payload);
 }
 
-fn encode_header(base_seq: u64, created_unix_ms: i64) -> [u8; SEGMENT_HEADER as usize] {
+pub(super) fn encode_header(base_seq: u64, created_unix_ms: i64) -> [u8; SEGMENT_HEADER as usize] {
     let mut h = [0u8; SEGMENT_HEADER as usize];
     h[..8].copy_from_slice(MAGIC);
     h[8..12].copy_from_slice(&VERSION.to_le_bytes());
@@ -345,23 +393,29 @@ fn decode_header(h: &[u8]) -> Option<(u64, i64)> {
     ))
 }
 
-enum Entry {
+pub(super) enum Entry {
     Undo(UndoInfo),
     Commit(Commit),
 }
 
 /// A scanned segment.
-struct Scanned {
-    path: PathBuf,
-    file: File,
-    base_seq: u64,
+pub(super) struct Scanned {
+    pub(super) path: PathBuf,
+    pub(super) file: File,
+    pub(super) base_seq: u64,
+    pub(super) created_unix_ms: i64,
     /// Entries with the file offset just past each.
-    entries: Vec<(Entry, u64)>,
-    len: u64,
+    pub(super) entries: Vec<(Entry, u64)>,
+    pub(super) len: u64,
 }
 
 /// Reads one segment; `last` allows a torn tail (the active segment).
-fn scan(dir: &Path, no: u64, last: bool, writable: bool) -> Result<Scanned, JournalError> {
+pub(super) fn scan(
+    dir: &Path,
+    no: u64,
+    last: bool,
+    writable: bool,
+) -> Result<Scanned, JournalError> {
     let path = segment_path(dir, no);
     let mut file = OpenOptions::new()
         .read(true)
@@ -377,7 +431,8 @@ fn scan(dir: &Path, no: u64, last: bool, writable: bool) -> Result<Scanned, Jour
     let mut head = [0u8; SEGMENT_HEADER as usize];
     file.read_exact(&mut head)
         .map_err(|_| corrupt(0, "short segment header"))?;
-    let (base_seq, _) = decode_header(&head).ok_or_else(|| corrupt(0, "bad segment header"))?;
+    let (base_seq, created_unix_ms) =
+        decode_header(&head).ok_or_else(|| corrupt(0, "bad segment header"))?;
     let mut entries = Vec::new();
     let mut at = SEGMENT_HEADER;
     let mut payload = Vec::new();
@@ -450,13 +505,14 @@ fn scan(dir: &Path, no: u64, last: bool, writable: bool) -> Result<Scanned, Jour
         path,
         file,
         base_seq,
+        created_unix_ms,
         entries,
         len,
     })
 }
 
 /// Segment numbers present in `dir`, ascending; leftover temporary files are ignored.
-fn list_segments(dir: &Path) -> Result<Vec<u64>, JournalError> {
+pub(super) fn list_segments(dir: &Path) -> Result<Vec<u64>, JournalError> {
     let mut nos = Vec::new();
     let rd = match std::fs::read_dir(dir) {
         Ok(rd) => rd,
@@ -485,6 +541,23 @@ pub trait UndoTarget {
     fn sync(&mut self) -> io::Result<()>;
 }
 
+/// Reads an UNDO record: its pieces, its payload, and where the old bytes start in it.
+pub(super) fn read_undo(
+    file: &File,
+    path: &Path,
+    u: &UndoInfo,
+) -> Result<(Vec<Piece>, Vec<u8>, usize), JournalError> {
+    let mut payload = vec![0u8; u.payload_len as usize];
+    file.read_exact_at(&mut payload, u.payload_at)
+        .map_err(io_err("read", path))?;
+    let (_, _, pieces, at) = decode_undo_head(&payload).ok_or_else(|| JournalError::Corrupt {
+        path: path.to_path_buf(),
+        offset: u.payload_at,
+        reason: "undo record changed since it was scanned".into(),
+    })?;
+    Ok((pieces, payload, at))
+}
+
 /// Reads an UNDO record's payload and restores its pieces into `target`.
 fn apply_undo(
     file: &File,
@@ -492,15 +565,7 @@ fn apply_undo(
     u: &UndoInfo,
     target: &mut dyn UndoTarget,
 ) -> Result<(), JournalError> {
-    let mut payload = vec![0u8; u.payload_len as usize];
-    file.read_exact_at(&mut payload, u.payload_at)
-        .map_err(io_err("read", path))?;
-    let (_, _, pieces, mut at) =
-        decode_undo_head(&payload).ok_or_else(|| JournalError::Corrupt {
-            path: path.to_path_buf(),
-            offset: u.payload_at,
-            reason: "undo record changed since it was scanned".into(),
-        })?;
+    let (pieces, payload, mut at) = read_undo(file, path, u)?;
     let restore = |source| JournalError::Restore {
         path: path.to_path_buf(),
         source,
@@ -677,6 +742,9 @@ pub struct Journal {
     buf: Vec<u8>,
     /// Oldest reachable seq the last quota warning named, to warn once per change.
     warned_reach_seq: u64,
+    /// The newest thinning period (compact.rs) a pass already covered: a pass runs once
+    /// per new period, and once after each open.
+    thinned_through: i64,
 }
 
 impl Journal {
@@ -692,6 +760,7 @@ impl Journal {
     ) -> Result<(Journal, Opened), JournalError> {
         let dir = journal_dir(retention, disk_id);
         std::fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        remove_temporaries(&dir)?;
         let nos = list_segments(&dir)?;
         let mut segments = VecDeque::new();
         let mut opened = Opened::default();
@@ -758,6 +827,7 @@ impl Journal {
             policy,
             buf: Vec::new(),
             warned_reach_seq: 0,
+            thinned_through: i64::MIN,
         };
         if nos.is_empty() || opened.committed_seq < applied_seq {
             // No undo data exists for what is already applied: start at the applied seq.
@@ -771,7 +841,7 @@ impl Journal {
     fn rotate(&mut self, base_seq: u64) -> Result<(), JournalError> {
         let no = self.segments.back().map_or(1, |s| s.no + 1);
         let path = segment_path(&self.dir, no);
-        let tmp = self.dir.join(format!(".{no:016x}.seg.tmp"));
+        let tmp = segment_tmp_path(&self.dir, no);
         let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
         f.write_all(&encode_header(base_seq, protocol::now_unix_ms()))
             .map_err(io_err("write", &tmp))?;
@@ -862,17 +932,7 @@ impl Journal {
         pieces: &[Piece],
         data: &[u8],
     ) -> Result<(), JournalError> {
-        let mut p = Vec::with_capacity(20 + pieces.len() * 13 + data.len());
-        p.extend_from_slice(&seq.to_le_bytes());
-        p.extend_from_slice(&ms.to_le_bytes());
-        p.extend_from_slice(&(pieces.len() as u32).to_le_bytes());
-        for piece in pieces {
-            p.extend_from_slice(&piece.offset.to_le_bytes());
-            p.extend_from_slice(&piece.len.to_le_bytes());
-            p.push(u8::from(piece.zero));
-        }
-        p.extend_from_slice(data);
-        self.write_record(KIND_UNDO, &p)
+        self.write_record(KIND_UNDO, &undo_payload(seq, ms, pieces, data))
     }
 
     /// Makes every record appended so far durable. An error is fatal (never retried).
@@ -898,7 +958,54 @@ impl Journal {
         {
             self.rotate(seq)?;
         }
-        self.prune(commit.batches.last().map_or(0, |b| b.batch_unix_ms))
+        let Some(newest) = commit.batches.last().map(|b| b.batch_unix_ms) else {
+            return self.prune(0);
+        };
+        self.prune(newest)?;
+        self.thin(newest)
+    }
+
+    /// Thins old points and compacts their undo data (compact.rs) when a new period has
+    /// become old enough since the last pass.
+    fn thin(&mut self, newest_unix_ms: i64) -> Result<(), JournalError> {
+        let every = self.policy.thin_every_ms.max(1);
+        let through = newest_unix_ms
+            .saturating_sub(self.policy.thin_after_ms)
+            .div_euclid(every)
+            - 1;
+        if through <= self.thinned_through {
+            return Ok(());
+        }
+        self.thinned_through = through;
+        let nos: Vec<u64> = self.segments.iter().map(|s| s.no).collect();
+        let done = super::compact::thin(&self.dir, &nos, newest_unix_ms, &self.policy)?;
+        let active_no = self.active_meta().no;
+        for &(no, len) in &done.rewritten {
+            if let Some(m) = self.segments.iter_mut().find(|m| m.no == no) {
+                m.len = len;
+            }
+            if no == active_no {
+                // Renamed over: the handle we hold names the old file.
+                let path = segment_path(&self.dir, no);
+                self.active = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .map_err(io_err("open", &path))?;
+            }
+        }
+        if done.thinned > 0 {
+            tracing::info!(
+                dir = %self.dir.display(),
+                thinned = done.thinned,
+                segments = done.rewritten.len(),
+                bytes_saved = done.bytes_saved,
+                journal_bytes = self.bytes(),
+                "thinned old recovery points and compacted their undo data: {} bytes saved",
+                done.bytes_saved
+            );
+        }
+        Ok(())
     }
 
     /// Deletes sealed segments that are out of the window, then, oldest first, those the
@@ -946,7 +1053,22 @@ impl Journal {
     }
 }
 
-fn sync_dir(dir: &Path) -> Result<(), JournalError> {
+/// Removes segment files a crash left half written (`.<no>.seg.tmp`): each names a segment
+/// that was never renamed into place, or whose rewrite never replaced it.
+fn remove_temporaries(dir: &Path) -> Result<(), JournalError> {
+    for entry in std::fs::read_dir(dir).map_err(io_err("list", dir))? {
+        let path = entry.map_err(io_err("list", dir))?.path();
+        if path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().ends_with(".seg.tmp"))
+        {
+            std::fs::remove_file(&path).map_err(io_err("remove", &path))?;
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn sync_dir(dir: &Path) -> Result<(), JournalError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err("fsync dir", dir))
@@ -1005,6 +1127,7 @@ mod tests {
                     seq,
                     batch_unix_ms: seq as i64 * 1000,
                     in_resync: false,
+                    thinned: false,
                 }],
                 markers: vec![],
             })
@@ -1083,6 +1206,7 @@ mod tests {
         let policy = RetentionPolicy {
             window_ms: i64::MAX / 2,
             quota_bytes: 1,
+            ..RetentionPolicy::default()
         };
         let (mut j, _) = Journal::open(dir.path(), "d", 0, policy, &mut disk).unwrap();
         write(&mut j, &mut disk, 1, &[(0, 1, 4096)], true);
@@ -1105,6 +1229,7 @@ mod tests {
         let policy = RetentionPolicy {
             window_ms: 2500,
             quota_bytes: 0,
+            ..RetentionPolicy::default()
         };
         let (mut j, _) = Journal::open(dir.path(), "d", 0, policy, &mut disk).unwrap();
         for seq in 1..=6u64 {
@@ -1137,6 +1262,7 @@ mod tests {
                 seq: 3,
                 batch_unix_ms: 9,
                 in_resync: true,
+                thinned: false,
             }],
             markers: vec![MarkerEntry {
                 seq: 3,
@@ -1153,5 +1279,152 @@ mod tests {
         c.encode(&mut v);
         assert_eq!(Commit::decode(&v), Some(c));
         assert_eq!(Commit::decode(&v[..v.len() - 1]), None);
+    }
+
+    /// Replicates 6 hours of batches (one every 10 min, some committed in pairs, an app
+    /// marker now and then, segments rotated twice) under `policy`; returns the journal's
+    /// bytes, its history, the disk at the end, and the disk after each seq.
+    fn six_hours(policy: RetentionPolicy) -> (u64, History, Mem, Vec<Vec<u8>>, tempfile::TempDir) {
+        const MIN: i64 = 60_000;
+        let t0 = 100 * 60 * MIN; // on an hour boundary
+        let dir = tempfile::tempdir().unwrap();
+        let mut disk = Mem(vec![0u8; 256 << 10]);
+        let (mut j, _) = Journal::open(dir.path(), "d", 0, policy, &mut disk).unwrap();
+        let mut states = vec![disk.0.clone()];
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let mut seq = 0u64;
+        while seq < 36 {
+            // Batches 7-8, 19-20 and 29-30 are one commit group.
+            let group = if matches!(seq + 1, 7 | 19 | 29) { 2 } else { 1 };
+            let mut commit = Commit::default();
+            for _ in 0..group {
+                seq += 1;
+                let ms = t0 + seq as i64 * 10 * MIN;
+                let writes: Vec<(u64, u8, u64)> = (0..3)
+                    .map(|_| {
+                        let o = next(200 << 10);
+                        // Some writes zero what was there: undo of non-zero old bytes.
+                        let v = if next(4) == 0 { 0 } else { seq as u8 };
+                        (o, v, 1 + next(40 << 10))
+                    })
+                    .collect();
+                let before = disk.0.clone();
+                j.append_undo(seq, ms, writes.iter().map(|&(o, _, l)| (o, l)), |o, buf| {
+                    buf.copy_from_slice(&before[o as usize..o as usize + buf.len()]);
+                    Ok(())
+                })
+                .unwrap();
+                for &(o, v, l) in &writes {
+                    disk.0[o as usize..(o + l) as usize].fill(v);
+                }
+                states.push(disk.0.clone());
+                commit.batches.push(BatchEntry {
+                    seq,
+                    batch_unix_ms: ms,
+                    in_resync: false,
+                    thinned: false,
+                });
+                if seq % 5 == 2 {
+                    commit.markers.push(MarkerEntry {
+                        seq,
+                        marker: Marker {
+                            id: format!("m{seq}"),
+                            kind: MarkerKind::App as i32,
+                            time_unix_ms: ms,
+                            group: String::new(),
+                            tag: String::new(),
+                        },
+                    });
+                }
+            }
+            j.sync().unwrap();
+            j.commit(&commit).unwrap();
+            if matches!(seq, 10 | 25) {
+                j.rotate(seq).unwrap();
+            }
+        }
+        let h = History::read(dir.path(), "d").unwrap().unwrap();
+        (j.bytes(), h, disk, states, dir)
+    }
+
+    #[test]
+    fn thinning_keeps_two_hours_then_one_point_an_hour_and_each_recovers_exactly() {
+        let keep_all = RetentionPolicy {
+            thin_after_ms: i64::MAX / 4,
+            ..RetentionPolicy::default()
+        };
+        let (unthinned_bytes, h, _, _, _dir) = six_hours(keep_all);
+        assert!(
+            h.commits
+                .iter()
+                .flat_map(|c| &c.batches)
+                .all(|b| b.is_point())
+        );
+        let (bytes, h, disk, states, _dir) = six_hours(RetentionPolicy::default());
+        assert!(
+            bytes < unthinned_bytes,
+            "compaction saves space: {bytes} >= {unthinned_bytes}"
+        );
+        let points: Vec<u64> = h
+            .commits
+            .iter()
+            .flat_map(|c| &c.batches)
+            .filter(|b| b.is_point())
+            .map(|b| b.seq)
+            .collect();
+        // Newest batch 36 at t0 + 360 min: everything from t0 + 240 min (seq 24) is kept;
+        // hours [t0, t0+60) .. [t0+180, t0+240) keep one point each: the newest with an
+        // app marker (seqs 2, 7, 12, 17, 22, ...), else the newest batch.
+        assert_eq!(
+            points,
+            [
+                2, 7, 17, 22, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35, 36
+            ],
+            "hour 2 ([t0+120, t0+180): seqs 12-17) keeps 17, its newest app marker"
+        );
+        let markers: Vec<u64> = h
+            .commits
+            .iter()
+            .flat_map(|c| &c.markers)
+            .map(|m| m.seq)
+            .collect();
+        assert!(markers.iter().all(|s| points.contains(s)), "{markers:?}");
+        for &p in &points {
+            let mut copy = Mem(disk.0.clone());
+            h.roll_back(p, &mut copy).unwrap();
+            assert!(
+                copy.0 == states[p as usize],
+                "point {p} recovers byte for byte"
+            );
+        }
+        // The oldest state the journal holds (its base) is still exact too.
+        let mut copy = Mem(disk.0.clone());
+        h.roll_back(h.base_seq, &mut copy).unwrap();
+        assert!(copy.0 == states[h.base_seq as usize]);
+    }
+
+    #[test]
+    fn a_segment_rewrite_interrupted_before_its_rename_leaves_the_old_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut disk = Mem(vec![0u8; 1 << 20]);
+        let policy = RetentionPolicy::default();
+        let (mut j, _) = Journal::open(dir.path(), "d", 0, policy, &mut disk).unwrap();
+        write(&mut j, &mut disk, 1, &[(0, 1, 4096)], true);
+        drop(j);
+        // A crash after writing the new segment, before the rename: a half-written file.
+        let jd = journal_dir(dir.path(), "d");
+        let tmp = segment_tmp_path(&jd, 1);
+        std::fs::write(&tmp, b"FBMTJRN1 half").unwrap();
+        let (_, o) = Journal::open(dir.path(), "d", 1, policy, &mut disk).unwrap();
+        assert_eq!(o.committed_seq, 1);
+        assert!(!tmp.exists(), "the leftover is removed");
+        let h = History::read(dir.path(), "d").unwrap().unwrap();
+        assert_eq!(h.undos.len(), 1);
     }
 }

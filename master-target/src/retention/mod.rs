@@ -5,10 +5,12 @@
 //! ```text
 //!  RETENTION/.lock                     one master target per volume (registry)
 //!  RETENTION/disks/<id>.state          where the disk stands (state.rs)
-//!  RETENTION/disks/<id>.journal/*.seg  undo + commit records (journal.rs)
+//!  RETENTION/disks/<id>.journal/*.seg  undo + commit records (journal.rs), old points
+//!                                      thinned and their undo compacted (compact.rs)
 //!  RETENTION/disks/<id>.commit-lock    held (flock) by the applier during each commit
 //! ```
 
+pub mod compact;
 pub mod journal;
 pub mod volume;
 

@@ -6,12 +6,14 @@
 //! encoding="UTF-8"                       <- other header keys, kept in order
 //! CID=<8 hex>
 //! parentCID=ffffffff
-//! createType="vmfs" | "monolithicFlat" | "monolithicSparse"
+//! createType="vmfs" | "monolithicFlat" | "monolithicSparse" | "twoGbMaxExtentFlat"
 //!
 //! # Extent description
 //! RW <sectors> VMFS "NAME-flat.vmdk"     (vmfs: no offset)
 //! RW <sectors> FLAT "NAME-flat.vmdk" 0   (monolithicFlat: offset in sectors)
 //! RW <sectors> SPARSE "NAME.vmdk"        (monolithicSparse: embedded in NAME.vmdk)
+//! RW <sectors> FLAT "NAME-f001.vmdk" 0   (twoGbMaxExtentFlat: one line per extent,
+//! RW <sectors> FLAT "NAME-f002.vmdk" 0    in disk order; see two_gb_flat.rs)
 //!
 //! # The Disk Data Base
 //! #DDB
@@ -20,9 +22,10 @@
 //! ```
 //!
 //! Invariants of a parsed [`Descriptor`]: the create type is one this writer supports, the
-//! disk has no parent (no `parentFileNameHint`, `parentCID=ffffffff`), there is exactly one
-//! `RW` extent of the matching kind, and its file name stays inside the datastore (relative,
-//! no `..`). Anything else is refused with a precise [`DescriptorError`].
+//! disk has no parent (no `parentFileNameHint`, `parentCID=ffffffff`), every extent is `RW`
+//! of the matching kind (exactly one, but for twoGbMaxExtentFlat), and every extent file
+//! name stays inside the datastore (relative, no `..`). Anything else is refused with a
+//! precise [`DescriptorError`].
 //!
 //! qemu's parser is stricter than the format (VMDK-NOTES.md (a)): `createType` and
 //! `parentFileNameHint` must be written `key="value"` without spaces, and `CID=` must be the
@@ -51,7 +54,10 @@ pub enum DescriptorError {
     MissingKey(&'static str),
     #[error("descriptor line {line}: {reason}")]
     BadLine { line: usize, reason: String },
-    #[error("unsupported createType \"{0}\" (supported: vmfs, monolithicFlat, monolithicSparse)")]
+    #[error(
+        "unsupported createType \"{0}\" (supported: vmfs, monolithicFlat, monolithicSparse, \
+         twoGbMaxExtentFlat)"
+    )]
     UnsupportedCreateType(String),
     #[error(
         "the disk is a delta (snapshot) disk: parentCID={parent_cid:08x}{hint}; remove its snapshots first"
@@ -61,7 +67,10 @@ pub enum DescriptorError {
     NotReadWrite(String),
     #[error("extent type {kind} does not match createType {create_type}")]
     ExtentKind { kind: String, create_type: String },
-    #[error("descriptor has {0} extents; exactly one is supported")]
+    #[error(
+        "descriptor has {0} extents; this createType has exactly one (only \
+         twoGbMaxExtentFlat has several)"
+    )]
     ExtentCount(usize),
     #[error("extent file \"{0}\" leaves the datastore (absolute path or '..')")]
     ExtentEscapes(String),
@@ -80,6 +89,8 @@ pub enum CreateType {
     MonolithicFlat,
     /// Hosted sparse, embedded in its own file: `RW n SPARSE "NAME.vmdk"`.
     MonolithicSparse,
+    /// Hosted flat in 2 GiB pieces: `RW n FLAT "NAME-f001.vmdk" 0`, one line per extent.
+    TwoGbMaxExtentFlat,
 }
 
 impl CreateType {
@@ -88,14 +99,20 @@ impl CreateType {
             CreateType::Vmfs => "vmfs",
             CreateType::MonolithicFlat => "monolithicFlat",
             CreateType::MonolithicSparse => "monolithicSparse",
+            CreateType::TwoGbMaxExtentFlat => "twoGbMaxExtentFlat",
         }
+    }
+
+    /// Whether the layout may have more than one extent.
+    fn split(self) -> bool {
+        self == CreateType::TwoGbMaxExtentFlat
     }
 
     /// The extent type word of this layout.
     fn extent_kind(self) -> &'static str {
         match self {
             CreateType::Vmfs => "VMFS",
-            CreateType::MonolithicFlat => "FLAT",
+            CreateType::MonolithicFlat | CreateType::TwoGbMaxExtentFlat => "FLAT",
             CreateType::MonolithicSparse => "SPARSE",
         }
     }
@@ -105,20 +122,27 @@ impl CreateType {
             "vmfs" => Ok(CreateType::Vmfs),
             "monolithicFlat" => Ok(CreateType::MonolithicFlat),
             "monolithicSparse" => Ok(CreateType::MonolithicSparse),
+            "twoGbMaxExtentFlat" => Ok(CreateType::TwoGbMaxExtentFlat),
             other => Err(DescriptorError::UnsupportedCreateType(other.to_string())),
         }
     }
 }
 
-/// A parsed descriptor of a flat disk (see the module invariants).
+/// One extent line: `RW <sectors> <KIND> "<file>" [0]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtentSpec {
+    pub sectors: u64,
+    /// File name, relative to the descriptor's directory.
+    pub file: String,
+}
+
+/// A parsed descriptor (see the module invariants).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Descriptor {
     pub cid: u32,
     pub create_type: CreateType,
-    /// Size of the single extent in sectors.
-    pub sectors: u64,
-    /// Extent file name, relative to the descriptor's directory.
-    pub extent_file: String,
+    /// The extents in disk order (one, but for twoGbMaxExtentFlat).
+    pub extents: Vec<ExtentSpec>,
     /// Header keys other than version/CID/parentCID/createType, in file order.
     pub header_extra: Vec<(String, String)>,
     /// `ddb.*` entries in file order, keys without the `ddb.` prefix.
@@ -158,7 +182,7 @@ impl Descriptor {
 
     /// Capacity in bytes.
     pub fn capacity(&self) -> u64 {
-        self.sectors * 512
+        self.extents.iter().map(|e| e.sectors * 512).sum()
     }
 
     /// Parses a descriptor file's bytes and checks the module invariants.
@@ -188,28 +212,34 @@ impl Descriptor {
             &raw.create_type
                 .ok_or(DescriptorError::MissingKey("createType"))?,
         )?;
-        if raw.extents.len() != 1 {
-            return Err(DescriptorError::ExtentCount(raw.extents.len()));
+        let n = raw.extents.len();
+        if n == 0 || (n > 1 && !create_type.split()) {
+            return Err(DescriptorError::ExtentCount(n));
         }
-        let e = raw.extents.remove(0);
-        if e.access != "RW" {
-            return Err(DescriptorError::NotReadWrite(e.access));
-        }
-        if e.kind != create_type.extent_kind() {
-            return Err(DescriptorError::ExtentKind {
-                kind: e.kind,
-                create_type: create_type.as_str().to_string(),
+        let mut extents = Vec::with_capacity(n);
+        for e in std::mem::take(&mut raw.extents) {
+            if e.access != "RW" {
+                return Err(DescriptorError::NotReadWrite(e.access));
+            }
+            if e.kind != create_type.extent_kind() {
+                return Err(DescriptorError::ExtentKind {
+                    kind: e.kind,
+                    create_type: create_type.as_str().to_string(),
+                });
+            }
+            check_extent_file(&e.file)?;
+            if let Some(offset @ 1..) = e.offset {
+                return Err(DescriptorError::ExtentOffset(offset));
+            }
+            extents.push(ExtentSpec {
+                sectors: e.sectors,
+                file: e.file,
             });
-        }
-        check_extent_file(&e.file)?;
-        if let Some(offset @ 1..) = e.offset {
-            return Err(DescriptorError::ExtentOffset(offset));
         }
         Ok(Descriptor {
             cid,
             create_type,
-            sectors: e.sectors,
-            extent_file: e.file,
+            extents,
             header_extra: raw.header_extra,
             ddb: raw.ddb,
         })
@@ -228,16 +258,13 @@ impl Descriptor {
         let _ = writeln!(s, "parentCID={NO_PARENT_CID:08x}");
         let _ = writeln!(s, "createType=\"{}\"", self.create_type.as_str());
         s.push_str("\n# Extent description\n");
-        check_extent_file(&self.extent_file)?;
-        let file = writable(&self.extent_file)?;
         let kind = self.create_type.extent_kind();
-        match self.create_type {
-            CreateType::Vmfs | CreateType::MonolithicSparse => {
-                let _ = writeln!(s, "RW {} {kind} \"{file}\"", self.sectors);
-            }
-            CreateType::MonolithicFlat => {
-                let _ = writeln!(s, "RW {} {kind} \"{file}\" 0", self.sectors);
-            }
+        for e in &self.extents {
+            check_extent_file(&e.file)?;
+            let file = writable(&e.file)?;
+            let _ = write!(s, "RW {} {kind} \"{file}\"", e.sectors);
+            // FLAT lines need the offset, VMFS lines must not have one (VMDK-NOTES.md (a)).
+            s.push_str(if kind == "FLAT" { " 0\n" } else { "\n" });
         }
         s.push_str("\n# The Disk Data Base\n#DDB\n\n");
         for (k, v) in &self.ddb {
@@ -384,8 +411,44 @@ mod tests {
         assert_eq!(d.cid, 0x5ae8c4ca);
         assert_eq!(d.create_type, CreateType::MonolithicFlat);
         assert_eq!(d.capacity(), 2048 * 512);
-        assert_eq!(d.extent_file, "f-flat.vmdk");
+        assert_eq!(
+            d.extents,
+            [ExtentSpec {
+                sectors: 2048,
+                file: "f-flat.vmdk".into()
+            }]
+        );
         assert_eq!(d.ddb_get("adapterType"), Some("ide"));
+    }
+
+    #[test]
+    fn parses_and_renders_a_qemu_two_gb_max_extent_flat_descriptor() {
+        let t = QEMU_FLAT
+            .replace("monolithicFlat", "twoGbMaxExtentFlat")
+            .replace(
+                "RW 2048 FLAT \"f-flat.vmdk\" 0\n",
+                "RW 4194304 FLAT \"t-f001.vmdk\" 0\nRW 2048 FLAT \"t-f002.vmdk\" 0\n",
+            );
+        let d = Descriptor::parse(t.as_bytes()).unwrap();
+        assert_eq!(d.create_type, CreateType::TwoGbMaxExtentFlat);
+        assert_eq!(d.capacity(), (4194304 + 2048) * 512);
+        let files: Vec<_> = d.extents.iter().map(|e| e.file.as_str()).collect();
+        assert_eq!(files, ["t-f001.vmdk", "t-f002.vmdk"]);
+        let text = d.render().unwrap();
+        assert!(
+            text.contains("RW 4194304 FLAT \"t-f001.vmdk\" 0\nRW 2048 FLAT \"t-f002.vmdk\" 0\n"),
+            "{text}"
+        );
+        assert_eq!(Descriptor::parse(text.as_bytes()).unwrap(), d);
+        // Other layouts keep exactly one extent.
+        let two = QEMU_FLAT.replace(
+            "RW 2048 FLAT \"f-flat.vmdk\" 0\n",
+            "RW 2048 FLAT \"a.vmdk\" 0\nRW 2048 FLAT \"b.vmdk\" 0\n",
+        );
+        assert_eq!(
+            Descriptor::parse(two.as_bytes()),
+            Err(DescriptorError::ExtentCount(2))
+        );
     }
 
     #[test]
@@ -463,8 +526,7 @@ mod tests {
                 } else {
                     CreateType::MonolithicFlat
                 },
-                sectors,
-                extent_file: file,
+                extents: vec![ExtentSpec { sectors, file }],
                 header_extra: extra
                     .into_iter()
                     .filter(|(k, v)| !k.contains("CID") && !v.contains("CID"))

@@ -3,7 +3,8 @@
 //! ```text
 //!  Extent (writer, owned by the applier)      Reader (hashing, recovery copies)
 //!    |- Flat(FlatExtent)    NAME-flat.vmdk      |- Flat(File)          pread
-//!    `- Sparse(SparseExtent) NAME.vmdk          `- Sparse(SparseReader) through the GTs
+//!    |- Sparse(SparseExtent) NAME.vmdk          |- Sparse(SparseReader) through the GTs
+//!    `- Split(SplitFlat)    NAME-fNNN.vmdk      `- Split(SplitReader)   pread per extent
 //! ```
 //!
 //! Both sides read the same bytes: a flat extent's map shares the page cache with `pread`,
@@ -17,14 +18,51 @@ use std::path::{Path, PathBuf};
 use super::VmdkError;
 use super::flat::FlatExtent;
 use super::sparse::{SparseExtent, SparseReader};
+use super::two_gb_flat::{SplitFlat, SplitReader};
 use crate::retention::journal::UndoTarget;
 
 /// Where a disk's data lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DataRef {
-    /// The flat extent, or the sparse `.vmdk` itself.
+    /// The flat extent (the first one of a split disk) or the sparse `.vmdk` itself: the
+    /// file that stands for the data in messages.
     pub path: PathBuf,
-    pub sparse: bool,
+    pub layout: DataLayout,
+}
+
+/// How a disk's data is laid out in files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataLayout {
+    /// One flat extent, `path` (vmfs, monolithicFlat).
+    Flat,
+    /// A monolithicSparse file, `path`.
+    Sparse,
+    /// The flat extents of a twoGbMaxExtentFlat disk in disk order, with their sizes.
+    Split(Vec<(PathBuf, u64)>),
+}
+
+impl DataRef {
+    pub fn flat(path: PathBuf) -> DataRef {
+        DataRef {
+            path,
+            layout: DataLayout::Flat,
+        }
+    }
+
+    pub fn sparse(path: PathBuf) -> DataRef {
+        DataRef {
+            path,
+            layout: DataLayout::Sparse,
+        }
+    }
+
+    /// `files` must not be empty (a descriptor has at least one extent).
+    pub fn split(files: Vec<(PathBuf, u64)>) -> DataRef {
+        DataRef {
+            path: files[0].0.clone(),
+            layout: DataLayout::Split(files),
+        }
+    }
 }
 
 /// An open, locked extent taking writes.
@@ -32,15 +70,28 @@ pub struct DataRef {
 pub enum Extent {
     Flat(FlatExtent),
     Sparse(SparseExtent),
+    Split(SplitFlat),
 }
 
 impl Extent {
     /// Opens the extent `data` names, of exactly `capacity` bytes, for writing.
     pub fn open(data: &DataRef, capacity: u64) -> Result<Extent, VmdkError> {
-        Ok(if data.sparse {
-            Extent::Sparse(SparseExtent::open(&data.path, capacity)?)
-        } else {
-            Extent::Flat(FlatExtent::open(&data.path, capacity)?)
+        let p = &data.path;
+        Ok(match &data.layout {
+            DataLayout::Flat => Extent::Flat(FlatExtent::open(p, capacity)?),
+            DataLayout::Sparse => Extent::Sparse(SparseExtent::open(p, capacity)?),
+            DataLayout::Split(files) => {
+                // Each extent is checked against its descriptor line; their sum here.
+                let total: u64 = files.iter().map(|(_, len)| len).sum();
+                if total != capacity {
+                    return Err(VmdkError::CapacityMismatch {
+                        path: p.clone(),
+                        found: total,
+                        declared: capacity,
+                    });
+                }
+                Extent::Split(SplitFlat::open(files)?)
+            }
         })
     }
 
@@ -48,13 +99,15 @@ impl Extent {
         match self {
             Extent::Flat(f) => f.path(),
             Extent::Sparse(s) => s.path(),
+            Extent::Split(s) => s.path(),
         }
     }
 
     pub fn data_ref(&self) -> DataRef {
-        DataRef {
-            path: self.path().to_path_buf(),
-            sparse: matches!(self, Extent::Sparse(_)),
+        match self {
+            Extent::Flat(f) => DataRef::flat(f.path().to_path_buf()),
+            Extent::Sparse(s) => DataRef::sparse(s.path().to_path_buf()),
+            Extent::Split(s) => DataRef::split(s.files()),
         }
     }
 
@@ -62,6 +115,7 @@ impl Extent {
         match self {
             Extent::Flat(f) => f.capacity(),
             Extent::Sparse(s) => s.capacity(),
+            Extent::Split(s) => s.capacity(),
         }
     }
 
@@ -73,6 +127,10 @@ impl Extent {
                 Ok(())
             }
             Extent::Sparse(s) => Ok(s.read_at(offset, buf)?),
+            Extent::Split(s) => {
+                s.read(offset, buf);
+                Ok(())
+            }
         }
     }
 
@@ -84,6 +142,10 @@ impl Extent {
                 Ok(())
             }
             Extent::Sparse(s) => Ok(s.write(offset, data)?),
+            Extent::Split(s) => {
+                s.write(offset, data);
+                Ok(())
+            }
         }
     }
 
@@ -92,6 +154,7 @@ impl Extent {
         match self {
             Extent::Flat(f) => Ok(f.zero(offset, len)?),
             Extent::Sparse(s) => Ok(s.zero(offset, len)?),
+            Extent::Split(s) => Ok(s.zero(offset, len)?),
         }
     }
 
@@ -100,6 +163,7 @@ impl Extent {
         match self {
             Extent::Flat(f) => Ok(f.sync()?),
             Extent::Sparse(s) => Ok(s.sync()?),
+            Extent::Split(s) => Ok(s.sync()?),
         }
     }
 }
@@ -130,14 +194,20 @@ impl UndoTarget for Extent {
 pub enum Reader {
     Flat(File),
     Sparse(SparseReader),
+    Split(SplitReader),
 }
 
 impl Reader {
     pub fn open(data: &DataRef) -> Result<Reader, VmdkError> {
-        Ok(if data.sparse {
-            Reader::Sparse(SparseReader::open(&data.path)?)
-        } else {
-            Reader::Flat(File::open(&data.path).map_err(|e| VmdkError::io("open", &data.path, e))?)
+        let p = &data.path;
+        Ok(match &data.layout {
+            DataLayout::Flat => {
+                Reader::Flat(File::open(p).map_err(|e| VmdkError::io("open", p, e))?)
+            }
+            DataLayout::Sparse => Reader::Sparse(SparseReader::open(p)?),
+            DataLayout::Split(files) => Reader::Split(
+                SplitReader::open(files).map_err(|(p, e)| VmdkError::io("open", &p, e))?,
+            ),
         })
     }
 
@@ -146,6 +216,7 @@ impl Reader {
         match self {
             Reader::Flat(f) => f.read_exact_at(buf, offset),
             Reader::Sparse(s) => s.read_at(buf, offset),
+            Reader::Split(s) => s.read_at(buf, offset),
         }
     }
 }

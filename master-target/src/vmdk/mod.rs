@@ -5,8 +5,11 @@
 //!   DATASTORE/NAME-flat.vmdk    raw extent        (flat.rs: locked, fallocated, mmapped)
 //!   DATASTORE/NAME.vmdk         or monolithicSparse: header, embedded descriptor, GD/GTs,
 //!                               grains             (sparse.rs: locked, pwrite, grains)
+//!   DATASTORE/NAME-fNNN.vmdk    or twoGbMaxExtentFlat: 2 GiB flat extents
+//!                               (two_gb_flat.rs: one flat.rs extent per file)
 //!          \______________________ Disk (this module): open-or-create, identity, CID;
-//!                                  extent.rs: one writer/reader API over both layouts
+//!                                  extent.rs: one writer/reader API over both layouts;
+//!                                  verify.rs: structural checks (`master-target verify`)
 //! ```
 //!
 //! Invariants:
@@ -26,6 +29,8 @@ pub mod descriptor;
 pub mod extent;
 pub mod flat;
 pub mod sparse;
+pub mod two_gb_flat;
+pub mod verify;
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -35,10 +40,11 @@ use protocol::error::{Code, Refusal};
 use protocol::pb::DiskFormat;
 use sha2::{Digest, Sha256};
 
-use self::descriptor::{CreateType, Descriptor, DescriptorError};
+use self::descriptor::{CreateType, Descriptor, DescriptorError, ExtentSpec};
 use self::extent::{DataRef, Extent};
 use self::flat::{FlatError, FlatExtent};
 use self::sparse::{SparseError, SparseExtent};
+use self::two_gb_flat::SplitFlat;
 
 /// Virtual hardware version written into new descriptors (ESXi 6.5+).
 const VIRTUAL_HW_VERSION: &str = "13";
@@ -89,8 +95,6 @@ pub enum VmdkError {
     HasSnapshots { path: PathBuf, child: String },
     #[error("the datastore {path} is not usable: {reason}")]
     DatastoreNotUsable { path: PathBuf, reason: String },
-    #[error("disk format {0:?} is not supported (vmfs, monolithicFlat and monolithicSparse are)")]
-    UnsupportedFormat(DiskFormat),
 }
 
 impl VmdkError {
@@ -128,7 +132,6 @@ impl VmdkError {
             }
             VmdkError::CapacityMismatch { .. } | VmdkError::Missing { .. } => Code::DiskConflict,
             VmdkError::DatastoreNotUsable { .. } => Code::DatastoreNotUsable,
-            VmdkError::UnsupportedFormat(_) => Code::BadRequest,
         };
         Refusal::for_disk(code, disk_id, self.to_string())
     }
@@ -256,17 +259,29 @@ impl Disk {
         if desc.exists() {
             return Self::open(datastore, &desc, spec);
         }
-        let flat = datastore.join(format!("{}-flat.vmdk", spec.name));
+        let create_type = create_type_of(spec.format);
+        // The data files a create would make, beside the descriptor.
+        let leftovers: Vec<PathBuf> = extents_for(create_type, spec.name, spec.capacity)
+            .into_iter()
+            .map(|e| datastore.join(e.file))
+            .filter(|p| *p != desc && p.exists())
+            .collect();
         match claim {
             Claim::Applied => return Err(VmdkError::Missing { path: desc }),
-            Claim::New if flat.exists() => return Err(VmdkError::OrphanExtent { path: flat }),
-            Claim::Unapplied if flat.exists() => {
-                tracing::warn!(path = %flat.display(), "removing the extent of an interrupted create");
-                std::fs::remove_file(&flat).map_err(|e| VmdkError::io("remove", &flat, e))?;
+            Claim::New if !leftovers.is_empty() => {
+                return Err(VmdkError::OrphanExtent {
+                    path: leftovers[0].clone(),
+                });
             }
-            Claim::New | Claim::Unapplied => {}
+            Claim::Unapplied => {
+                for p in &leftovers {
+                    tracing::warn!(path = %p.display(), "removing the extent of an interrupted create");
+                    std::fs::remove_file(p).map_err(|e| VmdkError::io("remove", p, e))?;
+                }
+            }
+            Claim::New => {}
         }
-        Self::create(datastore, &desc, spec)
+        Self::create(datastore, &desc, spec, create_type)
     }
 
     fn open(datastore: &Path, desc: &Path, spec: &DiskSpec<'_>) -> Result<Disk, VmdkError> {
@@ -281,29 +296,33 @@ impl Disk {
         })
     }
 
-    fn create(datastore: &Path, desc: &Path, spec: &DiskSpec<'_>) -> Result<Disk, VmdkError> {
-        let create_type = match spec.format {
-            DiskFormat::Unspecified | DiskFormat::Vmfs => CreateType::Vmfs,
-            DiskFormat::MonolithicFlat => CreateType::MonolithicFlat,
-            DiskFormat::MonolithicSparse => CreateType::MonolithicSparse,
-            other => return Err(VmdkError::UnsupportedFormat(other)),
-        };
+    fn create(
+        datastore: &Path,
+        desc: &Path,
+        spec: &DiskSpec<'_>,
+        create_type: CreateType,
+    ) -> Result<Disk, VmdkError> {
         check_writable(datastore)?;
         let uuid = uuid_for(spec.disk_id);
-        let (descriptor, extent) = if create_type == CreateType::MonolithicSparse {
-            let file = format!("{}.vmdk", spec.name);
-            let d = fresh_descriptor(create_type, spec.capacity, file, &uuid);
-            let text = d.render().map_err(|source| VmdkError::Descriptor {
-                path: desc.to_path_buf(),
-                source,
-            })?;
-            let e = SparseExtent::create(desc, spec.capacity, &text)?;
-            (d, Extent::Sparse(e))
-        } else {
-            let file = format!("{}-flat.vmdk", spec.name);
-            let e = FlatExtent::create(&datastore.join(&file), spec.capacity)?;
-            let d = fresh_descriptor(create_type, spec.capacity, file, &uuid);
-            (d, Extent::Flat(e))
+        let extents = extents_for(create_type, spec.name, spec.capacity);
+        let descriptor = fresh_descriptor(create_type, extents, &uuid);
+        let extent = match create_type {
+            CreateType::MonolithicSparse => {
+                let text = descriptor
+                    .render()
+                    .map_err(|source| VmdkError::Descriptor {
+                        path: desc.to_path_buf(),
+                        source,
+                    })?;
+                Extent::Sparse(SparseExtent::create(desc, spec.capacity, &text)?)
+            }
+            CreateType::TwoGbMaxExtentFlat => {
+                Extent::Split(SplitFlat::create(datastore, &descriptor.extents)?)
+            }
+            CreateType::Vmfs | CreateType::MonolithicFlat => Extent::Flat(FlatExtent::create(
+                &datastore.join(&descriptor.extents[0].file),
+                spec.capacity,
+            )?),
         };
         let disk = Disk {
             descriptor_path: desc.to_path_buf(),
@@ -328,8 +347,10 @@ impl Disk {
             })?;
         match &self.extent {
             Extent::Sparse(s) => Ok(s.write_descriptor(&text)?),
-            Extent::Flat(_) => write_atomic(&self.descriptor_path, text.as_bytes())
-                .map_err(|e| VmdkError::io("write descriptor", &self.descriptor_path, e)),
+            Extent::Flat(_) | Extent::Split(_) => {
+                write_atomic(&self.descriptor_path, text.as_bytes())
+                    .map_err(|e| VmdkError::io("write descriptor", &self.descriptor_path, e))
+            }
         }
     }
 
@@ -388,15 +409,41 @@ fn snapshot_beside(datastore: &Path, name: &str) -> Option<String> {
     found.into_iter().next()
 }
 
-/// The descriptor of a new disk of `capacity` bytes in `extent_file` with `uuid`.
+/// The layout a disk format is created with (unspecified: vmfs, as on ESXi).
+pub fn create_type_of(format: DiskFormat) -> CreateType {
+    match format {
+        DiskFormat::Unspecified | DiskFormat::Vmfs => CreateType::Vmfs,
+        DiskFormat::MonolithicFlat => CreateType::MonolithicFlat,
+        DiskFormat::MonolithicSparse => CreateType::MonolithicSparse,
+        DiskFormat::TwoGbMaxExtentFlat => CreateType::TwoGbMaxExtentFlat,
+    }
+}
+
+/// The extent files of a new disk `name` of `capacity` bytes in `create_type`.
+pub fn extents_for(create_type: CreateType, name: &str, capacity: u64) -> Vec<ExtentSpec> {
+    let one = |file: String| {
+        vec![ExtentSpec {
+            sectors: capacity / 512,
+            file,
+        }]
+    };
+    match create_type {
+        CreateType::Vmfs | CreateType::MonolithicFlat => one(format!("{name}-flat.vmdk")),
+        CreateType::MonolithicSparse => one(format!("{name}.vmdk")),
+        CreateType::TwoGbMaxExtentFlat => {
+            two_gb_flat::layout(name, capacity, two_gb_flat::EXTENT_BYTES)
+        }
+    }
+}
+
+/// The descriptor of a new disk made of `extents` with `uuid`.
 pub fn fresh_descriptor(
     create_type: CreateType,
-    capacity: u64,
-    extent_file: String,
+    extents: Vec<ExtentSpec>,
     uuid: &str,
 ) -> Descriptor {
     let cid = new_cid();
-    let sectors = capacity / 512;
+    let sectors: u64 = extents.iter().map(|e| e.sectors).sum();
     let cylinders = (sectors / (255 * 63)).min(65535);
     let mut header_extra = vec![("encoding".to_string(), "UTF-8".to_string())];
     if create_type == CreateType::Vmfs {
@@ -405,8 +452,7 @@ pub fn fresh_descriptor(
     Descriptor {
         cid,
         create_type,
-        sectors,
-        extent_file,
+        extents,
         header_extra,
         ddb: vec![
             ("adapterType".into(), "lsilogic".into()),
@@ -449,13 +495,19 @@ pub fn read_image(datastore: &Path, desc: &Path) -> Result<(Descriptor, DataRef)
             )),
         });
     }
-    let data = DataRef {
-        path: if sparse {
-            desc.to_path_buf()
-        } else {
-            datastore.join(&descriptor.extent_file)
-        },
-        sparse,
+    let dir = desc.parent().unwrap_or(datastore);
+    let data = match descriptor.create_type {
+        CreateType::MonolithicSparse => DataRef::sparse(desc.to_path_buf()),
+        CreateType::TwoGbMaxExtentFlat => DataRef::split(
+            descriptor
+                .extents
+                .iter()
+                .map(|e| (dir.join(&e.file), e.sectors * 512))
+                .collect(),
+        ),
+        CreateType::Vmfs | CreateType::MonolithicFlat => {
+            DataRef::flat(dir.join(&descriptor.extents[0].file))
+        }
     };
     Ok((descriptor, data))
 }
@@ -623,7 +675,7 @@ pub(crate) mod tests {
     }
 
     /// Has qemu-img convert the raw image `raw` into a vmdk of `subformat` at `vmdk`.
-    fn qemu_convert(raw: &Path, vmdk: &Path, subformat: &str) {
+    pub(crate) fn qemu_convert(raw: &Path, vmdk: &Path, subformat: &str) {
         let (ok, text) = qemu_img(&[
             "convert",
             "-q",
@@ -845,6 +897,118 @@ pub(crate) mod tests {
         assert_qemu_identical(&d, &rawp);
     }
 
+    /// Writes that cross the extent boundaries (and one inside each extent) of a disk of
+    /// several 2 GiB extents; returns the (offset, byte, length) written.
+    fn write_across_boundaries(disk: &mut Disk) -> Vec<(u64, u8, usize)> {
+        let cap = disk.capacity();
+        let mut done = Vec::new();
+        let mut v = 1u8;
+        let mut at = two_gb_flat::EXTENT_BYTES;
+        while at < cap {
+            for (off, len) in [
+                (at - 4096, 12_288usize),
+                (at - 513, 1027),
+                (at + 70_000, 300),
+            ] {
+                disk.extent().write(off, &vec![v; len]).unwrap();
+                done.push((off, v, len));
+                v += 1;
+            }
+            at += two_gb_flat::EXTENT_BYTES;
+        }
+        disk.extent().write(cap - 1000, &[0xee; 1000]).unwrap();
+        done.push((cap - 1000, 0xee, 1000));
+        // A zero range across the first boundary, over part of what was written.
+        let z = two_gb_flat::EXTENT_BYTES - 300;
+        disk.extent().zero(z, 600).unwrap();
+        done.push((z, 0, 600));
+        disk.extent().sync().unwrap();
+        done
+    }
+
+    /// A sparse raw file with `writes` applied, for `qemu-img compare`.
+    fn raw_with(path: &Path, cap: u64, writes: &[(u64, u8, usize)]) {
+        use std::os::unix::fs::FileExt;
+        let f = File::create(path).unwrap();
+        f.set_len(cap).unwrap();
+        for &(off, v, len) in writes {
+            f.write_all_at(&vec![v; len], off).unwrap();
+        }
+    }
+
+    #[test]
+    fn writes_across_the_extents_of_a_qemu_made_two_gb_max_extent_flat_disk_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("t.vmdk");
+        let cap = (4u64 << 30) + (1 << 20);
+        let (ok, text) = qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=twoGbMaxExtentFlat",
+            d.to_str().unwrap(),
+            &cap.to_string(),
+        ]);
+        assert!(ok, "{text}");
+        let s = spec("id-t", "t", cap, DiskFormat::TwoGbMaxExtentFlat);
+        let mut disk = Disk::open_or_create(dir.path(), &s, Claim::New).unwrap();
+        assert_eq!(disk.descriptor().extents.len(), 3);
+        disk.renew_cid().unwrap();
+        let writes = write_across_boundaries(&mut disk);
+        drop(disk);
+        // Each extent holds its own slice of the writes that cross 2 GiB (byte 2 from
+        // 2 GiB - 513 to 2 GiB + 514, zeroed 300 bytes either side of the boundary).
+        let byte = |f: &str, at: u64| {
+            use std::os::unix::fs::FileExt;
+            let mut b = [0u8; 1];
+            let file = File::open(dir.path().join(f)).unwrap();
+            file.read_exact_at(&mut b, at).unwrap();
+            b[0]
+        };
+        let end = two_gb_flat::EXTENT_BYTES;
+        assert_eq!(
+            [byte("t-f001.vmdk", end - 301), byte("t-f001.vmdk", end - 1)],
+            [2, 0]
+        );
+        assert_eq!([byte("t-f002.vmdk", 0), byte("t-f002.vmdk", 300)], [0, 2]);
+        let rawp = dir.path().join("ref.raw");
+        raw_with(&rawp, cap, &writes);
+        assert_qemu_identical(&d, &rawp);
+        let r = verify::verify(dir.path(), &d).unwrap();
+        assert!(r.ok() && r.extents == 3, "{r:?}");
+    }
+
+    #[test]
+    fn a_new_two_gb_max_extent_flat_disk_is_cut_at_2_gib_and_passes_qemu_img() {
+        let dir = tempfile::tempdir().unwrap();
+        let cap = (2u64 << 30) + (1 << 20);
+        let s = spec("id-n", "n", cap, DiskFormat::TwoGbMaxExtentFlat);
+        let mut disk = Disk::open_or_create(dir.path(), &s, Claim::New).unwrap();
+        let writes = write_across_boundaries(&mut disk);
+        drop(disk);
+        let len = |f: &str| std::fs::metadata(dir.path().join(f)).unwrap().len();
+        assert_eq!((len("n-f001.vmdk"), len("n-f002.vmdk")), (2 << 30, 1 << 20));
+        let d = dir.path().join("n.vmdk");
+        let (_, info) = qemu_img(&["info", d.to_str().unwrap()]);
+        assert!(info.contains("create type: twoGbMaxExtentFlat"), "{info}");
+        let rawp = dir.path().join("ref.raw");
+        raw_with(&rawp, cap, &writes);
+        assert_qemu_identical(&d, &rawp);
+        // Reopened, it reads what was written, across the boundary.
+        let mut disk = Disk::open_or_create(dir.path(), &s, Claim::Applied).unwrap();
+        let mut got = vec![0u8; 12_288];
+        disk.extent()
+            .read_at(two_gb_flat::EXTENT_BYTES - 4096, &mut got)
+            .unwrap();
+        let at = |i: usize| got[i];
+        assert_eq!(
+            [at(0), at(3600), at(4095), at(4096), at(4500), at(5000)],
+            [1, 2, 0, 0, 2, 1]
+        );
+    }
+
     #[test]
     fn cid_changes_once_per_open_and_uuid_stays() {
         let dir = tempfile::tempdir().unwrap();
@@ -970,7 +1134,12 @@ pub(crate) mod tests {
             )
         ) {
             let cap = 2u64 << 20;
-            for format in [DiskFormat::Vmfs, DiskFormat::MonolithicFlat, DiskFormat::MonolithicSparse] {
+            for format in [
+                DiskFormat::Vmfs,
+                DiskFormat::MonolithicFlat,
+                DiskFormat::MonolithicSparse,
+                DiskFormat::TwoGbMaxExtentFlat,
+            ] {
                 let dir = tempfile::tempdir().unwrap();
                 let s = spec("id-p", "p", cap, format);
                 let mut disk = Disk::open_or_create(dir.path(), &s, Claim::New).unwrap();

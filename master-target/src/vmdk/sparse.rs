@@ -39,18 +39,20 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-const SECTOR: u64 = 512;
+pub(super) const SECTOR: u64 = 512;
 const MAGIC: u32 = 0x564D_444B; // "KDMV" on disk
 /// Grain size of images we create (64 KiB), as qemu.
 pub const GRAIN_SECTORS: u64 = 128;
-const GTES_PER_GT: u64 = 512;
-const DESC_OFFSET: u64 = 1;
+pub(super) const GTES_PER_GT: u64 = 512;
+pub(super) const DESC_OFFSET: u64 = 1;
 const DESC_SECTORS: u64 = 20;
 /// Bytes of the embedded descriptor area.
 pub const DESC_BYTES: usize = (DESC_SECTORS * SECTOR) as usize;
 /// flags: bit 0 newline detection valid, bit 1 redundant GD in use.
 const FLAGS: u32 = 3;
 const FLAG_REDUNDANT_GD: u32 = 2;
+/// flags bit 2 (version 2 only): a GT entry of 1 means "zeroed grain", not a sector.
+const FLAG_ZEROED_GTE: u32 = 4;
 /// Incompatible flags we cannot write: compressed grains, markers (streamOptimized).
 const FLAGS_UNSUPPORTED: u32 = (1 << 16) | (1 << 17);
 /// Reserve this much file space ahead of the grain allocator.
@@ -101,6 +103,9 @@ pub struct Header {
     pub gd_offset: u64,
     pub overhead: u64,
     pub flags: u32,
+    pub version: u32,
+    /// Sectors of the embedded descriptor area (at sector 1).
+    pub descriptor_sectors: u64,
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -125,18 +130,20 @@ impl Header {
             gd_offset,
             overhead: (gd_offset + gd_sectors + 4 * n_gt).next_multiple_of(GRAIN_SECTORS),
             flags: FLAGS,
+            version: 1,
+            descriptor_sectors: DESC_SECTORS,
         }
     }
 
     fn encode(&self) -> [u8; 512] {
         let mut h = [0u8; 512];
         h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-        h[4..8].copy_from_slice(&1u32.to_le_bytes());
+        h[4..8].copy_from_slice(&self.version.to_le_bytes());
         h[8..12].copy_from_slice(&self.flags.to_le_bytes());
         h[12..20].copy_from_slice(&self.capacity_sectors.to_le_bytes());
         h[20..28].copy_from_slice(&self.grain_sectors.to_le_bytes());
         h[28..36].copy_from_slice(&DESC_OFFSET.to_le_bytes());
-        h[36..44].copy_from_slice(&DESC_SECTORS.to_le_bytes());
+        h[36..44].copy_from_slice(&self.descriptor_sectors.to_le_bytes());
         h[44..48].copy_from_slice(&(GTES_PER_GT as u32).to_le_bytes());
         h[48..56].copy_from_slice(&self.rgd_offset.to_le_bytes());
         h[56..64].copy_from_slice(&self.gd_offset.to_le_bytes());
@@ -165,6 +172,8 @@ impl Header {
             gd_offset: u64_at(h, 56),
             overhead: u64_at(h, 64),
             flags,
+            version,
+            descriptor_sectors: u64_at(h, 36),
         };
         let g = header.grain_sectors;
         if !g.is_power_of_two() || !(8..=128).contains(&g) {
@@ -185,8 +194,23 @@ impl Header {
         Ok(header)
     }
 
-    fn n_gts(&self) -> u64 {
+    pub(super) fn n_gts(&self) -> u64 {
         n_gts(self.capacity_sectors, self.grain_sectors)
+    }
+
+    /// Sectors of one grain directory.
+    pub(super) fn gd_sectors(&self) -> u64 {
+        (self.n_gts() * 4).div_ceil(SECTOR)
+    }
+
+    /// Whether a GT entry of 1 means "zeroed grain" rather than sector 1.
+    pub(super) fn zeroed_gte_allowed(&self) -> bool {
+        self.version >= 2 && self.flags & FLAG_ZEROED_GTE != 0
+    }
+
+    /// Whether the redundant GD is in use.
+    pub(super) fn has_redundant_gd(&self) -> bool {
+        self.flags & FLAG_REDUNDANT_GD != 0
     }
 }
 
@@ -196,7 +220,12 @@ fn n_gts(capacity_sectors: u64, grain_sectors: u64) -> u64 {
         .div_ceil(GTES_PER_GT)
 }
 
-fn read_u32s(file: &File, path: &Path, sector: u64, n: usize) -> Result<Vec<u32>, SparseError> {
+pub(super) fn read_u32s(
+    file: &File,
+    path: &Path,
+    sector: u64,
+    n: usize,
+) -> Result<Vec<u32>, SparseError> {
     let mut b = vec![0u8; n * 4];
     file.read_exact_at(&mut b, sector * SECTOR)
         .map_err(io_err("read", path))?;
@@ -236,7 +265,7 @@ impl Tables {
             )));
         }
         let gd = read_u32s(file, path, header.gd_offset, n_gt)?;
-        let rgd = if header.flags & FLAG_REDUNDANT_GD != 0 {
+        let rgd = if header.has_redundant_gd() {
             read_u32s(file, path, header.rgd_offset, n_gt)?
         } else {
             Vec::new()
@@ -394,7 +423,7 @@ impl SparseExtent {
             lock(&file, path)?;
             let h = Header::for_capacity(capacity);
             let n_gt = h.n_gts();
-            let gd_sectors = (n_gt * 4).div_ceil(SECTOR);
+            let gd_sectors = h.gd_sectors();
             file.set_len(h.overhead * SECTOR)
                 .map_err(io_err("truncate", path))?;
             file.write_all_at(&h.encode(), 0)
