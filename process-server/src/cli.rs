@@ -1,19 +1,23 @@
 //! Command line (the public contract in DESIGN.md) and the TOML config file of `serve`.
 //!
 //! Every `serve` flag is also a config key (`--cache-quota` = `cache_quota`); flags override
-//! the file. Sizes take binary suffixes (`64M`, `10G`).
+//! the file. Sizes take binary suffixes (`64M`, `10G`). `serve --print-config` prints the
+//! merged result ([`Effective`]) as a config file.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use protocol::auth::ClientAuth;
-use protocol::cli::{LogFormat, SecurityArgs, WanArgs, parse_size};
-use serde::Deserialize;
+use protocol::cli::{LogFormat, SecurityArgs, Size, WanArgs, WatchArgs, parse_size};
+use serde::{Deserialize, Serialize};
 
 use crate::cache::CacheConfig;
+use crate::fair::MAX_WEIGHT;
 use crate::forward::ForwardConfig;
 use crate::server::Settings;
+use crate::throttle::{Bandwidth, MAX_MBIT, Schedule, ScheduleError};
 
 /// Default quota of the cache volume.
 pub const DEFAULT_QUOTA: u64 = 10 << 30;
@@ -25,6 +29,9 @@ pub const DEFAULT_CONNECTIONS: usize = 4;
 pub const DEFAULT_FORWARD_WINDOW: u64 = 64 << 20;
 /// Default size of a cache segment.
 pub const DEFAULT_SEGMENT_SIZE: u64 = 64 << 20;
+/// Bounds of the segment size: a segment holds at least a few batches, and is preallocated
+/// whole, so it must stay a small part of the volume.
+pub const SEGMENT_SIZE_RANGE: std::ops::RangeInclusive<u64> = (1 << 20)..=(1 << 30);
 
 #[derive(Parser, Debug)]
 #[command(
@@ -50,9 +57,16 @@ pub struct ServeArgs {
     /// TOML file with the same keys as the flags (`cache_quota = "10G"`); flags win.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Print the effective configuration (file merged with flags, defaults filled in) as
+    /// TOML that --config accepts, then exit.
+    #[arg(long)]
+    pub print_config: bool,
     /// Address agents connect to.
     #[arg(long, value_name = "HOST:PORT")]
     pub listen: Option<String>,
+    /// Serve Prometheus metrics on http://HOST:PORT/metrics.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_listen: Option<String>,
     /// Cache volume directory (created if missing).
     #[arg(long, value_name = "DIR")]
     pub cache: Option<PathBuf>,
@@ -60,8 +74,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "URL")]
     pub master_target: Option<String>,
     /// Bytes the cache may use [default: 10G].
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    pub cache_quota: Option<u64>,
+    #[arg(long, value_name = "SIZE", value_parser = size)]
+    pub cache_quota: Option<Size>,
     /// Pause agents above this percentage of the quota (1-100) [default: 80].
     #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(1..=100))]
     pub high_water: Option<u8>,
@@ -70,11 +84,24 @@ pub struct ServeArgs {
     pub connections: Option<u16>,
     /// Bytes in flight to the master target, all disks together (>= bandwidth x RTT)
     /// [default: 64M].
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    pub forward_window: Option<u64>,
-    /// Size at which a cache segment is sealed and a new one started [default: 64M].
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    pub segment_size: Option<u64>,
+    #[arg(long, value_name = "SIZE", value_parser = size)]
+    pub forward_window: Option<Size>,
+    /// Size at which a cache segment is sealed and a new one started, 1M-1G; each is
+    /// preallocated whole [default: 64M].
+    #[arg(long, value_name = "SIZE", value_parser = size)]
+    pub segment_size: Option<Size>,
+    /// Limit of the forwarding hop in Mbit/s (10^6 bit/s), all connections together;
+    /// 0 = unlimited [default: 0].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(0..=MAX_MBIT))]
+    pub bandwidth_mbit: Option<u64>,
+    /// Weekly limits over --bandwidth-mbit, in UTC, first match wins:
+    /// "mon-fri 08:00-18:00=100,sat-sun=500,*=1000" (docs/operations.md).
+    #[arg(long, value_name = "RULES", value_parser = schedule)]
+    pub bandwidth_schedule: Option<Schedule>,
+    /// Forwarding weight of a disk (1-100, default 1): backlogged disks share the link in
+    /// proportion to their weights. Repeatable; config table `[priorities]`.
+    #[arg(long = "priority", value_name = "DISK_ID=WEIGHT", value_parser = priority)]
+    pub priorities: Vec<(String, u32)>,
     /// Identity sent to the master target and shown by status [default: process-server@HOST].
     #[arg(long, value_name = "NAME")]
     pub identity: Option<String>,
@@ -101,23 +128,27 @@ pub struct StatusArgs {
     /// PEM CA that signed the server's certificate (https:// URLs).
     #[arg(long, value_name = "FILE")]
     pub tls_ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub watch: WatchArgs,
 }
 
-/// A size in the config file: a number of bytes or a string with a suffix.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum Size {
-    Bytes(u64),
-    Text(String),
+/// A size flag (`64M`), the same type as the config key.
+fn size(s: &str) -> Result<Size, String> {
+    parse_size(s).map(Size)
 }
 
-impl Size {
-    fn bytes(&self, key: &str) -> anyhow::Result<u64> {
-        match self {
-            Size::Bytes(n) => Ok(*n),
-            Size::Text(t) => parse_size(t).map_err(|e| anyhow::anyhow!("config key {key}: {e}")),
-        }
-    }
+fn priority(s: &str) -> Result<(String, u32), String> {
+    let (id, w) = s
+        .rsplit_once('=')
+        .ok_or_else(|| format!("'{s}' is not DISK_ID=WEIGHT"))?;
+    let w = w
+        .parse()
+        .map_err(|_| format!("'{s}': weight '{w}' is not a number"))?;
+    Ok((id.to_string(), w))
+}
+
+fn schedule(s: &str) -> Result<Schedule, String> {
+    s.parse().map_err(|e: ScheduleError| e.to_string())
 }
 
 /// The config file of `serve`: the flags' names with `_` for `-`.
@@ -125,6 +156,7 @@ impl Size {
 #[serde(deny_unknown_fields)]
 pub struct ServeConfig {
     pub listen: Option<String>,
+    pub metrics_listen: Option<String>,
     pub cache: Option<PathBuf>,
     pub master_target: Option<String>,
     pub cache_quota: Option<Size>,
@@ -132,6 +164,8 @@ pub struct ServeConfig {
     pub connections: Option<u16>,
     pub forward_window: Option<Size>,
     pub segment_size: Option<Size>,
+    pub bandwidth_mbit: Option<u64>,
+    pub bandwidth_schedule: Option<String>,
     pub identity: Option<String>,
     pub log_format: Option<LogFormat>,
     pub passphrase_file: Option<PathBuf>,
@@ -141,13 +175,52 @@ pub struct ServeConfig {
     pub tls_client_ca: Option<PathBuf>,
     pub h2_stream_window: Option<Size>,
     pub h2_connection_window: Option<Size>,
+    pub priorities: Option<BTreeMap<String, u32>>,
 }
 
-fn size(flag: Option<u64>, file: &Option<Size>, key: &str, default: u64) -> anyhow::Result<u64> {
-    match (flag, file) {
-        (Some(v), _) => Ok(v),
-        (None, Some(s)) => s.bytes(key),
-        (None, None) => Ok(default),
+/// The effective configuration of `serve`: flags over the file, every default filled in and
+/// every bound checked. `--print-config` prints it as TOML that `--config` reads back.
+#[derive(Debug, Clone, Serialize)]
+pub struct Effective {
+    pub listen: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
+    pub cache: PathBuf,
+    pub master_target: String,
+    pub cache_quota: Size,
+    pub high_water: u8,
+    pub connections: u16,
+    pub forward_window: Size,
+    pub segment_size: Size,
+    pub bandwidth_mbit: u64,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "schedule_text"
+    )]
+    pub bandwidth_schedule: Option<Schedule>,
+    pub identity: String,
+    pub log_format: LogFormat,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub passphrase_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_client_ca: Option<PathBuf>,
+    pub h2_stream_window: Size,
+    pub h2_connection_window: Size,
+    /// Last: TOML writes tables after plain keys.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub priorities: BTreeMap<String, u32>,
+}
+
+fn schedule_text<S: serde::Serializer>(v: &Option<Schedule>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(t) => s.serialize_str(&t.to_string()),
+        None => s.serialize_none(),
     }
 }
 
@@ -174,102 +247,189 @@ impl ServeArgs {
             .unwrap_or_default()
     }
 
-    /// Merges flags over the config file and checks everything `serve` needs.
-    pub fn settings(self) -> anyhow::Result<Settings> {
+    /// Merges flags over the config file, fills in defaults and checks every bound.
+    pub fn effective(self) -> anyhow::Result<Effective> {
         let file: ServeConfig =
             protocol::cli::load_config(self.config.as_deref()).map_err(anyhow::Error::msg)?;
         let security = self.security.or(SecurityArgs {
-            passphrase_file: file.passphrase_file.clone(),
-            tls_cert: file.tls_cert.clone(),
-            tls_key: file.tls_key.clone(),
-            tls_ca: file.tls_ca.clone(),
-            tls_client_ca: file.tls_client_ca.clone(),
+            passphrase_file: file.passphrase_file,
+            tls_cert: file.tls_cert,
+            tls_key: file.tls_key,
+            tls_ca: file.tls_ca,
+            tls_client_ca: file.tls_client_ca,
         });
-        let wan = self.wan.or(WanArgs {
-            h2_stream_window: file
-                .h2_stream_window
-                .as_ref()
-                .map(|s| s.bytes("h2_stream_window"))
-                .transpose()?,
-            h2_connection_window: file
-                .h2_connection_window
-                .as_ref()
-                .map(|s| s.bytes("h2_connection_window"))
-                .transpose()?,
-        });
+        let tuning = self
+            .wan
+            .or(WanArgs {
+                h2_stream_window: file.h2_stream_window.map(|s| s.0),
+                h2_connection_window: file.h2_connection_window.map(|s| s.0),
+            })
+            .tuning();
         let Some(listen) = self.listen.or(file.listen) else {
             bail!("--listen HOST:PORT is required (flag or config key `listen`)");
         };
-        let Some(dir) = self.cache.or(file.cache) else {
+        let Some(cache) = self.cache.or(file.cache) else {
             bail!("--cache DIR is required (flag or config key `cache`)");
         };
-        let Some(url) = self.master_target.or(file.master_target) else {
+        let Some(master_target) = self.master_target.or(file.master_target) else {
             bail!("--master-target URL is required (flag or config key `master_target`)");
         };
-        let quota = size(
-            self.cache_quota,
-            &file.cache_quota,
-            "cache_quota",
-            DEFAULT_QUOTA,
-        )?;
-        let high_water = self
-            .high_water
-            .or(file.high_water)
-            .unwrap_or(DEFAULT_HIGH_WATER);
-        if !(1..=100).contains(&high_water) {
-            bail!("high_water must be 1..=100 percent, not {high_water}");
-        }
-        let connections = self
-            .connections
-            .or(file.connections)
-            .unwrap_or(DEFAULT_CONNECTIONS as u16);
-        if !(1..=64).contains(&connections) {
-            bail!("connections must be 1..=64, not {connections}");
-        }
-        let window = size(
-            self.forward_window,
-            &file.forward_window,
-            "forward_window",
-            DEFAULT_FORWARD_WINDOW,
-        )?;
-        let segment_size = size(
-            self.segment_size,
-            &file.segment_size,
-            "segment_size",
-            DEFAULT_SEGMENT_SIZE,
-        )?;
-        if segment_size < 1 << 20 {
-            bail!("segment_size must be at least 1M");
-        }
-        let passphrase = security.passphrase().context("passphrase")?;
-        let identity = self
-            .identity
-            .or(file.identity)
-            .unwrap_or_else(default_identity);
-        let tls = security.tls();
-        let tuning = wan.tuning();
-        Ok(Settings {
+        let bandwidth_schedule = match self.bandwidth_schedule {
+            Some(s) => Some(s),
+            None => file
+                .bandwidth_schedule
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .context("config key bandwidth_schedule")?,
+        };
+        let mut priorities = file.priorities.unwrap_or_default();
+        priorities.extend(self.priorities);
+        let e = Effective {
             listen,
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
+            cache,
+            master_target,
+            cache_quota: self
+                .cache_quota
+                .or(file.cache_quota)
+                .unwrap_or(Size(DEFAULT_QUOTA)),
+            high_water: self
+                .high_water
+                .or(file.high_water)
+                .unwrap_or(DEFAULT_HIGH_WATER),
+            connections: self
+                .connections
+                .or(file.connections)
+                .unwrap_or(DEFAULT_CONNECTIONS as u16),
+            forward_window: self
+                .forward_window
+                .or(file.forward_window)
+                .unwrap_or(Size(DEFAULT_FORWARD_WINDOW)),
+            segment_size: self
+                .segment_size
+                .or(file.segment_size)
+                .unwrap_or(Size(DEFAULT_SEGMENT_SIZE)),
+            bandwidth_mbit: self.bandwidth_mbit.or(file.bandwidth_mbit).unwrap_or(0),
+            bandwidth_schedule,
+            identity: self
+                .identity
+                .or(file.identity)
+                .unwrap_or_else(default_identity),
+            log_format: self.log_format.or(file.log_format).unwrap_or_default(),
+            passphrase_file: security.passphrase_file,
+            tls_cert: security.tls_cert,
+            tls_key: security.tls_key,
+            tls_ca: security.tls_ca,
+            tls_client_ca: security.tls_client_ca,
+            h2_stream_window: Size(u64::from(tuning.stream_window)),
+            h2_connection_window: Size(u64::from(tuning.connection_window)),
+            priorities,
+        };
+        e.check()?;
+        Ok(e)
+    }
+}
+
+impl Effective {
+    /// The bounds the flags' parsers enforce, for values that came from the file.
+    fn check(&self) -> anyhow::Result<()> {
+        if !(1..=100).contains(&self.high_water) {
+            bail!(
+                "high_water must be 1..=100 percent, not {}",
+                self.high_water
+            );
+        }
+        if !(1..=64).contains(&self.connections) {
+            bail!("connections must be 1..=64, not {}", self.connections);
+        }
+        if !SEGMENT_SIZE_RANGE.contains(&self.segment_size.0) {
+            bail!("segment_size must be 1M..=1G, not {}", self.segment_size.0);
+        }
+        if self.forward_window.0 == 0 {
+            bail!("forward_window must be at least 1 byte");
+        }
+        if let Some((id, w)) = self
+            .priorities
+            .iter()
+            .find(|(_, w)| !(1..=MAX_WEIGHT).contains(*w))
+        {
+            bail!("priority of disk {id} must be 1..={MAX_WEIGHT}, not {w}");
+        }
+        if self.bandwidth_mbit > MAX_MBIT {
+            bail!(
+                "bandwidth_mbit must be 0..={MAX_MBIT}, not {}",
+                self.bandwidth_mbit
+            );
+        }
+        Ok(())
+    }
+
+    fn security(&self) -> SecurityArgs {
+        SecurityArgs {
+            passphrase_file: self.passphrase_file.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            tls_ca: self.tls_ca.clone(),
+            tls_client_ca: self.tls_client_ca.clone(),
+        }
+    }
+
+    /// What `serve` runs with (reads the passphrase).
+    pub fn settings(self) -> anyhow::Result<Settings> {
+        let security = self.security();
+        let passphrase = security.passphrase().context("passphrase")?;
+        let tls = security.tls();
+        let tuning = WanArgs {
+            h2_stream_window: Some(self.h2_stream_window.0),
+            h2_connection_window: Some(self.h2_connection_window.0),
+        }
+        .tuning();
+        Ok(Settings {
+            listen: self.listen,
+            metrics_listen: self.metrics_listen,
             cache: CacheConfig {
-                dir,
-                segment_size,
-                quota,
-                high_water_percent: high_water,
+                dir: self.cache,
+                segment_size: self.segment_size.0,
+                quota: self.cache_quota.0,
+                high_water_percent: self.high_water,
             },
             forward: ForwardConfig {
-                url,
+                url: self.master_target,
                 tuning: tuning.clone(),
                 // The CA also trusts the master target; a cert/key pair is our client identity.
                 tls: tls.clone(),
-                auth: ClientAuth::new(passphrase.clone(), identity.clone()),
-                connections: usize::from(connections),
-                window: window.max(1),
+                auth: ClientAuth::new(passphrase.clone(), self.identity.clone()),
+                connections: usize::from(self.connections),
+                window: self.forward_window.0,
+                bandwidth: Bandwidth {
+                    mbit: self.bandwidth_mbit,
+                    schedule: self.bandwidth_schedule,
+                },
+                priorities: self.priorities,
             },
             tuning,
             tls,
             auth_passphrase: passphrase,
-            identity,
+            identity: self.identity,
         })
+    }
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            let print = args.print_config;
+            let effective = args.effective()?;
+            if print {
+                print!("{}", protocol::cli::render_config(&effective));
+                return Ok(());
+            }
+            crate::server::serve(effective.settings()?, protocol::cli::shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Status(args) => args.run().await,
     }
 }
 
@@ -282,15 +442,108 @@ impl StatusArgs {
             ca: self.tls_ca,
             ..Default::default()
         };
-        let reply = crate::status::fetch(&self.connect, &tls, &auth).await?;
-        if self.json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&crate::status::to_json(&reply))?
-            );
-        } else {
-            print!("{}", crate::status::to_table(&reply));
+        let (url, json, every) = (self.connect, self.json, self.watch.watch);
+        protocol::cli::watch(every, !json, || {
+            let (url, tls, auth) = (url.clone(), tls.clone(), auth.clone());
+            async move {
+                let reply = crate::status::fetch(&url, &tls, &auth).await?;
+                let page = if !json {
+                    crate::status::to_table(&reply)
+                } else if every.is_some() {
+                    // One document per line, so a watching script can read line by line.
+                    format!("{}\n", crate::status::to_json(&reply))
+                } else {
+                    format!(
+                        "{}\n",
+                        serde_json::to_string_pretty(&crate::status::to_json(&reply))?
+                    )
+                };
+                Ok::<_, anyhow::Error>(page)
+            }
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn effective(args: &[&str]) -> anyhow::Result<Effective> {
+        let cli = Cli::try_parse_from([&["process-server", "serve"], args].concat())?;
+        match cli.command {
+            Command::Serve(a) => a.effective(),
+            Command::Status(_) => unreachable!("parsed serve"),
         }
-        Ok(())
+    }
+
+    #[test]
+    fn print_config_round_trips_through_config() {
+        let first = effective(&[
+            "--listen=127.0.0.1:9443",
+            "--cache=/var/cache/fb",
+            "--master-target=http://mt:9444",
+            "--cache-quota=200G",
+            "--metrics-listen=127.0.0.1:9100",
+            "--h2-stream-window=8M",
+            "--bandwidth-mbit=1000",
+            "--bandwidth-schedule=mon-fri 08:00-18:00=100,*=0",
+            "--priority=disk-a=3",
+            "--priority=6000C29a-1b2c=2",
+        ])
+        .unwrap();
+        let printed = protocol::cli::render_config(&first);
+        // Defaults are filled in, sizes written with their unit.
+        for line in [
+            "cache_quota = \"200G\"",
+            "segment_size = \"64M\"",
+            "high_water = 80",
+            "connections = 4",
+            "h2_stream_window = \"8M\"",
+            "h2_connection_window = \"64M\"",
+            "log_format = \"text\"",
+            "bandwidth_mbit = 1000",
+            "bandwidth_schedule = \"mon-fri 08:00-18:00=100,*=0\"",
+            "[priorities]\n6000C29a-1b2c = 2\ndisk-a = 3\n",
+        ] {
+            assert!(printed.contains(line), "{line} missing from\n{printed}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ps.toml");
+        std::fs::write(&file, &printed).unwrap();
+        let config = format!("--config={}", file.display());
+        let again = effective(&[&config]).unwrap();
+        assert_eq!(protocol::cli::render_config(&again), printed);
+        // A flag still wins over the file.
+        let flagged = effective(&[&config, "--high-water=60"]).unwrap();
+        assert_eq!(flagged.high_water, 60);
+        // A --priority flag overrides that disk's entry in the file and keeps the others.
+        let flagged = effective(&[&config, "--priority=disk-a=7"]).unwrap();
+        let weights: Vec<_> = flagged.priorities.into_iter().collect();
+        assert_eq!(weights, [("6000C29a-1b2c".into(), 2), ("disk-a".into(), 7)]);
+    }
+
+    #[test]
+    fn config_values_out_of_bounds_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ps.toml");
+        let base = "listen = \"a:1\"\ncache = \"/c\"\nmaster_target = \"http://m:1\"\n";
+        for (bad, why) in [
+            ("high_water = 0", "high_water"),
+            ("connections = 65", "connections"),
+            ("segment_size = \"64K\"", "segment_size"),
+            ("segment_size = \"2G\"", "segment_size"),
+            ("forward_window = 0", "forward_window"),
+            ("bandwidth_mbit = 1000001", "bandwidth_mbit"),
+            ("[priorities]\nd = 0", "priority of disk d"),
+            ("[priorities]\nd = 101", "priority of disk d"),
+            ("bandwidth_schedule = \"mon=fast\"", "bandwidth_schedule"),
+        ] {
+            std::fs::write(&file, format!("{base}{bad}\n")).unwrap();
+            let e = effective(&[&format!("--config={}", file.display())]).unwrap_err();
+            assert!(e.to_string().contains(why), "{bad}: {e}");
+        }
+        let e = effective(&["--cache=/c"]).unwrap_err();
+        assert!(e.to_string().contains("--listen"), "{e}");
     }
 }

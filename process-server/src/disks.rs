@@ -19,6 +19,7 @@ use protocol::error::Refusal;
 use protocol::pb::{DiskInfo, DiskProgress};
 use tokio::sync::{Notify, watch};
 
+use crate::rate::Traffic;
 use crate::registry::DiskRecord;
 
 #[derive(Debug, Clone)]
@@ -37,6 +38,8 @@ pub struct DiskState {
     pub last_heard: Option<Instant>,
     /// Agent streams that declared the disk.
     pub agents: u32,
+    /// Bytes in (durable in the cache) and out (applied at the master target).
+    pub traffic: Traffic,
     /// Token of the stream allowed to send batches (the newest to declare the disk).
     owner: u64,
     /// Held across "reserve seq + queue the append" so records of a disk reach the log in
@@ -57,6 +60,7 @@ impl DiskState {
             resync_required: None,
             last_heard: None,
             agents: 0,
+            traffic: Traffic::default(),
             owner: 0,
             order: Arc::new(tokio::sync::Mutex::new(())),
         }
@@ -224,10 +228,11 @@ impl Disks {
         }
     }
 
-    /// `(id, seq)` is durable in the cache (called in log order).
-    pub fn durable(&self, id: &str, seq: u64) {
+    /// `(id, seq)`, a record of `bytes`, is durable in the cache (called in log order).
+    pub fn durable(&self, id: &str, seq: u64, bytes: u64) {
         if let Some(s) = self.inner.lock().get_mut(id) {
             s.cached = s.cached.max(seq);
+            s.traffic.received(Instant::now(), bytes);
         }
         self.bump();
         self.data_ready.notify_one();
@@ -258,6 +263,13 @@ impl Disks {
             self.bump();
         }
         advanced
+    }
+
+    /// `bytes` of `id`'s records were applied by the master target (for its out rate).
+    pub fn drained(&self, id: &str, bytes: u64) {
+        if let Some(s) = self.inner.lock().get_mut(id) {
+            s.traffic.drained(Instant::now(), bytes);
+        }
     }
 
     /// Registry records with the current applied seqs as floors (to persist).

@@ -2,18 +2,23 @@
 //!
 //! One *session* = K authenticated connections (default 4). Each disk's durable batches are
 //! read from the cache and sent in seq order, spread round-robin over the K connections (the
-//! master target reorders), with at most `window` record bytes in flight in total. Acks
+//! master target reorders), with at most `window` record bytes in flight in total. Disks
+//! share the window in weighted fair order (`[priorities]`, [`crate::fair`]). Acks
 //! (`applied_seq`, cumulative) advance the disk's applied seq, release window, wake agent
-//! streams and the janitor (which persists the floor and deletes applied segments).
+//! streams and the janitor (which persists the floor and retires applied segments).
 //!
 //! Any connection failure ends the session: all K are dropped, and after a backoff of
 //! 100 ms doubling to 5 s a new session re-hellos and resends from each disk's applied + 1
 //! (the master target drops what it already applied). A per-disk `error` from the master
 //! target marks that disk failed (status shows it) and stops forwarding it; others go on.
 //!
+//! With `--bandwidth-mbit`/`--bandwidth-schedule` every batch first draws from one token
+//! bucket ([`crate::throttle`]); while it is empty the session stops filling until it refills,
+//! but keeps taking acks and commands.
+//!
 //! Invariant: only batches at or below a disk's `cached` seq (durable) are forwarded.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +34,11 @@ use protocol::transport::{TlsFiles, WanTuning};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::cache::index::Loc;
+use crate::disks::DiskState;
+use crate::fair::{DEFAULT_WEIGHT, Fair, Ready};
 use crate::server::Ctx;
+use crate::throttle::{Bandwidth, Throttle};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -50,6 +59,10 @@ pub struct ForwardConfig {
     pub connections: usize,
     /// Record bytes in flight to the master target, all disks together.
     pub window: u64,
+    /// Rate limit of the hop, all connections together.
+    pub bandwidth: Bandwidth,
+    /// Forwarding weight per disk id ([`crate::fair`]); others weigh [`DEFAULT_WEIGHT`].
+    pub priorities: BTreeMap<String, u32>,
 }
 
 #[derive(Debug)]
@@ -58,11 +71,38 @@ pub struct AddDisk {
     reply: oneshot::Sender<Result<u64, Refusal>>,
 }
 
+/// State of the link to the master target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Link {
+    /// The first session is being opened.
+    Connecting,
+    /// A session is up with this many connections.
+    Up { connections: usize },
+    /// The last session failed (why); a new one is tried after a backoff.
+    Down(String),
+}
+
+impl Link {
+    pub fn is_up(&self) -> bool {
+        matches!(self, Link::Up { .. })
+    }
+}
+
+impl std::fmt::Display for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Link::Connecting => f.write_str("connecting"),
+            Link::Up { connections } => write!(f, "up ({connections} connections)"),
+            Link::Down(why) => write!(f, "down: {why}"),
+        }
+    }
+}
+
 /// What the rest of the server holds to talk to the forwarder.
 #[derive(Debug)]
 pub struct ForwarderHandle {
     cmd: mpsc::Sender<AddDisk>,
-    link: watch::Sender<String>,
+    link: watch::Sender<Link>,
 }
 
 impl ForwarderHandle {
@@ -71,7 +111,7 @@ impl ForwarderHandle {
         (
             ForwarderHandle {
                 cmd,
-                link: watch::Sender::new("connecting".into()),
+                link: watch::Sender::new(Link::Connecting),
             },
             rx,
         )
@@ -103,13 +143,12 @@ impl ForwarderHandle {
         }
     }
 
-    /// "up (K connections)", "down: <why>", "connecting".
-    pub fn link_state(&self) -> String {
+    pub fn link(&self) -> Link {
         self.link.borrow().clone()
     }
 
-    fn set_link(&self, s: String) {
-        self.link.send_replace(s);
+    fn set_link(&self, link: Link) {
+        self.link.send_replace(link);
     }
 }
 
@@ -134,8 +173,9 @@ pub async fn run(cfg: ForwardConfig, ctx: Arc<Ctx>, mut cmds: mpsc::Receiver<Add
             Ok(mut s) => {
                 backoff = BACKOFF_MIN;
                 last_why.clear();
-                ctx.forwarder
-                    .set_link(format!("up ({} connections)", cfg.connections));
+                ctx.forwarder.set_link(Link::Up {
+                    connections: cfg.connections,
+                });
                 tracing::info!(url = %cfg.url, connections = cfg.connections, "connected to the master target");
                 match s.run(&cfg, &ctx, &mut cmds).await {
                     Ok(()) => return,
@@ -152,7 +192,7 @@ pub async fn run(cfg: ForwardConfig, ctx: Arc<Ctx>, mut cmds: mpsc::Receiver<Add
             tracing::debug!(url = %cfg.url, "master target still down: {why_text}; retrying in {backoff:?}");
         }
         last_why.clone_from(&why_text);
-        ctx.forwarder.set_link(format!("down: {why_text}"));
+        ctx.forwarder.set_link(Link::Down(why_text.clone()));
         let sleep = tokio::time::sleep(backoff);
         tokio::pin!(sleep);
         loop {
@@ -194,6 +234,12 @@ struct Session {
     inflight_bytes: u64,
     pending_adds: HashMap<String, Vec<oneshot::Sender<Result<u64, Refusal>>>>,
     rr: usize,
+    /// The bandwidth limit, drawn from by every batch on every connection.
+    throttle: Throttle,
+    /// While the throttle makes the session wait: when to fill again.
+    resume: Option<tokio::time::Instant>,
+    /// Whose turn it is to send, and the disks' credit.
+    fair: Fair,
 }
 
 impl Session {
@@ -213,6 +259,9 @@ impl Session {
             inflight_bytes: 0,
             pending_adds: HashMap::new(),
             rr: 0,
+            throttle: Throttle::new(cfg.bandwidth.clone()),
+            resume: None,
+            fair: Fair::default(),
         })
     }
 
@@ -237,6 +286,7 @@ impl Session {
                 },
                 _ = ctx.disks.data_ready() => {}
                 _ = shutdown.changed() => return Ok(()),
+                _ = sleep_until(self.resume) => self.resume = None,
             }
         }
     }
@@ -306,9 +356,15 @@ impl Session {
             ctx.janitor.notify_one();
         }
         if let Some(q) = self.inflight.get_mut(&p.disk_id) {
+            let mut drained = 0;
             while q.front().is_some_and(|&(s, _)| s <= p.applied_seq) {
                 let (_, b) = q.pop_front().expect("front exists");
-                self.inflight_bytes -= b;
+                drained += b;
+            }
+            self.inflight_bytes -= drained;
+            // A repeated ack drains nothing and must not make a stalled flow look active.
+            if drained > 0 {
+                ctx.disks.drained(&p.disk_id, drained);
             }
         }
         if let Some(n) = self.next.get_mut(&p.disk_id) {
@@ -319,10 +375,20 @@ impl Session {
     /// Sends durable batches until the window is full or nothing is left.
     async fn fill(&mut self, cfg: &ForwardConfig, ctx: &Arc<Ctx>) -> Result<(), SessionError> {
         loop {
-            if self.inflight_bytes >= cfg.window {
+            if self.inflight_bytes >= cfg.window || self.resume.is_some() {
                 return Ok(());
             }
-            let picks = self.pick(cfg.window - self.inflight_bytes, ctx);
+            let allowed = match self
+                .throttle
+                .allowance(std::time::Instant::now(), std::time::SystemTime::now())
+            {
+                Ok(n) => n,
+                Err(wait) => {
+                    self.resume = Some(tokio::time::Instant::now() + wait);
+                    return Ok(());
+                }
+            };
+            let picks = self.pick((cfg.window - self.inflight_bytes).min(allowed), cfg, ctx);
             if picks.is_empty() {
                 return Ok(());
             }
@@ -356,42 +422,78 @@ impl Session {
                     .or_default()
                     .push_back((seq, u64::from(loc.len)));
                 self.inflight_bytes += u64::from(loc.len);
+                self.throttle.spend(u64::from(loc.len));
             }
         }
     }
 
-    /// Up to `READ_CHUNK` next batches (`budget` bytes), taking disks in turn.
-    fn pick(
-        &mut self,
-        mut budget: u64,
-        ctx: &Arc<Ctx>,
-    ) -> Vec<(String, u64, crate::cache::index::Loc)> {
-        let mut picks = Vec::new();
+    /// Up to `READ_CHUNK` next batches (about `budget` bytes), disks in weighted fair order.
+    fn pick(&mut self, budget: u64, cfg: &ForwardConfig, ctx: &Arc<Ctx>) -> Vec<Pick> {
         let disks = ctx.disks.snapshot();
-        let mut progressed = true;
-        while progressed && picks.len() < READ_CHUNK && budget > 0 {
-            progressed = false;
-            for s in &disks {
-                if s.failed.is_some() || picks.len() >= READ_CHUNK || budget == 0 {
-                    continue;
-                }
-                let id = &s.info.disk_id;
-                let n = self.next.entry(id.clone()).or_insert(s.applied + 1);
-                *n = (*n).max(s.applied + 1);
-                if *n > s.cached {
-                    continue;
-                }
-                // A missing entry is a hole left by cache corruption: stop before it.
-                let Some(loc) = ctx.cache.with_index(|ix| ix.get(id, *n)) else {
-                    continue;
-                };
-                picks.push((id.clone(), *n, loc));
-                budget = budget.saturating_sub(u64::from(loc.len));
-                *n += 1;
-                progressed = true;
-            }
+        let weights: Vec<(&str, u32)> = disks
+            .iter()
+            .map(|s| {
+                let id = s.info.disk_id.as_str();
+                let w = cfg.priorities.get(id).copied();
+                (id, w.unwrap_or(DEFAULT_WEIGHT))
+            })
+            .collect();
+        let mut ready = Candidates {
+            disks: &disks,
+            next: &mut self.next,
+            ctx,
+            peeked: None,
+            picks: Vec::new(),
+        };
+        self.fair.choose(&weights, &mut ready, READ_CHUNK, budget);
+        ready.picks
+    }
+}
+
+/// A batch to send: disk, seq, where it lies in the cache.
+type Pick = (String, u64, Loc);
+
+/// Each disk's next durable batch, for [`Fair::choose`].
+struct Candidates<'a> {
+    disks: &'a [DiskState],
+    /// Next seq to send, per disk (the session's).
+    next: &'a mut HashMap<String, u64>,
+    ctx: &'a Ctx,
+    /// The batch the last `peek` found.
+    peeked: Option<Pick>,
+    picks: Vec<Pick>,
+}
+
+impl Ready for Candidates<'_> {
+    fn peek(&mut self, i: usize) -> Option<u64> {
+        let s = &self.disks[i];
+        if s.failed.is_some() {
+            return None;
         }
-        picks
+        let id = &s.info.disk_id;
+        let n = self.next.entry(id.clone()).or_insert(s.applied + 1);
+        *n = (*n).max(s.applied + 1);
+        if *n > s.cached {
+            return None;
+        }
+        // A missing entry is a hole left by cache corruption: stop before it.
+        let loc = self.ctx.cache.with_index(|ix| ix.get(id, *n))?;
+        self.peeked = Some((id.clone(), *n, loc));
+        Some(u64::from(loc.len))
+    }
+
+    fn take(&mut self, _: usize) {
+        let pick = self.peeked.take().expect("take follows a successful peek");
+        *self.next.get_mut(&pick.0).expect("peek set it") = pick.1 + 1;
+        self.picks.push(pick);
+    }
+}
+
+/// Resolves at `at`, never when `None`.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

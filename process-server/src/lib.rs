@@ -1,6 +1,6 @@
 //! The failback process server: accepts many agents' `ProcessServer.Replicate` streams, makes
 //! every batch durable in its cache volume before acknowledging it, and forwards the cached
-//! batches in seq order to the master target over several connections, deleting them once the
+//! batches in seq order to the master target over several connections, retiring them once the
 //! master target has applied them.
 //!
 //! ```text
@@ -9,7 +9,7 @@
 //!                          |                    v
 //!                        disks (watermarks) <-- forward --Apply x K--> master target
 //!                          |                    | acks (applied)
-//!                          +---- janitor: persist applied floor (registry), delete segments
+//!                          +---- janitor: persist applied floor (registry), retire segments
 //! ```
 //!
 //! Per disk: `appended >= cached (durable) >= applied (at the master target) >= floor
@@ -18,11 +18,15 @@
 pub mod cache;
 pub mod cli;
 pub mod disks;
+pub mod fair;
 pub mod forward;
 pub mod ingest;
+pub mod metrics;
+pub mod rate;
 pub mod registry;
 pub mod server;
 pub mod status;
+pub mod throttle;
 
 use std::process::ExitCode;
 
@@ -49,16 +53,7 @@ pub fn run_cli() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(async move {
-        match cli.command {
-            Command::Serve(args) => {
-                let settings = args.settings()?;
-                server::serve(settings, protocol::cli::shutdown_signal()).await?;
-                Ok(())
-            }
-            Command::Status(args) => args.run().await,
-        }
-    });
+    let result = runtime.block_on(cli::run(cli));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

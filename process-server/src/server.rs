@@ -55,6 +55,8 @@ pub enum ServeError {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: String,
+    /// Where to serve Prometheus `/metrics`, if anywhere.
+    pub metrics_listen: Option<String>,
     pub cache: CacheConfig,
     pub forward: ForwardConfig,
     pub tuning: WanTuning,
@@ -73,6 +75,8 @@ pub struct Ctx {
     pub forwarder: ForwarderHandle,
     pub identity: String,
     pub master_target_url: String,
+    /// The forwarding hop's limit (the forwarder has its own copy; this one is for status).
+    pub bandwidth: crate::throttle::Bandwidth,
     /// `true` once shutdown began.
     pub shutdown: watch::Receiver<bool>,
     /// Wakes the janitor (an applied seq advanced).
@@ -171,22 +175,23 @@ async fn open(
         forwarder,
         identity: settings.identity.clone(),
         master_target_url: settings.forward.url.clone(),
+        bandwidth: settings.forward.bandwidth.clone(),
         shutdown,
         janitor: Notify::new(),
     });
     // Weak: the writer thread must not keep the context (and the cache lock) alive.
     let hook = Arc::downgrade(&ctx);
     ctx.cache
-        .start(Arc::new(move |id: &str, seq: u64| {
+        .start(Arc::new(move |id: &str, seq: u64, bytes: u64| {
             if let Some(c) = hook.upgrade() {
-                c.disks.durable(id, seq);
+                c.disks.durable(id, seq, bytes);
             }
         }))
         .map_err(ServeError::StartingWriter)?;
     Ok((ctx, cmds))
 }
 
-/// Persists applied floors, then deletes the segments they make obsolete.
+/// Persists applied floors, then retires (reuses or deletes) the segments they make obsolete.
 async fn janitor(ctx: Arc<Ctx>) {
     let mut shutdown = ctx.shutdown.clone();
     loop {
@@ -201,10 +206,10 @@ async fn janitor(ctx: Arc<Ctx>) {
                 Err(e) => tracing::error!("registry task failed: {e}"),
             }
         }
-        match ctx.cache.delete_applied(|id| ctx.disks.floor(id)).await {
+        match ctx.cache.retire_applied(|id| ctx.disks.floor(id)).await {
             Ok(0) => {}
-            Ok(n) => tracing::debug!(segments = n, "deleted applied cache segments"),
-            Err(e) => tracing::error!("cannot delete applied cache segments: {e}"),
+            Ok(n) => tracing::debug!(segments = n, "retired applied cache segments"),
+            Err(e) => tracing::error!("cannot retire applied cache segments: {e}"),
         }
         tokio::select! {
             _ = ctx.janitor.notified() => {}
@@ -254,28 +259,45 @@ impl ProcessServer for Service {
     }
 }
 
-/// Binds `settings.listen` and serves until `stop` resolves; see [`serve_on`].
+async fn bind(addr: &str) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Binding {
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+/// Binds `settings.listen` (and `settings.metrics_listen`) and serves until `stop` resolves;
+/// see [`serve_on`].
 pub async fn serve(
     settings: Settings,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let listener = TcpListener::bind(&settings.listen)
-        .await
-        .map_err(|source| ServeError::Binding {
-            addr: settings.listen.clone(),
-            source,
-        })?;
-    serve_on(settings, listener, stop).await
+    let listener = bind(&settings.listen).await?;
+    let metrics = match &settings.metrics_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    serve_on(settings, listener, metrics, stop).await
 }
 
-/// Serves on `listener` until `stop` resolves (clean exit) or the cache fails (error).
+/// Serves on `listener` (and Prometheus metrics on `metrics`) until `stop` resolves (clean
+/// exit) or the cache fails (error).
 pub async fn serve_on(
     settings: Settings,
     listener: TcpListener,
+    metrics: Option<TcpListener>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (ctx, cmds) = open(&settings, shutdown_rx).await?;
+    let metrics = metrics.map(|l| {
+        if let Ok(a) = l.local_addr() {
+            tracing::info!("metrics on http://{a}/metrics");
+        }
+        tokio::spawn(crate::metrics::serve(l, ctx.clone()))
+    });
     let forwarder = tokio::spawn(forward::run(settings.forward.clone(), ctx.clone(), cmds));
     let janitor = tokio::spawn(janitor(ctx.clone()));
 
@@ -317,6 +339,9 @@ pub async fn serve_on(
             Ok(())
         }
     };
+    if let Some(m) = metrics {
+        m.abort();
+    }
     let _ = forwarder.await;
     let _ = janitor.await;
     ctx.cache.close().await;

@@ -124,6 +124,11 @@ impl Flow {
         self.refresh();
     }
 
+    /// Whether the writer found the volume full (ENOSPC) and waits for space.
+    pub fn out_of_space(&self) -> bool {
+        self.no_space.load(Ordering::Relaxed)
+    }
+
     pub fn set_no_space(&self, full: bool) {
         self.no_space.store(full, Ordering::Relaxed);
         self.refresh();

@@ -6,19 +6,29 @@
 //! buffered `pwrite`s, issues **one** `fdatasync`, then completes each request. A lone writer
 //! syncs at once; under load the queue fills while a sync runs, so the next group is larger.
 //!
+//! Segments are preallocated to the segment size (`fallocate`), so appends overwrite reserved
+//! blocks instead of growing the file; a segment is cut to its last record when it is sealed.
+//! Segments whose records are all applied are kept for reuse (up to [`MAX_FREE`] files named
+//! `<seq>.free`) rather than deleted: the next segment takes one, writes its own header (its
+//! seq seeds every record's CRC, so the previous use's records can never pass as its own),
+//! and is renamed into place.
+//!
 //! Failure model (PITFALLS §4):
 //! * `fdatasync`/`fsync` errors are fatal and never retried: Linux may have dropped the dirty
 //!   pages, so a retry could "succeed" over lost data. The writer reports it and stops.
 //! * `ENOSPC`/`EDQUOT` on a write: the partial write is truncated away, the cache reports
-//!   "no space" (agents are paused) and the same records are written again once a segment is
-//!   deleted (or after a second). Nothing acknowledged is touched.
-//! * Recovery: a torn record at the end of the newest segment is truncated away (and the
-//!   truncation synced) before anything is appended. A bad record followed by a valid one, or a
-//!   bad record in a sealed segment, is corruption in the middle of the log: it is reported as
-//!   [`Damage`] so that the disks concerned (only those) can be put into "resync required".
+//!   "no space" (agents are paused), the free segment files are deleted to make room, and the
+//!   same records are written again once a segment is retired (deleted, not kept, while the
+//!   volume is full) or after a second. Nothing acknowledged is touched.
+//! * Recovery: a torn record (or a stale one from the file's previous use) at the end of the
+//!   newest segment is truncated away (and the truncation synced) before anything is
+//!   appended. A bad record followed by a valid one, or a bad record in a sealed segment, is
+//!   corruption in the middle of the log: it is reported as [`Damage`] so that the disks
+//!   concerned (only those) can be put into "resync required".
 
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,6 +44,16 @@ use super::segment::{self, Decoded, HEADER_LEN};
 const MAX_GROUP: usize = 1024;
 /// Most record bytes one group commit writes before it syncs.
 const MAX_GROUP_BYTES: usize = 64 << 20;
+/// Applied segments kept for reuse rather than deleted: overwriting a file already written
+/// costs about half of writing new blocks (PITFALLS §4), while this bounds the space they
+/// hold beyond the quota to `MAX_FREE x segment_size`.
+pub const MAX_FREE: usize = 4;
+/// File name suffix of free segments (`<last seq, 16 digits>.free`).
+const FREE_SUFFIX: &str = ".free";
+
+/// Seqs (former names) of the free segment files, shared by the writer (takes) and the
+/// janitor (gives).
+pub type FreePool = Arc<parking_lot::Mutex<Vec<u64>>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -110,6 +130,8 @@ pub struct Recovered {
     /// Bytes cut off the newest segment's torn tail.
     pub truncated: u64,
     pub(super) active: Active,
+    /// Free segment files, for reuse.
+    pub(super) free: Vec<u64>,
 }
 
 /// The segment appends go to.
@@ -160,8 +182,10 @@ pub fn list_segments(dir: &Path) -> Result<Vec<u64>, LogError> {
 }
 
 /// Scans every segment of `dir`, truncates a torn tail of the newest one (synced before
-/// returning), rebuilds the index and opens (or creates) the segment to append to.
-pub fn recover(dir: &Path) -> Result<Recovered, LogError> {
+/// returning), rebuilds the index, opens (or creates) the segment to append to, preallocated
+/// to `segment_size`, and collects the free segments for reuse.
+pub fn recover(dir: &Path, segment_size: u64) -> Result<Recovered, LogError> {
+    let free = recover_free(dir)?;
     let seqs = list_segments(dir)?;
     let mut index = Index::default();
     let mut damage = Vec::new();
@@ -173,13 +197,14 @@ pub fn recover(dir: &Path) -> Result<Recovered, LogError> {
         let path = segment_path(dir, seq);
         let data = read_whole(&path)?;
         if let Err(e) = segment::decode_header(&data, seq) {
-            if newest && data.len() <= HEADER_LEN {
-                // Torn at creation: nothing in it was ever acknowledged.
+            if newest && data.iter().skip(HEADER_LEN).all(|&b| b == 0) {
+                // Torn at creation (before or after its preallocation): no record was ever
+                // written to it, so nothing in it was acknowledged.
                 tracing::warn!(
                     segment = seq,
                     "newest cache segment has a torn header ({e}); rewriting it"
                 );
-                active = Some(create_segment_file(dir, seq, true)?);
+                active = Some(create_segment_file(dir, seq, true, segment_size)?);
                 usage += HEADER_LEN as u64;
                 index.note_segment_len(seq, HEADER_LEN as u64);
                 continue;
@@ -193,25 +218,8 @@ pub fn recover(dir: &Path) -> Result<Recovered, LogError> {
         let end = scan(seq, &data, newest, &mut index, &mut damage);
         index.note_segment_len(seq, end as u64);
         if newest {
-            let file = open_rw(&path)?;
-            if end < data.len() {
-                truncated = (data.len() - end) as u64;
-                tracing::warn!(
-                    segment = seq,
-                    offset = end,
-                    bytes = truncated,
-                    "truncating the torn tail of the newest cache segment"
-                );
-                file.set_len(end as u64)
-                    .map_err(|source| LogError::TruncatingSegment {
-                        path: shown(&path),
-                        source,
-                    })?;
-                file.sync_all().map_err(|source| LogError::Syncing {
-                    path: shown(&path),
-                    source,
-                })?;
-            }
+            let (file, cut) = open_newest(&path, &data, end, segment_size)?;
+            truncated = cut;
             active = Some(Active {
                 seq,
                 file,
@@ -225,7 +233,7 @@ pub fn recover(dir: &Path) -> Result<Recovered, LogError> {
     let active = match active {
         Some(a) => a,
         None => {
-            let a = create_segment_file(dir, 1, false)?;
+            let a = create_segment_file(dir, 1, false, segment_size)?;
             index.note_segment_len(1, HEADER_LEN as u64);
             usage += HEADER_LEN as u64;
             a
@@ -237,7 +245,47 @@ pub fn recover(dir: &Path) -> Result<Recovered, LogError> {
         usage,
         truncated,
         active,
+        free,
     })
+}
+
+/// Opens the newest segment to append at `end` (where its good records end) and preallocates
+/// it; returns the file and how many bytes of a torn or stale tail were cut.
+///
+/// A preallocated tail reads as zeros; anything else after the last good record (a torn
+/// write, or records of the file's previous use) is cut and synced before anything is
+/// appended, so a later append can never end next to a leftover that passes its check.
+fn open_newest(
+    path: &Path,
+    data: &[u8],
+    end: usize,
+    segment_size: u64,
+) -> Result<(File, u64), LogError> {
+    let file = open_rw(path)?;
+    let mut truncated = 0;
+    if data[end..].iter().any(|&b| b != 0) {
+        truncated = (data.len() - end) as u64;
+        tracing::warn!(
+            path = %path.display(),
+            offset = end,
+            bytes = truncated,
+            "truncating the torn tail of the newest cache segment"
+        );
+        file.set_len(end as u64)
+            .map_err(|source| LogError::TruncatingSegment {
+                path: shown(path),
+                source,
+            })?;
+    }
+    preallocate(&file, segment_size).map_err(|source| LogError::WritingSegment {
+        path: shown(path),
+        source,
+    })?;
+    file.sync_all().map_err(|source| LogError::Syncing {
+        path: shown(path),
+        source,
+    })?;
+    Ok((file, truncated))
 }
 
 /// Scans the records of one segment into `index`; returns the offset where valid data ends.
@@ -274,18 +322,20 @@ fn scan(seq: u64, data: &[u8], newest: bool, index: &mut Index, damage: &mut Vec
                 total_len,
                 disk_hint,
             } => {
-                let next_valid = total_len.filter(|&t| {
-                    matches!(
-                        segment::decode_record(seq, &data[off + t..]),
-                        Decoded::Record(_)
-                    )
+                // Its length is intact if a valid record follows, or, in a sealed segment (cut
+                // to its last record and synced when sealed), if it ends the segment exactly:
+                // then only this record is lost.
+                let bounded = total_len.filter(|&t| {
+                    let rest = &data[off + t..];
+                    matches!(segment::decode_record(seq, rest), Decoded::Record(_))
+                        || (!newest && rest.is_empty())
                 });
-                if let Some(t) = next_valid {
+                if let Some(t) = bounded {
                     damage.push(Damage {
                         segment: seq,
                         offset: off as u64,
                         disk_hint,
-                        what: "corrupt record followed by valid records".into(),
+                        what: "corrupt record between intact ones".into(),
                     });
                     off += t;
                     continue;
@@ -328,8 +378,26 @@ fn open_rw(path: &Path) -> Result<File, LogError> {
         })
 }
 
-/// Creates segment `seq` with its header, then fsyncs the file and the directory.
-fn create_segment_file(dir: &Path, seq: u64, replace: bool) -> Result<Active, LogError> {
+/// Reserves the first `len` bytes of `file` (`fallocate`, mode 0: the file grows to `len`,
+/// reading as zeros), so appends neither allocate nor change the file size. A filesystem
+/// without `fallocate` just goes without.
+fn preallocate(file: &File, len: u64) -> std::io::Result<()> {
+    let len = libc::off_t::try_from(len).map_err(std::io::Error::other)?;
+    // SAFETY: fallocate on a file descriptor we own; no memory is involved.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP) => Ok(()),
+        _ => Err(e),
+    }
+}
+
+/// Creates segment `seq` with its header, preallocated to `size`, then fsyncs the file and
+/// the directory.
+fn create_segment_file(dir: &Path, seq: u64, replace: bool, size: u64) -> Result<Active, LogError> {
     let path = segment_path(dir, seq);
     let file = OpenOptions::new()
         .read(true)
@@ -343,12 +411,87 @@ fn create_segment_file(dir: &Path, seq: u64, replace: bool) -> Result<Active, Lo
             source,
         })?;
     file.write_all_at(&segment::encode_header(seq), 0)
+        .and_then(|()| preallocate(&file, size))
         .map_err(|source| LogError::WritingSegment {
             path: shown(&path),
             source,
         })?;
     file.sync_all().map_err(|source| LogError::Syncing {
         path: shown(&path),
+        source,
+    })?;
+    sync_dir(dir)?;
+    Ok(Active {
+        seq,
+        file,
+        len: HEADER_LEN as u64,
+    })
+}
+
+/// The file of free segment `id` (its last seq), kept for reuse.
+fn free_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:016}{FREE_SUFFIX}"))
+}
+
+/// The free segment files of `dir`; beyond [`MAX_FREE`] they are deleted.
+fn recover_free(dir: &Path) -> Result<Vec<u64>, LogError> {
+    let err = |source| LogError::ListingDir {
+        path: shown(dir),
+        source,
+    };
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(err)? {
+        let name = entry.map_err(err)?.file_name();
+        let id = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(FREE_SUFFIX))
+            .filter(|d| d.len() == 16 && d.bytes().all(|c| c.is_ascii_digit()))
+            .and_then(|d| d.parse::<u64>().ok());
+        ids.extend(id);
+    }
+    ids.sort_unstable();
+    if ids.len() > MAX_FREE {
+        for &id in &ids[MAX_FREE..] {
+            remove(&free_path(dir, id))?;
+        }
+        sync_dir(dir)?;
+        ids.truncate(MAX_FREE);
+    }
+    Ok(ids)
+}
+
+fn remove(path: &Path) -> Result<(), LogError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(LogError::DeletingSegment {
+            path: shown(path),
+            source,
+        }),
+    }
+}
+
+/// Takes a free segment file and makes it segment `seq`: the new header first (every record
+/// of its previous use then fails its CRC, which is seeded with the segment seq), then the
+/// preallocation, an fsync, and the rename to its new name (and a directory fsync). A crash
+/// before the rename leaves a free file, after it a valid empty segment.
+fn reuse_segment(dir: &Path, id: u64, seq: u64, size: u64) -> Result<Active, LogError> {
+    let from = free_path(dir, id);
+    let file = open_rw(&from)?;
+    let wrote = |source| LogError::WritingSegment {
+        path: shown(&from),
+        source,
+    };
+    file.write_all_at(&segment::encode_header(seq), 0)
+        .map_err(wrote)?;
+    preallocate(&file, size).map_err(wrote)?;
+    file.sync_all().map_err(|source| LogError::Syncing {
+        path: shown(&from),
+        source,
+    })?;
+    let to = segment_path(dir, seq);
+    std::fs::rename(&from, &to).map_err(|source| LogError::WritingSegment {
+        path: shown(&to),
         source,
     })?;
     sync_dir(dir)?;
@@ -383,19 +526,24 @@ pub fn read_record(dir: &Path, loc: Loc, disk: &str, seq: u64) -> Result<Bytes, 
     }
 }
 
-/// Deletes a segment file and makes the deletion durable.
-pub fn delete_segment(dir: &Path, seq: u64) -> Result<(), LogError> {
+/// Retires a segment whose records are all applied: with `keep` it joins the free pool for
+/// reuse while the pool holds fewer than [`MAX_FREE`]; otherwise (or while the volume is full
+/// and its space is needed) it is deleted. Durable either way.
+pub fn retire_segment(dir: &Path, seq: u64, free: &FreePool, keep: bool) -> Result<(), LogError> {
     let path = segment_path(dir, seq);
-    match std::fs::remove_file(&path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(LogError::DeletingSegment {
-                path: shown(&path),
-                source,
-            });
-        }
+    let mut pool = free.lock();
+    if keep && pool.len() < MAX_FREE {
+        let to = free_path(dir, seq);
+        std::fs::rename(&path, &to).map_err(|source| LogError::DeletingSegment {
+            path: shown(&path),
+            source,
+        })?;
+        sync_dir(dir)?;
+        pool.push(seq);
+        return Ok(());
     }
+    drop(pool);
+    remove(&path)?;
     sync_dir(dir)
 }
 
@@ -436,6 +584,8 @@ pub(super) struct Writer {
     pub syncs: Arc<AtomicU64>,
     /// Seq of the segment being appended to (never deleted).
     pub active_seq: Arc<AtomicU64>,
+    /// Applied segments kept for reuse.
+    pub free: FreePool,
     pub buf: Vec<u8>,
 }
 
@@ -562,7 +712,9 @@ impl Writer {
                     }
                     waited = true;
                     self.events.no_space(true);
-                    self.events.wait_for_space();
+                    if !self.drop_free() {
+                        self.events.wait_for_space();
+                    }
                 }
                 Err(source) => {
                     return Err(LogError::WritingSegment {
@@ -595,9 +747,10 @@ impl Writer {
 
     /// Seals the active segment (already synced) and starts the next one.
     fn rotate(&mut self) -> Result<(), LogError> {
+        self.seal()?;
         let next = self.active.seq + 1;
         let active = loop {
-            match create_segment_file(&self.dir, next, true) {
+            match self.next_segment(next) {
                 Ok(a) => break a,
                 Err(LogError::WritingSegment { source, .. }) if is_no_space(&source) => {
                     self.events.no_space(true);
@@ -611,5 +764,51 @@ impl Writer {
         self.events.grew(HEADER_LEN as u64);
         tracing::debug!(segment = next, "new cache segment");
         Ok(())
+    }
+
+    /// Cuts the active segment's unused preallocated tail, durably: a sealed segment ends at
+    /// its last record, so recovery can tell a zeroed block in the middle of the log (damage)
+    /// from the end, and a reused file's stale tail never follows a sealed segment's records.
+    fn seal(&mut self) -> Result<(), LogError> {
+        let path = self.path();
+        self.active
+            .file
+            .set_len(self.active.len)
+            .map_err(|source| LogError::TruncatingSegment {
+                path: path.clone(),
+                source,
+            })?;
+        self.active
+            .file
+            .sync_all()
+            .map_err(|source| LogError::Syncing { path, source })
+    }
+
+    /// Deletes every free segment file, to give its space to the volume; returns whether
+    /// there was any. A failure is logged: waiting for the janitor is the fallback.
+    fn drop_free(&self) -> bool {
+        let ids = std::mem::take(&mut *self.free.lock());
+        for &id in &ids {
+            if let Err(e) = remove(&free_path(&self.dir, id)) {
+                tracing::warn!("cannot delete free cache segment {id}: {e}");
+            }
+        }
+        !ids.is_empty()
+    }
+
+    /// Segment `seq`, from a free file if there is one, else a new file.
+    fn next_segment(&mut self, seq: u64) -> Result<Active, LogError> {
+        let reused = self.free.lock().pop();
+        if let Some(id) = reused {
+            match reuse_segment(&self.dir, id, seq, self.segment_size) {
+                Ok(a) => return Ok(a),
+                Err(e) => {
+                    // The free file is dropped; a new one serves instead.
+                    tracing::warn!("cannot reuse free cache segment {id}: {e}");
+                    remove(&free_path(&self.dir, id))?;
+                }
+            }
+        }
+        create_segment_file(&self.dir, seq, true, self.segment_size)
     }
 }

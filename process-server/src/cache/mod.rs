@@ -4,10 +4,13 @@
 //! Watermarks, per disk (documented on `crate::disks::DiskState` too):
 //! `appended >= durable (cached) >= applied at the master target`. Only `durable` records are
 //! acknowledged to agents or forwarded; only segments whose every record is at or below the
-//! *persisted* applied floor of its disk are deleted.
+//! *persisted* applied floor of its disk are retired (kept for reuse or deleted).
 //!
-//! Layout of the directory: `NNNNNNNNNNNNNNNN.seg` segments ([`segment`]), the disk registry
-//! (`crate::registry`), and a `lock` file held with `flock` while a server uses the directory.
+//! Layout of the directory: `NNNNNNNNNNNNNNNN.seg` segments ([`segment`]), up to
+//! [`log::MAX_FREE`] retired segments `NNNNNNNNNNNNNNNN.free` kept for reuse, the disk
+//! registry (`crate::registry`), and a `lock` file held with `flock` while a server uses the
+//! directory. Usage and the quota count record and header bytes; on disk the active segment's
+//! preallocated tail and the free files take up to `(1 + MAX_FREE) x segment_size` more.
 
 pub mod flow;
 pub mod index;
@@ -26,15 +29,15 @@ use tokio::sync::{mpsc, oneshot};
 
 use self::flow::Flow;
 use self::index::{Index, Loc};
-use self::log::{Append, Damage, LogError, Writer, WriterEvents};
+use self::log::{Append, Damage, FreePool, LogError, Writer, WriterEvents};
 
 /// Depth of the append queue in front of the writer thread (requests, each up to one batch).
 const APPEND_QUEUE: usize = 1024;
 /// Record bytes the append queue may hold, in KiB (bounds its memory whatever the batch size).
 const QUEUE_BUDGET_KIB: usize = 256 << 10;
 
-/// Called, in log order, for every record once it is durable.
-pub type OnDurable = Arc<dyn Fn(&str, u64) + Send + Sync>;
+/// Called, in log order, for every record once it is durable: `(disk, seq, record bytes)`.
+pub type OnDurable = Arc<dyn Fn(&str, u64, u64) + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -70,6 +73,7 @@ pub struct Cache {
     flow: Arc<Flow>,
     syncs: Arc<AtomicU64>,
     active_seq: Arc<AtomicU64>,
+    free: FreePool,
     tx: Mutex<Option<mpsc::Sender<Append>>>,
     queue_budget: Arc<tokio::sync::Semaphore>,
     /// The writer, until `start` moves it onto its thread.
@@ -104,8 +108,8 @@ impl WriterEvents for Events {
                 ix.insert(&a.disk_id, a.seq, *loc);
             }
         }
-        for a in group {
-            (self.on_durable)(&a.disk_id, a.seq);
+        for (a, loc) in group.iter().zip(locs) {
+            (self.on_durable)(&a.disk_id, a.seq, u64::from(loc.len));
         }
     }
     fn grew(&self, bytes: u64) {
@@ -149,7 +153,7 @@ impl Cache {
             source,
         })?;
         let lock = lock_dir(&cfg.dir)?;
-        let rec = log::recover(&cfg.dir)?;
+        let rec = log::recover(&cfg.dir, cfg.segment_size)?;
         if rec.truncated > 0 {
             tracing::warn!(bytes = rec.truncated, "cache recovery cut a torn tail");
         }
@@ -165,6 +169,7 @@ impl Cache {
                 flow,
                 syncs,
                 active_seq,
+                free: Arc::new(Mutex::new(rec.free)),
                 tx: Mutex::new(Some(tx)),
                 queue_budget: Arc::new(tokio::sync::Semaphore::new(QUEUE_BUDGET_KIB)),
                 pending: Mutex::new(Some((rec.active, rx))),
@@ -192,6 +197,7 @@ impl Cache {
             }),
             syncs: self.syncs.clone(),
             active_seq: self.active_seq.clone(),
+            free: self.free.clone(),
             buf: Vec::new(),
         };
         let handle = std::thread::Builder::new()
@@ -263,23 +269,25 @@ impl Cache {
         .unwrap_or_else(|_| (0..n).map(|_| Err(LogError::TaskFailed)).collect())
     }
 
-    /// Deletes every sealed segment whose records are all at or below the persisted applied
-    /// floor of their disk (`floor` returns `None` for disks whose records must be kept).
-    /// Returns how many segments were deleted.
-    pub async fn delete_applied(
+    /// Retires every sealed segment whose records are all at or below the persisted applied
+    /// floor of their disk (`floor` returns `None` for disks whose records must be kept): it
+    /// is kept for reuse or deleted ([`log::retire_segment`]). Returns how many were retired.
+    pub async fn retire_applied(
         &self,
         floor: impl Fn(&str) -> Option<u64>,
     ) -> Result<usize, LogError> {
         let active = self.active_seq.load(Ordering::Acquire);
         let victims = self.index.lock().deletable(active, floor);
         for &seq in &victims {
-            let dir = self.dir.clone();
-            tokio::task::spawn_blocking(move || log::delete_segment(&dir, seq))
+            let (dir, free) = (self.dir.clone(), self.free.clone());
+            // A full volume needs the space now more than a file to reuse later.
+            let keep = !self.flow.out_of_space();
+            tokio::task::spawn_blocking(move || log::retire_segment(&dir, seq, &free, keep))
                 .await
                 .map_err(|_| LogError::TaskFailed)??;
             let bytes = self.index.lock().remove_segment(seq);
             self.flow.shrank(bytes);
-            tracing::debug!(segment = seq, bytes, "deleted fully applied cache segment");
+            tracing::debug!(segment = seq, bytes, "retired fully applied cache segment");
         }
         Ok(victims.len())
     }

@@ -1,6 +1,7 @@
 //! Tests of the cache as a whole: group commit, recovery, corruption handling, deletion.
 
 use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
@@ -24,7 +25,7 @@ fn open_started(dir: &Path, segment_size: u64) -> (Cache, Vec<Damage>, Seen) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s = seen.clone();
     cache
-        .start(Arc::new(move |d: &str, q: u64| {
+        .start(Arc::new(move |d: &str, q: u64, _bytes: u64| {
             s.lock().push((d.to_string(), q))
         }))
         .unwrap();
@@ -52,6 +53,12 @@ async fn append_all(cache: &Cache, disk: &str, seqs: std::ops::RangeInclusive<u6
 
 fn seg_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(file_name(seq))
+}
+
+/// Whether segment `seq` holds only zeros from `offset` on (a preallocated, unused tail).
+fn zeros_from(dir: &Path, seq: u64, offset: u64) -> bool {
+    let data = std::fs::read(seg_path(dir, seq)).unwrap();
+    data.len() as u64 >= offset && data[offset as usize..].iter().all(|&b| b == 0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -108,17 +115,20 @@ async fn recovery_truncates_a_torn_tail_and_appends_after_it() {
     cache.close().await;
     drop(cache);
     let path = seg_path(dir.path(), 1);
-    let good_len = std::fs::metadata(&path).unwrap().len();
-    // A record whose write was cut short by a crash.
+    let end = (HEADER_LEN + 5 * super::segment::record_len("a", 1000)) as u64;
+    assert!(zeros_from(dir.path(), 1, end));
+    // A record whose write was cut short by a crash, in the preallocated tail.
     let mut rec = Vec::new();
     encode_record(&mut rec, 1, "a", 6, 0, &[7u8; 1000]);
-    let f = OpenOptions::new().append(true).open(&path).unwrap();
-    std::io::Write::write_all(&mut &f, &rec[..rec.len() / 2]).unwrap();
+    let f = OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(&rec[..rec.len() / 2], end).unwrap();
     drop(f);
 
     let (cache, damage, _) = open_started(dir.path(), 64 << 20);
     assert!(damage.is_empty());
-    assert_eq!(std::fs::metadata(&path).unwrap().len(), good_len);
+    // Cut: the tail reads as zeros again, still preallocated.
+    assert!(zeros_from(dir.path(), 1, end));
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 64 << 20);
     assert_eq!(cache.with_index(|ix| ix.seqs("a")), vec![1, 2, 3, 4, 5]);
     append_all(&cache, "a", 6..=6, 1000).await;
     cache.close().await;
@@ -157,6 +167,32 @@ async fn corruption_in_the_middle_is_reported_for_its_disk_only() {
 }
 
 #[tokio::test]
+async fn a_corrupt_last_record_of_a_sealed_segment_is_reported_for_its_disk_only() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two 3000-byte records per 8 KiB segment: a1 b1 | a2.
+    let (cache, _, _) = open_started(dir.path(), 8 << 10);
+    append_all(&cache, "a", 1..=1, 3000).await;
+    append_all(&cache, "b", 1..=1, 3000).await;
+    append_all(&cache, "a", 2..=2, 3000).await;
+    let b1 = cache.with_index(|ix| ix.get("b", 1)).unwrap();
+    assert_eq!(cache.with_index(|ix| ix.get("a", 2)).unwrap().segment, 2);
+    cache.close().await;
+    drop(cache);
+    let path = seg_path(dir.path(), 1);
+    let mut data = std::fs::read(&path).unwrap();
+    // Sealed: cut to its last record.
+    assert_eq!(data.len() as u64, b1.offset + u64::from(b1.len));
+    data[(b1.offset + 100) as usize] ^= 0x01;
+    std::fs::write(&path, &data).unwrap();
+
+    let (cache, damage, _) = open_started(dir.path(), 8 << 10);
+    assert_eq!(damage.len(), 1, "{damage:?}");
+    assert_eq!(damage[0].disk_hint.as_deref(), Some("b"));
+    assert_eq!(cache.with_index(|ix| ix.seqs("a")), vec![1, 2]);
+    cache.close().await;
+}
+
+#[tokio::test]
 async fn stale_records_copied_into_a_new_segment_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (cache, _, _) = open_started(dir.path(), 64 << 20);
@@ -174,10 +210,7 @@ async fn stale_records_copied_into_a_new_segment_are_refused() {
     // Only segment 1's genuine records count; segment 2 was cut back to its header.
     assert_eq!(cache.with_index(|ix| ix.seqs("a")), vec![1, 2, 3]);
     assert!(cache.with_index(|ix| ix.get("a", 1)).unwrap().segment == 1);
-    assert_eq!(
-        std::fs::metadata(seg_path(dir.path(), 2)).unwrap().len(),
-        HEADER_LEN as u64
-    );
+    assert!(zeros_from(dir.path(), 2, HEADER_LEN as u64));
     cache.close().await;
 }
 
@@ -191,7 +224,7 @@ async fn applied_segments_are_deleted_and_the_rest_stays_readable() {
     assert!(segments_before.len() > 3, "{segments_before:?}");
 
     let deleted = cache
-        .delete_applied(|d| (d == "a").then_some(10))
+        .retire_applied(|d| (d == "a").then_some(10))
         .await
         .unwrap();
     assert!(deleted > 0);
@@ -206,7 +239,7 @@ async fn applied_segments_are_deleted_and_the_rest_stays_readable() {
         assert_eq!(got[0].as_ref().unwrap(), &batch(s, 1500));
     }
     // An unknown disk's records are never deleted.
-    assert_eq!(cache.delete_applied(|_| None).await.unwrap(), 0);
+    assert_eq!(cache.retire_applied(|_| None).await.unwrap(), 0);
     cache.close().await;
 }
 
@@ -277,7 +310,7 @@ async fn a_full_volume_pauses_with_enospc_and_resumes_when_segments_are_freed() 
             tokio::select! {
                 r = &mut rx => { r.unwrap().unwrap(); break; }
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {
-                    cache.delete_applied(|_| Some(u64::MAX)).await.unwrap();
+                    cache.retire_applied(|_| Some(u64::MAX)).await.unwrap();
                 }
             }
         }
@@ -314,6 +347,78 @@ async fn a_newest_segment_torn_at_creation_is_rewritten_and_used() {
     let (cache, damage, _) = open_started(dir.path(), 64 << 20);
     assert!(damage.is_empty(), "{damage:?}");
     assert_eq!(cache.with_index(|ix| ix.seqs("a")), vec![1, 2, 3, 4]);
+    let header = std::fs::read(seg_path(dir.path(), 2)).unwrap();
+    assert_eq!(super::segment::decode_header(&header, 2), Ok(2));
+    cache.close().await;
+}
+
+/// Files of `dir` ending in `suffix`.
+fn count(dir: &Path, suffix: &str) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            name.to_str().unwrap().ends_with(suffix)
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn applied_segments_are_reused_and_their_old_records_never_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _, _) = open_started(dir.path(), 8 << 10);
+    // 1500-byte batches: five per 8 KiB segment, so 1..=30 fill six segments and start a 7th.
+    append_all(&cache, "a", 1..=30, 1500).await;
+    let sealed = log::list_segments(dir.path()).unwrap().len() - 1;
+    assert!(sealed >= 5, "{sealed}");
+    let retired = cache.retire_applied(|_| Some(30)).await.unwrap();
+    assert_eq!(retired, sealed);
+    // At most MAX_FREE are kept for reuse, the rest deleted.
+    assert_eq!(count(dir.path(), ".free"), log::MAX_FREE);
+    assert_eq!(count(dir.path(), ".seg"), 1);
+    // New segments come from the free files: no new file is created while one is left. The
+    // last gets three records, so records of its previous use lie intact after them.
+    append_all(&cache, "a", 31..=43, 1500).await;
+    let segments = log::list_segments(dir.path()).unwrap();
+    assert_eq!(segments.len(), 4, "{segments:?}");
+    assert_eq!(count(dir.path(), ".free"), 1);
+    cache.close().await;
+    drop(cache);
+    let last = *segments.last().unwrap();
+    let end = (HEADER_LEN + 3 * super::segment::record_len("a", 1500)) as u64;
+    assert!(!zeros_from(dir.path(), last, end));
+    // After a restart only the records of the segments' current use are found: those of
+    // 1..=30 in the reused files fail their CRC (seeded by the new segment seq), and the
+    // newest segment's stale tail is cut.
+    let (cache, damage, _) = open_started(dir.path(), 8 << 10);
+    assert!(damage.is_empty(), "{damage:?}");
+    assert_eq!(
+        cache.with_index(|ix| ix.seqs("a")),
+        (26..=43).collect::<Vec<_>>()
+    );
+    assert!(zeros_from(dir.path(), last, end));
+    for s in 26..=43 {
+        let loc = cache.with_index(|ix| ix.get("a", s)).unwrap();
+        let got = cache.read(vec![("a".into(), s, loc)]).await;
+        assert_eq!(got[0].as_ref().unwrap(), &batch(s, 1500));
+    }
+    cache.close().await;
+}
+
+#[tokio::test]
+async fn a_preallocated_segment_torn_before_its_header_is_rewritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _, _) = open_started(dir.path(), 64 << 10);
+    append_all(&cache, "a", 1..=3, 300).await;
+    cache.close().await;
+    drop(cache);
+    // A crash after segment 2's preallocation reached the disk but before its header did.
+    std::fs::write(seg_path(dir.path(), 2), vec![0u8; 64 << 10]).unwrap();
+
+    let (cache, damage, _) = open_started(dir.path(), 64 << 10);
+    assert!(damage.is_empty(), "{damage:?}");
+    append_all(&cache, "a", 4..=4, 300).await;
+    assert_eq!(cache.with_index(|ix| ix.get("a", 4)).unwrap().segment, 2);
     let header = std::fs::read(seg_path(dir.path(), 2)).unwrap();
     assert_eq!(super::segment::decode_header(&header, 2), Ok(2));
     cache.close().await;

@@ -13,6 +13,7 @@ use protocol::pb::{
     agent_message, apply_message, forward_message, process_server_message,
 };
 use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
 use super::*;
@@ -174,6 +175,7 @@ fn settings(cache: &Path, mt_url: &str, quota: u64) -> Settings {
     let pass = Passphrase::new(PASS).unwrap();
     Settings {
         listen: "127.0.0.1:0".into(),
+        metrics_listen: None,
         cache: CacheConfig {
             dir: cache.to_path_buf(),
             segment_size: 16 << 10,
@@ -187,6 +189,8 @@ fn settings(cache: &Path, mt_url: &str, quota: u64) -> Settings {
             auth: ClientAuth::new(pass.clone(), "ps-test"),
             connections: 3,
             window: 64 << 10,
+            bandwidth: crate::throttle::Bandwidth::default(),
+            priorities: Default::default(),
         },
         tuning: WanTuning::default(),
         tls: TlsFiles::default(),
@@ -197,6 +201,8 @@ fn settings(cache: &Path, mt_url: &str, quota: u64) -> Settings {
 
 struct Running {
     url: String,
+    /// HOST:PORT of its `/metrics`.
+    metrics: String,
     stop: oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<(), ServeError>>,
 }
@@ -206,13 +212,29 @@ async fn start_server(cache: &Path, mt_url: &str) -> Running {
 }
 
 async fn start_server_with_quota(cache: &Path, mt_url: &str, quota: u64) -> Running {
+    start_server_with(settings(cache, mt_url, quota)).await
+}
+
+async fn start_server_with(settings: Settings) -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
+    let metrics_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics = metrics_listener.local_addr().unwrap().to_string();
     let (stop, stop_rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve_on(settings(cache, mt_url, quota), listener, async {
-        let _ = stop_rx.await;
-    }));
-    Running { url, stop, task }
+    let task = tokio::spawn(serve_on(
+        settings,
+        listener,
+        Some(metrics_listener),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    Running {
+        url,
+        metrics,
+        stop,
+        task,
+    }
 }
 
 impl Running {
@@ -479,19 +501,33 @@ async fn agents_pause_above_high_water_and_resume_when_drained() {
     server.stop().await;
 }
 
-/// Cuts the newest segment inside a record and overwrites the end with garbage, as a crash
-/// in the middle of a write (never acknowledged) can leave it.
-fn tear_newest_segment(dir: &Path, disk: &str, seq: u64) {
+/// Where the records of segment `seg` (its bytes `data`) end.
+fn log_end(seg: u64, data: &[u8]) -> usize {
+    use crate::cache::segment::{Decoded, HEADER_LEN, decode_record};
+    let mut off = HEADER_LEN;
+    while let Decoded::Record(r) = decode_record(seg, &data[off..]) {
+        off += r.total_len;
+    }
+    off
+}
+
+/// Writes part of a record after the newest segment's last one and garbage at its end, as a
+/// crash in the middle of a write (never acknowledged) can leave it; returns where the
+/// records end.
+fn tear_newest_segment(dir: &Path, disk: &str, seq: u64) -> usize {
     let newest = *segments(dir).last().expect("a segment");
     let path = crate::cache::log::segment_path(dir, newest);
     let mut data = std::fs::read(&path).unwrap();
+    let end = log_end(newest, &data);
     let mut rec = Vec::new();
     crate::cache::segment::encode_record(&mut rec, newest, disk, seq, 0, &noise(seq, 3000));
     rec.truncate(rec.len() * 2 / 3);
     let n = rec.len();
     rec[n - 200..].fill(0xa5);
+    data.truncate(end);
     data.extend_from_slice(&rec);
     std::fs::write(&path, &data).unwrap();
+    end
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -499,15 +535,16 @@ async fn a_torn_tail_is_cut_at_restart_and_every_acked_batch_is_delivered() {
     let (cache, mt, mt_url) = twelve_cached_while_the_master_target_is_away().await;
     let newest = *segments(cache.path()).last().unwrap();
     let path = crate::cache::log::segment_path(cache.path(), newest);
-    let good_len = std::fs::metadata(&path).unwrap().len();
-    tear_newest_segment(cache.path(), "disk-1", 13);
+    let end = tear_newest_segment(cache.path(), "disk-1", 13);
 
     // Restart: the torn record is cut, the 12 acked batches are delivered, and batches
     // appended after the cut are readable and delivered too.
     let server = start_server(cache.path(), &mt_url).await;
     let mut a = agent(&server.url).await;
-    // The welcome comes after recovery, and nothing new has been appended yet.
-    assert_eq!(std::fs::metadata(&path).unwrap().len(), good_len);
+    // The welcome comes after recovery, and nothing new has been appended yet: the torn
+    // record is gone (the tail reads as zeros, preallocated again).
+    let data = std::fs::read(&path).unwrap();
+    assert!(data.len() > end && data[end..].iter().all(|&b| b == 0));
     assert_eq!(a.welcome.cached_seq, 12);
     a.until(|p| p.applied_seq == 12).await;
     a.send(13..=15).await;
@@ -577,5 +614,116 @@ async fn mid_log_corruption_stops_only_its_disk_with_resync_required() {
     assert!(e.message.contains("differential sync"), "{}", e.message);
     assert!(mt.applied_order("disk-1").iter().all(|&s| s < 3));
     drop(b);
+    server.stop().await;
+}
+
+/// The value of the series `series` (name and labels exactly as exposed) on a metrics page.
+fn sample(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in\n{page}"))
+        .parse()
+        .unwrap()
+}
+
+/// Scrapes until `done(page)` (bounded): figures move as acks arrive.
+async fn scrape_until(addr: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let page = protocol::metrics::scrape(addr).await.unwrap();
+        if done(&page) {
+            return page;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{page}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_follow_the_data_in_the_cache_and_to_the_master_target() {
+    let cache = tempfile::tempdir().unwrap();
+    let mt = FakeMt::new();
+    let mt_url = start_fake_mt(mt.clone()).await;
+    let server = start_server(cache.path(), &mt_url).await;
+    let link = "process_server_master_target_link_up";
+    let page = scrape_until(&server.metrics, |p| sample(p, link) == 1.0).await;
+    assert!(!page.contains("disk_id="), "{page}");
+    assert_eq!(
+        sample(&page, "process_server_cache_quota_bytes"),
+        (1u64 << 30) as f64
+    );
+    assert_eq!(
+        sample(&page, "process_server_forward_limit_bytes_per_second"),
+        0.0
+    );
+    let firing = r#"process_server_alerts_firing{alert="rpo",severity="critical"}"#;
+    assert_eq!(sample(&page, firing), 0.0);
+
+    // The master target is stuck: bytes come in, a backlog builds, nothing goes out.
+    let mut a = agent(&server.url).await;
+    mt.gate.send_replace(false);
+    a.send(1..=10).await;
+    a.until(|p| p.cached_seq == 10).await;
+    let d = |name: &str| format!(r#"process_server_disk_{name}{{disk_id="disk-1"}}"#);
+    let page = scrape_until(&server.metrics, |p| sample(p, &d("cached_seq")) == 10.0).await;
+    let received = sample(&page, &d("received_bytes_total"));
+    // Ten records of a 3000-byte write each, plus headers.
+    assert!(received > 30_000.0, "{received}");
+    assert!(sample(&page, &d("backlog_bytes")) > 0.0);
+    assert!(sample(&page, "process_server_cache_used_bytes") >= received);
+    let backlog = r#"process_server_disk_state{disk_id="disk-1",state="backlog"}"#;
+    assert_eq!(sample(&page, backlog), 1.0);
+
+    // It catches up: everything received goes out, the backlog is gone and drains in 0 s.
+    mt.gate.send_replace(true);
+    a.until(|p| p.applied_seq == 10).await;
+    let page = scrape_until(&server.metrics, |p| {
+        sample(p, &d("forwarded_bytes_total")) == received
+    })
+    .await;
+    assert_eq!(sample(&page, &d("backlog_bytes")), 0.0);
+    assert_eq!(sample(&page, &d("drain_seconds")), 0.0);
+    assert_eq!(sample(&page, &d("applied_seq")), 10.0);
+    assert!(sample(&page, &d("rpo_seconds")) >= 0.0);
+    let continuous = r#"process_server_disk_state{disk_id="disk-1",state="continuous"}"#;
+    assert_eq!(sample(&page, continuous), 1.0);
+    assert_eq!(sample(&page, backlog), 0.0);
+    drop(a);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forwarding_keeps_to_the_bandwidth_limit() {
+    let cache = tempfile::tempdir().unwrap();
+    let mt = FakeMt::new();
+    let mt_url = start_fake_mt(mt.clone()).await;
+    let mut s = settings(cache.path(), &mt_url, 1 << 30);
+    // 1 Mbit/s = 125 000 bytes/s, for ~100 KB of batches: about 0.8 s of forwarding.
+    s.forward.bandwidth.mbit = 1;
+    let rate = 125_000.0;
+    let start = std::time::Instant::now();
+    let server = start_server_with(s).await;
+    let limit = "process_server_forward_limit_bytes_per_second";
+    let page = protocol::metrics::scrape(&server.metrics).await.unwrap();
+    assert_eq!(sample(&page, limit), rate);
+    let mut a = agent(&server.url).await;
+    a.send(1..=32).await;
+    a.until(|p| p.cached_seq == 32).await;
+    let forwarded = r#"process_server_disk_forwarded_bytes_total{disk_id="disk-1"}"#;
+    let received = r#"process_server_disk_received_bytes_total{disk_id="disk-1"}"#;
+    // Byte counts against an upper bound that only loosens if the machine is slow: what went
+    // out never exceeds the bucket's burst and one batch of debt plus the rate so far.
+    let slack = rate * crate::throttle::BURST.as_secs_f64() + 4096.0;
+    let page = scrape_until(&server.metrics, |p| {
+        let out = sample(p, forwarded);
+        let bound = slack + rate * start.elapsed().as_secs_f64();
+        assert!(out <= bound, "{out} bytes out, more than {bound}");
+        out == sample(p, received)
+    })
+    .await;
+    assert!(sample(&page, forwarded) > 90_000.0);
+    a.until(|p| p.applied_seq == 32).await;
+    assert_eq!(mt.applied_order("disk-1"), (1..=32).collect::<Vec<_>>());
+    drop(a);
     server.stop().await;
 }
