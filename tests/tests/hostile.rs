@@ -43,6 +43,16 @@ fn code_of(text: &str) -> Option<u32> {
 /// the code of the first error the server answers with (an ErrorReport or the stream's
 /// status), or None if it acks everything and stays silent for two seconds.
 async fn send_hostile(c: &Cluster, declared: DiskInfo, batches: Vec<Batch>) -> Option<u32> {
+    send(c, declared, batches, true).await
+}
+
+/// As [`send_hostile`]; `with_proof: false` leaves the passphrase proof out of the hello.
+async fn send(
+    c: &Cluster,
+    declared: DiskInfo,
+    batches: Vec<Batch>,
+    with_proof: bool,
+) -> Option<u32> {
     let auth = ClientAuth::new(
         Passphrase::load(Some(&c.passphrase_file)).unwrap(),
         "hostile",
@@ -57,7 +67,7 @@ async fn send_hostile(c: &Cluster, declared: DiskInfo, batches: Vec<Batch>) -> O
     let (tx, out) = tokio::sync::mpsc::channel(16);
     tx.send(AgentMessage {
         body: Some(agent_message::Body::Hello(AgentHello {
-            auth: Some(pending.auth.clone()),
+            auth: with_proof.then(|| pending.auth.clone()),
             disks: vec![declared],
         })),
     })
@@ -154,6 +164,38 @@ fn hostile_batches_get_precise_codes_and_change_nothing() {
         );
     }
 
+    // No proof of the passphrase at all: refused as unauthenticated.
+    assert_eq!(
+        rt.block_on(send(&c, disk(id), vec![batch(id, 1, 0)], false)),
+        Some(3),
+        "missing passphrase proof\n{}",
+        c.log_tails()
+    );
+
+    // A replay of seqs the honest disk already has, with other bytes: whatever the answer,
+    // the stored disk must not change (a seq is applied once).
+    let good = DiskInfo {
+        disk_id: "disk-good".into(),
+        name: "good".into(),
+        capacity: CAPACITY,
+        format: 0,
+        group: String::new(),
+    };
+    let last = common::status(&c, common::Server::ProcessServer)
+        .and_then(|s| s.disks.into_iter().find(|d| d.disk_id == "disk-good"))
+        .map(|d| d.cached_seq)
+        .expect("the process server reports the honest disk");
+    assert!(last >= 1);
+    let replayed = rt.block_on(send_hostile(
+        &c,
+        good,
+        vec![batch("disk-good", 1, 0), batch("disk-good", last, 4096)],
+    ));
+    assert_eq!(
+        replayed, None,
+        "a replay is dropped as a duplicate, not an error"
+    );
+
     // Nothing hostile was stored: the hostile disk has no data (at most an empty, freshly
     // created image), and the honest disk is untouched.
     if let Ok(hostile) = std::fs::read(c.flat_path("disk_hostile")) {
@@ -162,7 +204,17 @@ fn hostile_batches_get_precise_codes_and_change_nothing() {
             "a hostile byte was applied"
         );
     }
-    assert_eq!(std::fs::read(c.flat_path("good")).unwrap(), good_before);
+    let good_after = std::fs::read(c.flat_path("good")).unwrap();
+    let differing: Vec<usize> = (0..good_after.len().max(good_before.len()))
+        .step_by(4096)
+        .filter(|&o| good_after.get(o..o + 4096) != good_before.get(o..o + 4096))
+        .collect();
+    assert!(
+        differing.is_empty(),
+        "the honest disk changed at 4 KiB blocks {differing:?} (sizes {} -> {})",
+        good_before.len(),
+        good_after.len()
+    );
 
     // The servers still replicate honest work.
     workload::churn(&source, 7, 64).unwrap();
