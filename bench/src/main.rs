@@ -24,8 +24,19 @@ enum Cmd {
     Demo(bench::demo::DemoArgs),
     /// Full syncs through a WAN emulator over a grid of RTT x link rate, next to peer
     /// tools on the same data: MB/s, blocks/s, wire bytes, CPU and memory per role, the
-    /// analytic bound of each row; a table, a JSON report and SVG plots in --out.
+    /// analytic bound of each row; a table, a JSON report and SVG plots in --out. With
+    /// --scenario differential: resyncs of a changed disk (failback vs rsync's delta).
     Run(bench::run::RunArgs),
+    /// Process server ingest throughput (simulated agent streams into its cache volume,
+    /// master target stopped) against raw sequential write + fdatasync of the same bytes.
+    Ingest(bench::ingest::IngestArgs),
+    /// Many simulated agents (default 200) against one process server and master target:
+    /// total and per-agent MB/s, fairness, the process server's peak memory; every disk is
+    /// verified byte for byte.
+    Scale(bench::scale::ScaleArgs),
+    /// Continuous replication under churn through the agent's NBD export: RPO over time
+    /// (process server status), a JSON report and an SVG plot.
+    Rpo(bench::rpo::RpoArgs),
     /// Emulate a WAN link (delay, rate, queue, window) as a TCP proxy between a process
     /// server and a master target.
     Wan(bench::wan::WanArgs),
@@ -41,6 +52,9 @@ fn main() -> ExitCode {
         .and_then(|exe| match &cli.command {
             Cmd::Demo(args) => bench::demo::run(args, &exe).map(|_| ()),
             Cmd::Run(args) => bench::run::run(args, &exe).map(|_| ()),
+            Cmd::Ingest(args) => bench::ingest::run(args, &exe).map(|_| ()),
+            Cmd::Scale(args) => bench::scale::run(args, &exe).map(|_| ()),
+            Cmd::Rpo(args) => bench::rpo::run(args, &exe).map(|_| ()),
             Cmd::Wan(args) => tokio::runtime::Runtime::new()
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| {

@@ -11,6 +11,8 @@ use std::fs::{self, File};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -18,6 +20,7 @@ use anyhow::{Context, Result, bail};
 use crate::packet::{self, Netns};
 use crate::usage::{self, RssWatch, Usage};
 use crate::verify;
+use crate::wan::Relayed;
 
 /// A peer system.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +39,11 @@ pub enum Peer {
 #[derive(Debug)]
 pub struct Transfer<'a> {
     pub source: &'a Path,
+    /// Differential scenario: the disk the target already holds before the copy (the
+    /// source before its change); the copy then sends only the difference.
+    pub base: Option<&'a Path>,
+    /// What the emulator has relayed so far, to tell the measured copy from its set-up.
+    pub relayed: Arc<Relayed>,
     pub size: u64,
     /// Scratch directory of this copy (target files, configs, logs).
     pub dir: &'a Path,
@@ -53,6 +61,21 @@ pub struct Transfer<'a> {
 pub struct Measured {
     pub seconds: f64,
     pub roles: Vec<(String, Usage)>,
+    /// Bytes the emulator had relayed (up, down) when the measured copy started: the
+    /// set-up's share (putting the base on the target), to subtract.
+    pub wire_before: (u64, u64),
+    /// Something the report should say about this copy (e.g. a fallback the tool took).
+    pub note: Option<String>,
+}
+
+impl Transfer<'_> {
+    /// Bytes relayed so far, (up, down).
+    pub fn wire_now(&self) -> (u64, u64) {
+        (
+            self.relayed.up.load(Ordering::Relaxed),
+            self.relayed.down.load(Ordering::Relaxed),
+        )
+    }
 }
 
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -83,9 +106,17 @@ impl Peer {
         self.tools().iter().copied().find(|t| !on_path(t))
     }
 
+    /// Whether this peer can send only the difference to a target that holds `base`.
+    pub fn has_delta(self) -> bool {
+        self == Peer::Rsync
+    }
+
     /// Copies `t.source` through the emulator and checks the copy.
     pub fn transfer(self, t: &Transfer) -> Result<Measured> {
         fs::create_dir_all(t.dir)?;
+        if t.base.is_some() && !self.has_delta() {
+            bail!("{} has no differential transfer", self.name());
+        }
         match self {
             Peer::Lz4Socat => lz4_socat(t),
             Peer::Nbdcopy => nbd(t, Peer::Nbdcopy),
@@ -234,6 +265,8 @@ fn lz4_socat(t: &Transfer) -> Result<Measured> {
     Ok(Measured {
         seconds,
         roles: vec![("sender".into(), s), ("receiver".into(), r)],
+        wire_before: (0, 0),
+        note: None,
     })
 }
 
@@ -285,6 +318,8 @@ fn nbd(t: &Transfer, peer: Peer) -> Result<Measured> {
     Ok(Measured {
         seconds,
         roles: vec![("sender".into(), c), ("receiver".into(), s)],
+        wire_before: (0, 0),
+        note: None,
     })
 }
 
@@ -306,22 +341,33 @@ fn rsync(t: &Transfer) -> Result<Measured> {
         .arg(format!("--address={}", t.listen.ip()))
         .arg(format!("--config={}", conf.display()))
         .arg(format!("--port={}", t.listen.port()));
+    let out = module.join("copy.raw");
+    if let Some(base) = t.base {
+        fs::copy(base, &out).context("putting the base disk on the receiver")?;
+    }
     let mut daemon = Proc::spawn_receiver(daemon, t, "rsync --daemon")?;
     daemon.wait_listening(t.listen.port())?;
+    let wire_before = t.wire_now();
     let started = Instant::now();
     let mut client = Command::new("rsync");
+    match t.base {
+        // The delta algorithm against the receiver's copy (-I: never skip the file on
+        // matching size and time).
+        Some(_) => client.args(["--inplace", "--no-whole-file", "--ignore-times"]),
+        None => client.args(["--whole-file", "--compress", "--compress-choice=lz4"]),
+    };
     client
-        .args(["--whole-file", "--compress", "--compress-choice=lz4"])
         .arg(t.source)
         .arg(format!("rsync://{}/bench/copy.raw", t.connect));
     let c = Proc::spawn(client, t, "rsync")?.finish(t.timeout)?;
     let d = daemon.terminate(t.timeout)?;
-    let out = module.join("copy.raw");
     sync_file(&out)?;
     let seconds = started.elapsed().as_secs_f64();
     verify::files_equal(&out, t.source)?;
     Ok(Measured {
         seconds,
         roles: vec![("sender".into(), c), ("receiver".into(), d)],
+        wire_before,
+        note: None,
     })
 }

@@ -1,5 +1,5 @@
-//! SVG plots of a `bench run` report: 4 KiB blocks/s against RTT, one line per system, one
-//! chart per workload and link rate. Text is written as SVG `<text>`, so no system fonts
+//! SVG plots: of a `bench run` report, 4 KiB blocks/s against RTT, one line per system, one
+//! chart per workload and link rate; of `bench rpo`, RPO over time. Text is written as SVG `<text>`, so no system fonts
 //! are needed to draw it.
 
 use std::path::{Path, PathBuf};
@@ -74,6 +74,59 @@ fn draw(path: &Path, title: &str, rows: &[&Row]) -> Result<(), Box<dyn std::erro
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
         chart.draw_series(points.iter().map(|p| Circle::new(*p, 4, color.filled())))?;
     }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// Writes an SVG of RPO (seconds) over time (seconds since the churn started) to `path`,
+/// with the target drawn as a dashed horizontal line.
+pub fn rpo_over_time(path: &Path, title: &str, points: &[(f64, f64)], target: f64) -> Result<()> {
+    draw_rpo(path, title, points, target).map_err(|e| anyhow!("drawing {}: {e}", path.display()))
+}
+
+fn draw_rpo(
+    path: &Path,
+    title: &str,
+    points: &[(f64, f64)],
+    target: f64,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let max_x = points.iter().map(|p| p.0).fold(1.0, f64::max);
+    let max_y = points.iter().map(|p| p.1).fold(target, f64::max) * 1.1;
+    let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..max_x * 1.02, 0.0..max_y)?;
+    chart
+        .configure_mesh()
+        .x_desc("time since the churn started (s)")
+        .y_desc("RPO (s)")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.1}"))
+        .draw()?;
+    let color = Palette99::pick(0).to_rgba();
+    chart
+        .draw_series(LineSeries::new(points.to_vec(), color.stroke_width(2)))?
+        .label("RPO")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    chart
+        .draw_series(DashedLineSeries::new(
+            [(0.0, target), (max_x * 1.02, target)],
+            8,
+            6,
+            RED.stroke_width(1),
+        ))?
+        .label(format!("target {target} s"))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperRight)

@@ -176,15 +176,22 @@ pub fn generate_disk(path: &Path, size: u64, seed: u64) -> io::Result<Mix> {
     Ok(mix)
 }
 
-/// Overwrites `count` random 4 KiB blocks of the disk at `path` with random data.
+/// Overwrites `count` distinct 4 KiB blocks of the disk at `path`, chosen at random, with
+/// random data.
 pub fn churn(path: &Path, count: u64, seed: u64) -> io::Result<()> {
     let file = std::fs::OpenOptions::new().write(true).open(path)?;
     let blocks = file.metadata()?.len() / 4096;
+    if count > blocks {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("cannot change {count} distinct blocks of a disk of {blocks}"),
+        ));
+    }
     let mut rng = StdRng::seed_from_u64(seed);
     let mut block = [0u8; 4096];
-    for _ in 0..count {
+    for b in rand::seq::index::sample(&mut rng.clone(), blocks as usize, count as usize) {
         rng.fill_bytes(&mut block);
-        file.write_all_at(&block, rng.random_range(0..blocks) * 4096)?;
+        file.write_all_at(&block, b as u64 * 4096)?;
     }
     file.sync_all()
 }
@@ -342,6 +349,24 @@ fn copy_tree(from: &Path, to: &Path, budget: u64) -> io::Result<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn churn_changes_exactly_that_many_distinct_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d");
+        Workload::Random.build(&path, 1 << 20, 5).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        // 200 of 256 blocks: drawing with replacement would repeat some.
+        churn(&path, 200, 6).unwrap();
+        let after = std::fs::read(&path).unwrap();
+        let changed = before
+            .chunks(4096)
+            .zip(after.chunks(4096))
+            .filter(|(a, b)| a != b)
+            .count();
+        assert_eq!(changed, 200);
+        assert!(churn(&path, 257, 6).is_err());
+    }
 
     #[test]
     fn same_seed_same_disk_and_every_kind_present() {

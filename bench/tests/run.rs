@@ -81,3 +81,66 @@ fn quick_run_writes_a_report_with_its_rows() {
         assert!(notes.contains("not installed"), "{notes}");
     }
 }
+
+#[test]
+fn differential_scenario_reports_the_resync_bytes_of_failback_and_rsync() {
+    let rsync_installed = Command::new("rsync").arg("--version").output().is_ok();
+    let out = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bench"));
+    cmd.args([
+        "run",
+        "--quick",
+        "--scenario",
+        "differential",
+        "--size",
+        "8M",
+        "--rtt",
+        "10",
+        "--peers",
+        "rsync",
+        "--timeout-secs",
+        "120",
+        "--out",
+    ])
+    .arg(out.path());
+    let o = run_with_timeout(&mut cmd, Duration::from_secs(240)).unwrap();
+    assert!(
+        o.status.success(),
+        "bench run failed:\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let json = std::fs::read_dir(out.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "json"))
+        .expect("a JSON report");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    assert_eq!(report["plan"]["scenario"], "differential");
+    // 5 % of the 2048 blocks of 8 MiB.
+    assert_eq!(report["plan"]["changed_blocks"], 102);
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(
+        rows.len(),
+        if rsync_installed { 2 } else { 1 },
+        "{report:#}"
+    );
+    // The resync's own bytes: more than the changed data (102 x 4 KiB), and not the set-up
+    // (the base's copy) on top: at most one pass over the disk plus framing, whatever the
+    // agent ends up doing (it falls back to a full pass when it gets no chunk hashes).
+    for row in rows {
+        let up = row["wire_bytes_up"].as_u64().unwrap();
+        assert!(up > 102 * 4096 && up < (8 << 20) * 11 / 10, "{row:#}");
+    }
+    if rsync_installed {
+        assert_eq!(rows[1]["system"], "rsync");
+        // rsync's delta: well under half the disk.
+        assert!(
+            rows[1]["wire_bytes_up"].as_u64().unwrap() < 4 << 20,
+            "{report:#}"
+        );
+        assert!(rows[1]["failback_wire_over_this"].as_f64().unwrap() > 0.0);
+    }
+}
