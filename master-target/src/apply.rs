@@ -22,9 +22,14 @@
 //!   undo of a batch must describe the disk just before it, so a batch that overlaps an
 //!   earlier batch of the open group closes that group first (then undo can be read from
 //!   the map, which holds the state before the whole group).
-//! * A failed sync is fatal for the disk (never retried, PITFALLS.md §4): it stops with
-//!   `Code::Io`; after a restart the journal rolls the uncommitted group back and the
-//!   process server re-sends it.
+//! * A write refused for lack of space (undo or commit record on the retention volume,
+//!   grain or zero-fill on the datastore, state file) is not fatal: the journal is cut back
+//!   to its last COMMIT, after restoring from the group's durable undo whatever of its data
+//!   reached the target, the group's batches are refused with `Code::NoSpace`, and the disk
+//!   goes on at its durable seq: re-sent batches apply once space frees.
+//! * A failed sync (any errno) is fatal for the disk (never retried, PITFALLS.md §4,
+//!   crate::storage): it stops with `Code::Io` until the process restarts; then the journal
+//!   rolls the uncommitted group back and the process server re-sends it.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -42,6 +47,7 @@ use crate::outbox::Outbox;
 use crate::retention::CommitLock;
 use crate::retention::journal::{BatchEntry, Commit, Journal, MarkerEntry};
 use crate::state::DiskState;
+use crate::storage::{SpaceError, sync_failed};
 use crate::vmdk::Disk;
 
 /// Commands queued per disk before the senders wait (h2 flow control then pushes back).
@@ -108,6 +114,29 @@ fn extents(b: &Batch) -> impl Iterator<Item = (u64, u64)> + '_ {
         .iter()
         .map(|e| (e.offset, e.length))
         .chain(b.zeros.iter().map(|z| (z.offset, z.length)))
+}
+
+/// Why a group could not be made durable.
+enum Failed {
+    /// A write was refused for lack of space; `data`: some of the group's bytes may be on
+    /// the target already (its undo is durable).
+    NoSpace { why: String, data: bool },
+    /// A failed sync or another I/O error: the disk stops until restart.
+    Fatal(String),
+}
+
+/// Maps a storage error of a commit step: `data` as in [`Failed::NoSpace`].
+fn failed<E: SpaceError>(data: bool) -> impl FnOnce(E) -> Failed {
+    move |e| {
+        if e.is_no_space() {
+            Failed::NoSpace {
+                why: e.to_string(),
+                data,
+            }
+        } else {
+            Failed::Fatal(e.to_string())
+        }
+    }
 }
 
 struct Group {
@@ -308,8 +337,7 @@ impl Applier {
         }
         if extents(&batch).any(|(o, l)| group.overlaps(o, o + l)) {
             let full = std::mem::replace(group, Group::new());
-            self.commit(full);
-            if let Some(r) = self.fatal.then(|| self.stopped.clone()).flatten() {
+            if let Some(r) = self.commit(full) {
                 from.error(r);
                 return;
             }
@@ -346,52 +374,125 @@ impl Applier {
         self.stopped = Some(r);
     }
 
-    /// Makes the group durable (undo, data, commit record, state) and acknowledges it.
-    fn commit(&mut self, group: Group) {
+    /// Makes the group durable (undo, data, commit record, state) and acknowledges it;
+    /// returns the refusal its batches got if it failed.
+    fn commit(&mut self, group: Group) -> Option<Refusal> {
         if self.fatal {
-            for o in &group.acks {
-                o.error(self.stopped.clone().expect("fatal implies stopped"));
-            }
-            return;
+            let r = self.stopped.clone().expect("fatal implies stopped");
+            refuse(&group, &r);
+            return Some(r);
         }
         if !group.ready.is_empty() {
-            if let Err(e) = self.make_durable(&group) {
-                let r = Refusal::for_disk(Code::Io, &self.shared.disk_id, e);
-                tracing::error!(disk = %self.shared.disk_id, "{r}; disk stopped until restart");
-                self.fatal = true;
-                self.stop(r.clone());
-                for o in &group.acks {
-                    o.error(r.clone());
+            let commit = match self.make_durable(&group) {
+                Ok(c) => c,
+                Err(f) => {
+                    let r = self.fail(&group, f);
+                    refuse(&group, &r);
+                    return Some(r);
                 }
-                return;
-            }
+            };
             self.durable_seq = self.state.applied_seq;
             self.shared
                 .durable_seq
                 .store(self.durable_seq, Ordering::Release);
+            *self.shared.state.lock() = self.state.clone();
+            // The group is durable whatever happens now: sealing and pruning wait for the
+            // next commit if the volume is full.
+            if let Err(e) = self.journal.maintain(&commit) {
+                if e.is_no_space() {
+                    tracing::warn!(disk = %self.shared.disk_id, "retention volume full: {e}; retried after the next commit");
+                } else {
+                    let r = self.fail(&group, Failed::Fatal(e.to_string()));
+                    refuse(&group, &r);
+                    return Some(r);
+                }
+            }
             self.shared
                 .journal_bytes
                 .store(self.journal.bytes(), Ordering::Relaxed);
-            *self.shared.state.lock() = self.state.clone();
         }
-        let mut sent: Vec<*const Outbox> = Vec::with_capacity(group.acks.len());
-        for o in &group.acks {
-            let p = Arc::as_ptr(o);
-            if !sent.contains(&p) {
-                sent.push(p);
-                o.ack(&self.shared.disk_id, self.durable_seq);
-            }
+        for o in senders(&group) {
+            o.ack(&self.shared.disk_id, self.durable_seq);
         }
+        None
     }
 
-    /// The commit order of the module docs; an error leaves the disk to be rolled back by
-    /// the journal at the next start.
-    fn make_durable(&mut self, group: &Group) -> Result<(), String> {
+    /// Handles a group that could not be made durable: the refusal for its batches.
+    fn fail(&mut self, group: &Group, f: Failed) -> Refusal {
+        let id = &self.shared.disk_id;
+        let first = group
+            .ready
+            .first()
+            .map_or(self.durable_seq, |r| r.batch.seq);
+        let last = self.state.applied_seq;
+        let (why, data) = match f {
+            Failed::Fatal(why) => {
+                let r = Refusal::for_disk(
+                    Code::Io,
+                    id,
+                    format!(
+                        "{why}; disk stopped until the master target restarts and needs a \
+                         resync: a failed sync is never retried (on restart the journal rolls \
+                         back what was not committed and batches are re-sent from seq {}; \
+                         check the volume)",
+                        self.durable_seq + 1
+                    ),
+                );
+                tracing::error!(disk = %id, "{r}");
+                self.fatal = true;
+                self.stop(r.clone());
+                return r;
+            }
+            Failed::NoSpace { why, data } => (why, data),
+        };
+        // Under the commit lock, like the commit itself: a `recover --out` never copies
+        // the target half restored.
+        let cut = self.commit_lock.lock().and_then(|_guard| {
+            let target =
+                data.then(|| self.disk.extent() as &mut dyn crate::retention::journal::UndoTarget);
+            self.journal
+                .abort_group(target)
+                .map_err(std::io::Error::other)
+        });
+        if let Err(e) = cut {
+            return self.fail(
+                group,
+                Failed::Fatal(format!("{why}; then cutting the group back failed: {e}")),
+            );
+        }
+        // Back to the durable state: the group's batches are applied again when re-sent.
+        self.state = self.shared.state.lock().clone();
+        self.reorder.clear();
+        self.reorder_bytes = 0;
+        self.shared
+            .bytes_applied
+            .fetch_sub(group.bytes as u64, Ordering::Relaxed);
+        self.shared
+            .journal_bytes
+            .store(self.journal.bytes(), Ordering::Relaxed);
+        let r = Refusal::for_disk(
+            Code::NoSpace,
+            id,
+            format!(
+                "{why}; batches {first}..={last} were not applied (the disk stays at seq {}); \
+                 free space on the volume: they apply when re-sent from seq {}",
+                self.durable_seq,
+                self.durable_seq + 1
+            ),
+        );
+        tracing::warn!(disk = %id, "{r}");
+        r
+    }
+
+    /// The commit order of the module docs. A lack of space is left for [`Self::fail`] to
+    /// cut back; any other error leaves the disk to be rolled back by the journal at the
+    /// next start.
+    fn make_durable(&mut self, group: &Group) -> Result<Commit, Failed> {
         let last = self.state.applied_seq;
         let _guard = self
             .commit_lock
             .lock()
-            .map_err(|e| format!("taking the commit lock: {e}"))?;
+            .map_err(|e| Failed::Fatal(format!("taking the commit lock: {e}")))?;
         for r in &group.ready {
             let extent = &*self.disk.extent();
             self.journal
@@ -401,21 +502,29 @@ impl Applier {
                     extents(&r.batch),
                     |o, buf| extent.read_at(o, buf).map_err(std::io::Error::other),
                 )
-                .map_err(|e| e.to_string())?;
+                .map_err(failed(false))?;
         }
-        self.journal.sync().map_err(|e| e.to_string())?;
+        failpoint::sync_eio("journal", last).map_err(|e| {
+            let path = self.journal.active_path();
+            Failed::Fatal(format!("fdatasync {}: {}", path.display(), sync_failed(e)))
+        })?;
+        self.journal.sync().map_err(failed(false))?;
         failpoint::hit("after-undo", last);
-        self.disk.renew_cid().map_err(|e| e.to_string())?;
+        self.disk.renew_cid().map_err(failed(false))?;
         let extent = self.disk.extent();
         for r in &group.ready {
             for (offset, data) in r.decoded().writes() {
-                extent.write(offset, data).map_err(|e| e.to_string())?;
+                extent.write(offset, data).map_err(failed(true))?;
             }
             for z in &r.batch.zeros {
-                extent.zero(z.offset, z.length).map_err(|e| e.to_string())?;
+                extent.zero(z.offset, z.length).map_err(failed(true))?;
             }
         }
-        extent.sync().map_err(|e| e.to_string())?;
+        failpoint::sync_eio("extent", last).map_err(|e| {
+            let path = extent.path().display();
+            Failed::Fatal(format!("msync {path}: {}", sync_failed(e)))
+        })?;
+        extent.sync().map_err(failed(true))?;
         failpoint::hit("after-data", last);
         let commit = Commit {
             applied_unix_ms: protocol::now_unix_ms(),
@@ -440,10 +549,29 @@ impl Applier {
                 })
                 .collect(),
         };
-        self.journal.commit(&commit).map_err(|e| e.to_string())?;
+        self.journal.append_commit(&commit).map_err(failed(true))?;
         failpoint::hit("after-commit", last);
         self.state.applied_unix_ms = commit.applied_unix_ms;
-        self.state.store(&self.retention).map_err(|e| e.to_string())
+        self.state.store(&self.retention).map_err(failed(true))?;
+        Ok(commit)
+    }
+}
+
+/// Every connection that delivered a batch of `group`, once each.
+fn senders(group: &Group) -> Vec<&Arc<Outbox>> {
+    let mut out: Vec<&Arc<Outbox>> = Vec::with_capacity(group.acks.len());
+    for o in &group.acks {
+        if !out.iter().any(|p| Arc::ptr_eq(p, o)) {
+            out.push(o);
+        }
+    }
+    out
+}
+
+/// Sends `r` once to every connection that delivered a batch of `group`.
+fn refuse(group: &Group, r: &Refusal) {
+    for o in senders(group) {
+        o.error(r.clone());
     }
 }
 
@@ -454,6 +582,8 @@ mod tests {
     use crate::vmdk::DiskSpec;
     use protocol::batch::BatchBuilder;
     use protocol::pb::{DiskFormat, Marker, apply_message::Body};
+    use std::io::Write;
+    use std::path::Path;
 
     const CAP: u64 = 1 << 20;
 
@@ -464,39 +594,47 @@ mod tests {
 
     fn fixture() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let ds = dir.path().join("ds");
-        let ret = dir.path().join("ret");
-        std::fs::create_dir_all(&ds).unwrap();
-        std::fs::create_dir_all(crate::state::disks_dir(&ret)).unwrap();
+        let applier = open_applier(
+            &dir.path().join("ds"),
+            &dir.path().join("ret"),
+            DiskFormat::Vmfs,
+            CAP,
+        );
+        Fixture { dir, applier }
+    }
+
+    /// The applier of a new disk `d1` on `ds`, its journal on `ret`.
+    fn open_applier(ds: &Path, ret: &Path, format: DiskFormat, capacity: u64) -> Applier {
+        std::fs::create_dir_all(ds).unwrap();
+        std::fs::create_dir_all(crate::state::disks_dir(ret)).unwrap();
         let spec = DiskSpec {
             disk_id: "d1",
             name: "d1",
-            capacity: CAP,
-            format: DiskFormat::Vmfs,
+            capacity,
+            format,
         };
-        let mut disk = Disk::open_or_create(&ds, &spec, crate::vmdk::Claim::New).unwrap();
+        let mut disk = Disk::open_or_create(ds, &spec, crate::vmdk::Claim::New).unwrap();
         let state = DiskState {
             disk_id: "d1".into(),
             name: "d1".into(),
-            capacity: CAP,
+            capacity,
             ..Default::default()
         };
         let (journal, _) =
-            Journal::open(&ret, "d1", 0, RetentionPolicy::default(), disk.extent()).unwrap();
-        let lock = CommitLock::open(&ret, "d1").unwrap();
+            Journal::open(ret, "d1", 0, RetentionPolicy::default(), disk.extent()).unwrap();
+        let lock = CommitLock::open(ret, "d1").unwrap();
         let shared = Arc::new(DiskShared {
             disk_id: "d1".into(),
             name: "d1".into(),
-            capacity: CAP,
-            data: crate::vmdk::extent::DataRef::flat(ds.join("d1-flat.vmdk")),
+            capacity,
+            data: disk.extent().data_ref(),
             durable_seq: AtomicU64::new(0),
             bytes_applied: AtomicU64::new(0),
             journal_bytes: AtomicU64::new(0),
             state: Mutex::new(state.clone()),
             stopped: Mutex::new(None),
         });
-        let applier = Applier::new(disk, journal, lock, ret, state, shared);
-        Fixture { dir, applier }
+        Applier::new(disk, journal, lock, ret.to_path_buf(), state, shared)
     }
 
     fn batch(seq: u64, fill: u8) -> Batch {
@@ -732,5 +870,242 @@ mod tests {
             matches!(&msgs[..], [Body::Error(e)] if e.code == Code::OutOfSequence.value()),
             "{msgs:?}"
         );
+    }
+
+    /// A tmpfs mounted for one test (the tests run as root here), lazily unmounted on drop.
+    struct Tmpfs(PathBuf);
+
+    impl Tmpfs {
+        /// `None` (and a message saying the test is skipped) when mounting is not allowed.
+        fn mount(dir: &Path, bytes: u64) -> Option<Tmpfs> {
+            std::fs::create_dir_all(dir).unwrap();
+            let out = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o"])
+                .arg(format!("size={bytes}"))
+                .arg("tmpfs")
+                .arg(dir)
+                .output();
+            match out {
+                Ok(o) if o.status.success() => Some(Tmpfs(dir.to_path_buf())),
+                Ok(o) => {
+                    eprintln!(
+                        "SKIPPED: cannot mount a tmpfs at {} (needs root): {}",
+                        dir.display(),
+                        String::from_utf8_lossy(&o.stderr).trim()
+                    );
+                    None
+                }
+                Err(e) => {
+                    eprintln!("SKIPPED: cannot run mount(8): {e}");
+                    None
+                }
+            }
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+
+    /// Fills the filesystem of `path` with a file, then shrinks it to leave `leave` bytes.
+    fn fill(path: &Path, leave: u64) {
+        let mut f = std::fs::File::create(path).unwrap();
+        let chunk = vec![0xa5u8; 64 << 10];
+        while f.write_all(&chunk).is_ok() {}
+        let len = f.metadata().unwrap().len();
+        f.set_len(len.saturating_sub(leave)).unwrap();
+    }
+
+    /// Sends `batches` one group each, as a process server would, until one is refused:
+    /// returns that refusal.
+    fn send_until_refused(
+        a: &mut Applier,
+        batches: &[Batch],
+        o: &Arc<Outbox>,
+    ) -> Option<protocol::pb::ErrorReport> {
+        for b in batches {
+            run(a, vec![b.clone()], o);
+            for m in drain(o) {
+                if let Body::Error(e) = m {
+                    return Some(e);
+                }
+            }
+        }
+        None
+    }
+
+    /// The disk after each seq of `batches` (index = seq), starting from zeros.
+    fn states_after(batches: &[Batch], capacity: u64) -> Vec<Vec<u8>> {
+        let mut states = vec![vec![0u8; capacity as usize]];
+        for b in batches {
+            let mut next = states.last().unwrap().clone();
+            let mut data = Vec::new();
+            let d = protocol::batch::decode_into(b, capacity, &mut data).unwrap();
+            for (off, bytes) in d.writes() {
+                next[off as usize..off as usize + bytes.len()].copy_from_slice(bytes);
+            }
+            states.push(next);
+        }
+        states
+    }
+
+    /// The target as its files hold it.
+    fn on_disk(a: &Applier) -> Vec<u8> {
+        let r = crate::vmdk::extent::Reader::open(&a.shared.data).unwrap();
+        let mut got = vec![0u8; a.shared.capacity as usize];
+        r.read_at(&mut got, 0).unwrap();
+        got
+    }
+
+    /// Every committed seq rolls back to the disk it was.
+    fn assert_history(a: &Applier, states: &[Vec<u8>]) {
+        let h = History::read(&a.retention, "d1").unwrap().unwrap();
+        assert_eq!(h.committed_seq, a.durable_seq);
+        let now = on_disk(a);
+        for seq in h.base_seq..=h.committed_seq {
+            let mut m = Mem(now.clone());
+            h.roll_back(seq, &mut m).unwrap();
+            assert!(m.0 == states[seq as usize], "state at seq {seq}");
+        }
+    }
+
+    #[test]
+    fn a_full_retention_volume_refuses_with_no_space_and_the_resent_batches_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        let ret = dir.path().join("ret");
+        let Some(_mnt) = Tmpfs::mount(&ret, 4 << 20) else {
+            return;
+        };
+        let mut a = open_applier(&dir.path().join("ds"), &ret, DiskFormat::Vmfs, CAP);
+        // Batches 1-4 cover the disk (little undo: it was zeros), later ones overwrite
+        // 192 KiB of non-zero bytes each, so each needs about that much undo.
+        let batches: Vec<Batch> = (1..=12u64)
+            .map(|seq| {
+                let mut b = BatchBuilder::new();
+                b.push_write((seq % 4) * (256 << 10), &vec![seq as u8; 192 << 10]);
+                b.finish("d1", seq, 1000 + seq as i64, 0)
+            })
+            .collect();
+        let states = states_after(&batches, CAP);
+        let o = Arc::new(Outbox::new());
+        assert!(send_until_refused(&mut a, &batches[..4], &o).is_none());
+        fill(&ret.join("filler"), 600 << 10);
+        let e = send_until_refused(&mut a, &batches[4..], &o).expect("the volume fills up");
+        assert_eq!(e.code, Code::NoSpace.value(), "{}", e.message);
+        let acked = a.durable_seq;
+        assert!((4..12).contains(&acked), "{acked}");
+        assert!(!a.fatal && a.stopped.is_none(), "the disk is not stopped");
+        assert!(
+            on_disk(&a) == states[acked as usize],
+            "disk at the last ack"
+        );
+        assert_history(&a, &states);
+        // Still full: the re-sent batch is refused the same way, nothing changes.
+        let again = send_until_refused(&mut a, &batches[acked as usize..], &o).unwrap();
+        assert_eq!(again.code, Code::NoSpace.value());
+        assert_eq!(a.durable_seq, acked);
+        std::fs::remove_file(ret.join("filler")).unwrap();
+        assert!(send_until_refused(&mut a, &batches[acked as usize..], &o).is_none());
+        assert_eq!(a.durable_seq, 12);
+        assert!(on_disk(&a) == states[12]);
+        assert_history(&a, &states);
+    }
+
+    #[test]
+    fn a_full_datastore_rolls_back_what_the_group_wrote_and_the_resent_batches_apply() {
+        const SPARSE_CAP: u64 = 32 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let ds = dir.path().join("ds");
+        let Some(_mnt) = Tmpfs::mount(&ds, 40 << 20) else {
+            return;
+        };
+        let mut a = open_applier(
+            &ds,
+            &dir.path().join("ret"),
+            DiskFormat::MonolithicSparse,
+            SPARSE_CAP,
+        );
+        // Each batch first rewrites grain 0 in place, then fills a new MiB of grains: the
+        // sparse file grows by reserving 16 MiB at a time, and the reservation past 16 MiB
+        // fails after grain 0 (and maybe some new grains) took the batch's bytes.
+        let batches: Vec<Batch> = (1..=24u64)
+            .map(|seq| {
+                let mut b = BatchBuilder::new();
+                b.push_write(0, &[seq as u8; 64 << 10]);
+                b.push_write(seq << 20, &vec![seq as u8 | 0x80; 1 << 20]);
+                b.finish("d1", seq, 1000 + seq as i64, 0)
+            })
+            .collect();
+        let states = states_after(&batches, SPARSE_CAP);
+        let o = Arc::new(Outbox::new());
+        assert!(send_until_refused(&mut a, &batches[..1], &o).is_none());
+        fill(&ds.join("filler"), 8 << 20);
+        let e = send_until_refused(&mut a, &batches[1..], &o).expect("the datastore fills up");
+        assert_eq!(e.code, Code::NoSpace.value(), "{}", e.message);
+        assert!(e.message.contains("datastore"), "{}", e.message);
+        let acked = a.durable_seq;
+        assert!((1..24).contains(&acked), "{acked}");
+        assert!(!a.fatal && a.stopped.is_none(), "the disk is not stopped");
+        assert!(
+            on_disk(&a) == states[acked as usize],
+            "disk at the last ack"
+        );
+        assert_history(&a, &states);
+        std::fs::remove_file(ds.join("filler")).unwrap();
+        assert!(send_until_refused(&mut a, &batches[acked as usize..], &o).is_none());
+        assert_eq!(a.durable_seq, 24);
+        assert!(on_disk(&a) == states[24]);
+        assert_history(&a, &states);
+    }
+
+    /// The undo and commit records of a small batch fit in the journal's last page, the
+    /// new state file does not: the group's COMMIT is durable when the lack of space
+    /// shows, and the group is still cut back whole (data restored, COMMIT removed).
+    #[test]
+    fn a_state_file_that_does_not_fit_cuts_back_a_committed_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let ret = dir.path().join("ret");
+        let Some(_mnt) = Tmpfs::mount(&ret, 1 << 20) else {
+            return;
+        };
+        let mut a = open_applier(&dir.path().join("ds"), &ret, DiskFormat::Vmfs, CAP);
+        // Small batches over zeros: about 100 bytes of journal each.
+        let batches: Vec<Batch> = (1..=200u64)
+            .map(|seq| {
+                let mut b = BatchBuilder::new();
+                b.push_write(seq * 4096, &[seq as u8; 4096]);
+                b.finish("d1", seq, 1000 + seq as i64, 0)
+            })
+            .collect();
+        let states = states_after(&batches, CAP);
+        let o = Arc::new(Outbox::new());
+        let seg_len = |a: &Applier| std::fs::metadata(a.journal.active_path()).unwrap().len();
+        let mut next = 0;
+        // Leave room for one more batch's records in the segment's last page.
+        while next == 0 || !(1..3800).contains(&(seg_len(&a) % 4096)) {
+            assert!(send_until_refused(&mut a, &batches[next..=next], &o).is_none());
+            next += 1;
+        }
+        let len_before = seg_len(&a);
+        fill(&ret.join("filler"), 0);
+        let e = send_until_refused(&mut a, &batches[next..=next], &o).expect("state file");
+        assert_eq!(e.code, Code::NoSpace.value(), "{}", e.message);
+        assert!(e.message.contains(".state"), "{}", e.message);
+        assert_eq!(a.durable_seq, next as u64);
+        assert_eq!(seg_len(&a), len_before, "the COMMIT is cut too");
+        assert!(
+            on_disk(&a) == states[next],
+            "the batch's data is rolled back"
+        );
+        assert_history(&a, &states);
+        std::fs::remove_file(ret.join("filler")).unwrap();
+        assert!(send_until_refused(&mut a, &batches[next..next + 3], &o).is_none());
+        assert!(on_disk(&a) == states[next + 3]);
+        assert_history(&a, &states);
     }
 }

@@ -7,9 +7,12 @@ use std::process::ExitCode;
 use anyhow::{Context, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use protocol::auth::{ClientAuth, ServerAuth};
-use protocol::cli::{LogFormat, SecurityArgs, WanArgs, init_logging, load_config, parse_size};
+use protocol::cli::{
+    LogFormat, SecurityArgs, Size, WanArgs, WatchArgs, init_logging, load_config, parse_size,
+    render_config, watch,
+};
 use protocol::error::Refusal;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::server::{ServeOptions, serve};
 
@@ -54,6 +57,10 @@ struct ServeArgs {
     /// TOML file with the same keys as the flags (`_` for `-`); flags win.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Print the effective configuration (the config file merged with the flags, defaults
+    /// filled) as TOML that --config reads, then exit.
+    #[arg(long)]
+    print_config: bool,
     /// Log format on stderr [default: text].
     #[arg(long, value_enum, value_name = "FORMAT")]
     log_format: Option<LogFormat>,
@@ -69,50 +76,134 @@ struct ServeArgs {
     retention_window: Option<String>,
     /// Most undo-journal bytes per disk, e.g. 100G; when it cannot hold the window the
     /// oldest points go first, with a warning [default: no quota].
-    #[arg(long, value_name = "SIZE")]
-    retention_quota: Option<String>,
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    retention_quota: Option<u64>,
     #[command(flatten)]
     security: SecurityArgs,
     #[command(flatten)]
     wan: WanArgs,
 }
 
-/// A size in a config file: a number of bytes or a string such as "32M".
-#[derive(Deserialize, Debug, Clone)]
-#[serde(untagged)]
-enum Size {
-    Bytes(u64),
-    Text(String),
-}
-
-impl Size {
-    fn bytes(&self) -> anyhow::Result<u64> {
-        match self {
-            Size::Bytes(n) => Ok(*n),
-            Size::Text(s) => parse_size(s).map_err(|e| anyhow!(e)),
-        }
-    }
-}
-
-/// `serve --config FILE`: the keys of [`ServeArgs`].
-#[derive(Deserialize, Debug, Default)]
+/// `serve --config FILE`: the keys of [`ServeArgs`]; also the effective configuration
+/// `--print-config` writes (keys without a value, such as an unset quota, are left out).
+#[derive(Serialize, Deserialize, Debug, Default, Clone, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 struct ServeFile {
+    #[serde(skip_serializing_if = "Option::is_none")]
     listen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     datastore: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     retention: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     log_format: Option<LogFormat>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     identity: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     metrics_listen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     retention_window: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     retention_quota: Option<Size>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     passphrase_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     tls_cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     tls_key: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     tls_ca: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     tls_client_ca: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     h2_stream_window: Option<Size>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     h2_connection_window: Option<Size>,
+}
+
+/// The effective `serve` configuration: every setting resolved and checked.
+struct ServeConfig {
+    file: ServeFile,
+    listen: String,
+    datastore: PathBuf,
+    retention: PathBuf,
+    log_format: LogFormat,
+    identity: String,
+    security: SecurityArgs,
+    wan: WanArgs,
+    retention_policy: crate::retention::journal::RetentionPolicy,
+}
+
+impl ServeArgs {
+    /// Merges the config file (if any) under the flags and fills the defaults.
+    fn resolve(self) -> anyhow::Result<ServeConfig> {
+        let file: ServeFile = load_config(self.config.as_deref()).map_err(|e| anyhow!(e))?;
+        let security = self.security.or(SecurityArgs {
+            passphrase_file: file.passphrase_file,
+            tls_cert: file.tls_cert,
+            tls_key: file.tls_key,
+            tls_ca: file.tls_ca,
+            tls_client_ca: file.tls_client_ca,
+        });
+        let wan = self.wan.or(WanArgs {
+            h2_stream_window: file.h2_stream_window.map(|s| s.0),
+            h2_connection_window: file.h2_connection_window.map(|s| s.0),
+        });
+        let listen = self
+            .listen
+            .or(file.listen)
+            .context("--listen HOST:PORT is required (flag or config key)")?;
+        let datastore = self
+            .datastore
+            .or(file.datastore)
+            .context("--datastore DIR is required (flag or config key)")?;
+        let retention = self
+            .retention
+            .or(file.retention)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_RETENTION));
+        let log_format = self.log_format.or(file.log_format).unwrap_or_default();
+        let identity = self.identity.or(file.identity).unwrap_or_else(host_name);
+        let metrics_listen = self.metrics_listen.or(file.metrics_listen);
+        let window = self
+            .retention_window
+            .or(file.retention_window)
+            .unwrap_or_else(|| DEFAULT_RETENTION_WINDOW.into());
+        let quota = self.retention_quota.or(file.retention_quota.map(|s| s.0));
+        let mut retention_policy = crate::retention::journal::RetentionPolicy {
+            window_ms: parse_duration_ms(&window)?,
+            ..Default::default()
+        };
+        retention_policy.quota_bytes = quota.unwrap_or(0);
+        let tuning = wan.tuning();
+        let file = ServeFile {
+            listen: Some(listen.clone()),
+            datastore: Some(datastore.clone()),
+            retention: Some(retention.clone()),
+            log_format: Some(log_format),
+            identity: Some(identity.clone()),
+            metrics_listen,
+            retention_window: Some(window),
+            retention_quota: quota.filter(|&q| q > 0).map(Size),
+            passphrase_file: security.passphrase_file.clone(),
+            tls_cert: security.tls_cert.clone(),
+            tls_key: security.tls_key.clone(),
+            tls_ca: security.tls_ca.clone(),
+            tls_client_ca: security.tls_client_ca.clone(),
+            h2_stream_window: Some(Size(u64::from(tuning.stream_window))),
+            h2_connection_window: Some(Size(u64::from(tuning.connection_window))),
+        };
+        Ok(ServeConfig {
+            file,
+            listen,
+            datastore,
+            retention,
+            log_format,
+            identity,
+            security,
+            wan,
+            retention_policy,
+        })
+    }
 }
 
 #[derive(Args, Debug)]
@@ -123,6 +214,8 @@ struct StatusArgs {
     /// Print the reply as JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    watch: WatchArgs,
     #[command(flatten)]
     security: SecurityArgs,
 }
@@ -216,6 +309,8 @@ enum OutFormat {
 
 /// The retention volume when neither `--retention` nor the config file names one.
 const DEFAULT_RETENTION: &str = "/mnt/retention";
+/// `--retention-window` when neither the flag nor the config file sets it.
+const DEFAULT_RETENTION_WINDOW: &str = "24h";
 
 /// A duration such as `90s`, `30m`, `24h`, `7d` (a bare number is seconds), in ms.
 fn parse_duration_ms(s: &str) -> anyhow::Result<i64> {
@@ -287,41 +382,14 @@ fn host_name() -> String {
 }
 
 async fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
-    let file: ServeFile = load_config(a.config.as_deref()).map_err(|e| anyhow!(e))?;
-    init_logging(a.log_format.or(file.log_format).unwrap_or_default());
-    let security = a.security.or(SecurityArgs {
-        passphrase_file: file.passphrase_file,
-        tls_cert: file.tls_cert,
-        tls_key: file.tls_key,
-        tls_ca: file.tls_ca,
-        tls_client_ca: file.tls_client_ca,
-    });
-    let wan = a.wan.or(WanArgs {
-        h2_stream_window: file.h2_stream_window.map(|s| s.bytes()).transpose()?,
-        h2_connection_window: file.h2_connection_window.map(|s| s.bytes()).transpose()?,
-    });
-    let listen = a
-        .listen
-        .or(file.listen)
-        .context("--listen HOST:PORT is required (flag or config key)")?;
-    let datastore = a
-        .datastore
-        .or(file.datastore)
-        .context("--datastore DIR is required (flag or config key)")?;
-    let retention = a
-        .retention
-        .or(file.retention)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_RETENTION));
-    let mut retention_policy = crate::retention::journal::RetentionPolicy::default();
-    if let Some(w) = a.retention_window.or(file.retention_window) {
-        retention_policy.window_ms = parse_duration_ms(&w)?;
+    let print = a.print_config;
+    let cfg = a.resolve()?;
+    if print {
+        print!("{}", render_config(&cfg.file));
+        return Ok(());
     }
-    if let Some(q) = a.retention_quota {
-        retention_policy.quota_bytes = parse_size(&q).map_err(|e| anyhow!(e))?;
-    } else if let Some(q) = file.retention_quota {
-        retention_policy.quota_bytes = q.bytes()?;
-    }
-    let passphrase = security.passphrase()?;
+    init_logging(cfg.log_format);
+    let passphrase = cfg.security.passphrase()?;
     // Poll the shared signal future once now, which installs the SIGTERM/SIGINT handlers
     // before "listening on" is logged: a signal sent right after it must stop us cleanly.
     let mut signal = Box::pin(protocol::cli::shutdown_signal());
@@ -330,10 +398,11 @@ async fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
         () = &mut signal => return Ok(()),
         () = std::future::ready(()) => {}
     }
-    let listener = tokio::net::TcpListener::bind(&listen)
+    let listen = &cfg.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    let metrics = match a.metrics_listen.or(file.metrics_listen) {
+    let metrics = match &cfg.file.metrics_listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(&addr)
                 .await
@@ -342,14 +411,14 @@ async fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
         None => None,
     };
     let opts = ServeOptions {
-        datastore,
-        retention,
+        datastore: cfg.datastore,
+        retention: cfg.retention,
         auth: ServerAuth::new(passphrase),
-        tls: security.tls(),
-        tuning: wan.tuning(),
-        identity: a.identity.or(file.identity).unwrap_or_else(host_name),
+        tls: cfg.security.tls(),
+        tuning: cfg.wan.tuning(),
+        identity: cfg.identity,
         metrics,
-        retention_policy,
+        retention_policy: cfg.retention_policy,
     };
     serve(opts, listener, signal)
         .await
@@ -359,19 +428,24 @@ async fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
 async fn run_status(a: StatusArgs) -> anyhow::Result<()> {
     init_logging(LogFormat::Text);
     let auth = ClientAuth::new(a.security.passphrase()?, "cli");
-    let tuning = protocol::transport::WanTuning::default();
-    let mut client =
-        protocol::client::master_target(&a.connect, &tuning, &a.security.tls()).await?;
-    let reply = protocol::client::status(&mut client, &auth).await?;
-    if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&crate::status::to_json(&reply))?
-        );
-    } else {
-        print!("{}", crate::status::to_table(&reply));
-    }
-    Ok(())
+    let tls = a.security.tls();
+    let (url, json, watching) = (&a.connect, a.json, a.watch.watch.is_some());
+    // Each refresh connects afresh, so a watch outlives a restart of the server.
+    let render = || async {
+        let tuning = protocol::transport::WanTuning::default();
+        let mut client = protocol::client::master_target(url, &tuning, &tls).await?;
+        let reply = protocol::client::status(&mut client, &auth).await?;
+        anyhow::Ok(match (json, watching) {
+            // Watching: one JSON document per line.
+            (true, true) => format!("{}\n", crate::status::to_json(&reply)),
+            (true, false) => format!(
+                "{}\n",
+                serde_json::to_string_pretty(&crate::status::to_json(&reply))?
+            ),
+            (false, _) => crate::status::to_table(&reply),
+        })
+    };
+    watch(a.watch.watch, !json, render).await
 }
 
 /// `--disk` (checked to be a safe name) or `--group`, which clap makes exclusive.
@@ -578,13 +652,84 @@ mod tests {
              retention_window = \"12h\"\nretention_quota = \"10G\"\n",
         )
         .unwrap();
-        assert_eq!(f.h2_stream_window.unwrap().bytes().unwrap(), 64 << 20);
-        assert_eq!(f.h2_connection_window.unwrap().bytes().unwrap(), 1 << 20);
-        assert_eq!(f.retention_quota.unwrap().bytes().unwrap(), 10 << 30);
+        assert_eq!(f.h2_stream_window, Some(Size(64 << 20)));
+        assert_eq!(f.h2_connection_window, Some(Size(1 << 20)));
+        assert_eq!(f.retention_quota, Some(Size(10 << 30)));
         assert_eq!(
             parse_duration_ms(&f.retention_window.unwrap()).unwrap(),
             12 * 3_600_000
         );
         assert!(toml::from_str::<ServeFile>("bogus = 1").is_err());
+    }
+
+    /// `serve ARGS --print-config`'s output.
+    fn printed(args: &[&str]) -> String {
+        let cli = Cli::try_parse_from([&["master-target", "serve"], args].concat()).unwrap();
+        let Command::Serve(a) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert!(a.print_config);
+        render_config(&a.resolve().unwrap().file)
+    }
+
+    #[test]
+    fn the_printed_config_reads_back_to_the_same_text_and_flags_win() {
+        let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/master-target.toml");
+        let first = printed(&[
+            "--config",
+            deploy,
+            "--print-config",
+            "--retention-quota",
+            "5G",
+        ]);
+        // Defaults filled, the file's values kept, the flag over the file.
+        for line in [
+            "listen = \"0.0.0.0:9444\"",
+            "retention_window = \"24h\"",
+            "retention_quota = \"5G\"",
+            "h2_stream_window = \"32M\"",
+            "h2_connection_window = \"64M\"",
+            "log_format = \"json\"",
+        ] {
+            assert!(first.lines().any(|l| l == line), "{line} in\n{first}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let again = dir.path().join("printed.toml");
+        std::fs::write(&again, &first).unwrap();
+        let second = printed(&["--config", again.to_str().unwrap(), "--print-config"]);
+        assert_eq!(first, second);
+        // Nothing but flags: the required ones and the defaults.
+        let bare = printed(&[
+            "--listen",
+            "127.0.0.1:1",
+            "--datastore",
+            "/ds",
+            "--print-config",
+        ]);
+        assert!(bare.contains("retention = \"/mnt/retention\""), "{bare}");
+        assert!(
+            !bare.contains("retention_quota"),
+            "no quota by default:\n{bare}"
+        );
+    }
+
+    #[test]
+    fn status_takes_watch_with_an_optional_interval() {
+        let parse = |args: &[&str]| {
+            let cli = Cli::try_parse_from(
+                [&["master-target", "status", "--connect", "h:1"], args].concat(),
+            )
+            .unwrap();
+            let Command::Status(a) = cli.command else {
+                panic!("{cli:?}")
+            };
+            a.watch.watch
+        };
+        assert_eq!(parse(&[]), None);
+        assert_eq!(parse(&["--watch"]), Some(std::time::Duration::from_secs(2)));
+        assert_eq!(
+            parse(&["--watch", "5"]),
+            Some(std::time::Duration::from_secs(5))
+        );
     }
 }

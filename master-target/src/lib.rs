@@ -26,6 +26,7 @@ pub mod retention;
 pub mod server;
 pub mod state;
 pub mod status;
+pub mod storage;
 pub mod vmdk;
 
 /// Entry point of the `master-target` binary (and of the test harness's wrappers).

@@ -39,6 +39,12 @@ pub enum StateError {
     Corrupt { path: PathBuf, reason: String },
 }
 
+impl crate::storage::SpaceError for StateError {
+    fn is_no_space(&self) -> bool {
+        matches!(self, StateError::Io { source, .. } if crate::storage::is_no_space(source))
+    }
+}
+
 /// Where one disk stands.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct DiskState {
@@ -254,6 +260,36 @@ mod tests {
         }
         for n in 0..bytes.len() {
             assert!(DiskState::decode(&bytes[..n]).is_err(), "truncated to {n}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        /// Arbitrary bytes are refused, never a panic.
+        #[test]
+        fn arbitrary_bytes_are_an_error(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            proptest::prop_assert!(DiskState::decode(&bytes).is_err());
+        }
+
+        /// A well-framed file (magic, version, length, CRC) around an arbitrary body reaches
+        /// the field reader: it decodes or is refused, never a panic, and whatever decodes
+        /// encodes back to the same bytes.
+        #[test]
+        fn an_arbitrary_body_in_a_good_frame_never_panics(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..120)) {
+            let mut file = Vec::new();
+            file.extend_from_slice(MAGIC);
+            file.extend_from_slice(&VERSION.to_le_bytes());
+            file.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            file.extend_from_slice(&body);
+            let crc = crc32fast::hash(&file);
+            file.extend_from_slice(&crc.to_le_bytes());
+            if let Ok(s) = DiskState::decode(&file) {
+                // Only the flag bit we know survives a round trip.
+                let flags = u32::from_le_bytes(body[48..52].try_into().unwrap());
+                if flags & !FLAG_IN_RESYNC == 0 {
+                    proptest::prop_assert_eq!(s.encode(), file);
+                }
+            }
         }
     }
 }

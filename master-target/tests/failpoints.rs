@@ -2,12 +2,15 @@
 //! failpoint) right after each step: undo durable, data durable, commit record durable.
 //! After a restart the target must equal, byte for byte, the disk before the batch (or
 //! after it, once its commit record is durable), and the re-sent batch must apply.
+//! Also a failed sync (`fsync-eio`): the disk stops at once, is never synced again, and
+//! after a restart the uncommitted group is rolled back.
 //!
 //! Needs the `failpoints` feature: `cargo test -p master-target --features failpoints`.
 
 mod common;
 
 use common::*;
+use protocol::pb::apply_message::Body;
 
 const CAP: u64 = 2 << 20;
 const N: u64 = 7;
@@ -84,4 +87,89 @@ async fn a_crash_after_data_is_rolled_back_to_before_the_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_after_commit_keeps_the_batch() {
     crash_at("after-commit", true, true).await;
+}
+
+/// `FAILBACK_FAILPOINT=fsync-eio` fails the sync of `what` (`journal` or `extent`) in the
+/// group of batch [`FAIL_AT`]; `data_written`: whether its data reached the map first.
+async fn sync_fails(what: &str, data_written: bool) {
+    let t = dirs();
+    let dir = t.path();
+    let s = script(CAP, N, &[FAIL_AT]);
+    let env = [
+        ("FAILBACK_FAILPOINT", "fsync-eio".to_string()),
+        ("FAILBACK_FAILPOINT_SEQ", FAIL_AT.to_string()),
+        ("FAILBACK_FAILPOINT_SYNC", what.to_string()),
+    ];
+    let (child, url, log) = start_logged(dir, &env);
+    let mut c = hello(&url, CAP).await;
+    for b in &s.batches[..FAIL_AT as usize - 1] {
+        c.send(b).await;
+        c.acked(b.seq).await;
+    }
+    // The failing batch, then the rest: each one is refused, none acknowledged.
+    for b in &s.batches[FAIL_AT as usize - 1..] {
+        c.send(b).await;
+        match c.next().await {
+            Some(Body::Error(e)) => {
+                assert_eq!(e.code, protocol::error::Code::Io.value(), "{what}: {e:?}");
+                for words in ["never retried", "needs a resync", "Input/output error"] {
+                    assert!(e.message.contains(words), "{what}: {}", e.message);
+                }
+                let op = if what == "journal" {
+                    "fdatasync"
+                } else {
+                    "msync"
+                };
+                assert!(e.message.starts_with(op), "{what}: {}", e.message);
+            }
+            other => panic!("{what}: seq {} got {other:?}", b.seq),
+        }
+    }
+    drop(c);
+    stop(child);
+    let log = log.join().unwrap();
+    let injected = log
+        .iter()
+        .filter(|l| l.contains("failpoint: injected EIO"))
+        .count();
+    assert_eq!(injected, 1, "{what}: the failed sync is never retried");
+    let on_disk = if data_written { FAIL_AT } else { FAIL_AT - 1 };
+    assert_bytes(
+        &flat(dir),
+        &s.states[on_disk as usize],
+        "before the restart",
+    );
+
+    let (child, url, log) = start_logged(dir, &[]);
+    let mut c = hello(&url, CAP).await;
+    assert_eq!(
+        c.applied,
+        FAIL_AT - 1,
+        "{what}: nothing acked after the failure"
+    );
+    assert_bytes(&flat(dir), &s.states[FAIL_AT as usize - 1], "rolled back");
+    for b in &s.batches[FAIL_AT as usize - 1..] {
+        c.send(b).await;
+    }
+    c.acked(N).await;
+    assert_bytes(&flat(dir), &s.states[N as usize], what);
+    drop(c);
+    stop(child);
+    assert!(
+        log.join()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("rolled back an uncommitted group")),
+        "{what}: the uncommitted group is rolled back on restart"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_undo_sync_stops_the_disk_and_is_never_retried() {
+    sync_fails("journal", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_data_sync_stops_the_disk_and_the_group_is_rolled_back_on_restart() {
+    sync_fails("extent", true).await;
 }

@@ -488,3 +488,28 @@ async fn throughput_report() {
     drop((a, b));
     server.stop().await;
 }
+
+/// The binary prints the effective configuration of the shipped example and exits 0, and
+/// what it prints is a config it reads back to the same text.
+#[test]
+fn serve_print_config_round_trips_through_the_binary() {
+    let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/master-target.toml");
+    let out = common::run(&["serve", "--config", deploy, "--print-config"]);
+    assert!(out.status.success(), "{out:?}");
+    let first = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        first.contains("datastore = \"/vmfs/volumes/datastore1/failback\""),
+        "{first}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let printed = dir.path().join("printed.toml");
+    std::fs::write(&printed, &first).unwrap();
+    let out = common::run(&[
+        "serve",
+        "--config",
+        printed.to_str().unwrap(),
+        "--print-config",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), first);
+}

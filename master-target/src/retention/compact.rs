@@ -32,8 +32,8 @@ use protocol::pb::MarkerKind;
 
 use super::journal::{
     Commit, Entry, JournalError, KIND_COMMIT, KIND_UNDO, Piece, RetentionPolicy, Scanned,
-    UNDO_RECORD_DATA, UNDO_RECORD_PIECES, UndoInfo, encode_header, encode_record, read_undo, scan,
-    segment_path, segment_tmp_path, sync_dir, undo_payload,
+    UNDO_RECORD_DATA, UNDO_RECORD_PIECES, UndoInfo, encode_header, encode_record, io_err,
+    read_undo, scan, segment_path, segment_tmp_path, sync_dir, sync_err, undo_payload,
 };
 
 /// What one thinning pass did.
@@ -169,19 +169,11 @@ fn rewrite(
     }
     let tmp = segment_tmp_path(dir, no);
     let path = segment_path(dir, no);
-    let io = |op: &'static str, p: &Path| {
-        let p = p.to_path_buf();
-        move |source| JournalError::Io {
-            op,
-            path: p,
-            source,
-        }
-    };
-    let mut f = File::create(&tmp).map_err(io("create", &tmp))?;
-    f.write_all(&out).map_err(io("write", &tmp))?;
-    f.sync_all().map_err(io("fsync", &tmp))?;
+    let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
+    f.write_all(&out).map_err(io_err("write", &tmp))?;
+    f.sync_all().map_err(sync_err("fsync", &tmp))?;
     drop(f);
-    std::fs::rename(&tmp, &path).map_err(io("rename", &path))?;
+    std::fs::rename(&tmp, &path).map_err(io_err("rename", &path))?;
     sync_dir(dir)?;
     Ok(out.len() as u64)
 }

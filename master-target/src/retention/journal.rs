@@ -38,6 +38,10 @@
 //! a bad record followed by valid bytes, or any bad record in a sealed segment, is
 //! corruption and refuses to open: it is never skipped silently.
 //!
+//! A group that fails for lack of space while the process runs is cut back the same way
+//! by [`Journal::abort_group`] (any COMMIT after its UNDO records is cut first), so the
+//! disk goes on at its committed seq.
+//!
 //! Every committed batch outside a resync interval is a recovery point; going back to seq
 //! `p` = applying, newest first, every committed UNDO record with seq > p. A segment is
 //! sealed only right after a COMMIT and whole sealed segments are pruned (window, quota),
@@ -99,11 +103,28 @@ pub enum JournalError {
     Restore { path: PathBuf, source: io::Error },
 }
 
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> JournalError + 'a {
+pub(super) fn io_err<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> JournalError + 'a {
     move |source| JournalError::Io {
         op,
         path: path.to_path_buf(),
         source,
+    }
+}
+
+/// A failed sync of `path`: never a retryable lack of space (crate::storage).
+pub(super) fn sync_err<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> JournalError + 'a {
+    move |source| io_err(op, path)(crate::storage::sync_failed(source))
+}
+
+impl crate::storage::SpaceError for JournalError {
+    fn is_no_space(&self) -> bool {
+        matches!(self, JournalError::Io { source, .. } if crate::storage::is_no_space(source))
     }
 }
 
@@ -703,7 +724,7 @@ pub fn truncate_to(retention: &Path, disk_id: &str, seq: u64) -> Result<(), Jour
                 .write_all_at(&rec, cut)
                 .map_err(io_err("write", &s.path))?;
         }
-        s.file.sync_all().map_err(io_err("fsync", &s.path))?;
+        s.file.sync_all().map_err(sync_err("fsync", &s.path))?;
         break;
     }
     sync_dir(&dir)
@@ -740,6 +761,9 @@ pub struct Journal {
     segments: VecDeque<SegMeta>,
     policy: RetentionPolicy,
     buf: Vec<u8>,
+    /// End of the last finished group's COMMIT record in the active segment: what a
+    /// failed group is cut back to ([`Self::abort_group`]).
+    committed: u64,
     /// Oldest reachable seq the last quota warning named, to warn once per change.
     warned_reach_seq: u64,
     /// The newest thinning period (compact.rs) a pass already covered: a pass runs once
@@ -765,6 +789,7 @@ impl Journal {
         let mut segments = VecDeque::new();
         let mut opened = Opened::default();
         let mut active = None;
+        let mut committed = SEGMENT_HEADER;
         for &no in &nos {
             let last = Some(&no) == nos.last();
             let s = scan(&dir, no, last, last)?;
@@ -806,8 +831,9 @@ impl Journal {
                     s.file
                         .set_len(commit_end)
                         .map_err(io_err("truncate", &s.path))?;
-                    s.file.sync_all().map_err(io_err("fsync", &s.path))?;
+                    s.file.sync_all().map_err(sync_err("fsync", &s.path))?;
                 }
+                committed = commit_end;
                 active = Some(s.file);
             }
             segments.push_back(SegMeta {
@@ -826,6 +852,7 @@ impl Journal {
             segments,
             policy,
             buf: Vec::new(),
+            committed,
             warned_reach_seq: 0,
             thinned_through: i64::MIN,
         };
@@ -845,7 +872,7 @@ impl Journal {
         let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
         f.write_all(&encode_header(base_seq, protocol::now_unix_ms()))
             .map_err(io_err("write", &tmp))?;
-        f.sync_all().map_err(io_err("fsync", &tmp))?;
+        f.sync_all().map_err(sync_err("fsync", &tmp))?;
         std::fs::rename(&tmp, &path).map_err(io_err("rename", &path))?;
         sync_dir(&self.dir)?;
         self.active = OpenOptions::new()
@@ -859,6 +886,7 @@ impl Journal {
             len: SEGMENT_HEADER,
             newest_unix_ms: 0,
         });
+        self.committed = SEGMENT_HEADER;
         Ok(())
     }
 
@@ -940,19 +968,107 @@ impl Journal {
         let no = self.active_meta().no;
         self.active
             .sync_data()
-            .map_err(io_err("fdatasync", &segment_path(&self.dir, no)))
+            .map_err(sync_err("fdatasync", &segment_path(&self.dir, no)))
     }
 
-    /// Appends `commit` and makes it durable; then seals the segment if it is full and
-    /// prunes what the policy no longer keeps.
+    /// Appends `commit`, makes it durable, then seals and prunes ([`Self::maintain`]).
     pub fn commit(&mut self, commit: &Commit) -> Result<(), JournalError> {
+        self.append_commit(commit)?;
+        self.maintain(commit)
+    }
+
+    /// Appends `commit` and makes it durable: the group is committed once this returns,
+    /// but until [`Self::maintain`] says it is finished (the applier's state file is
+    /// written), [`Self::abort_group`] still cuts it back.
+    pub fn append_commit(&mut self, commit: &Commit) -> Result<(), JournalError> {
         let mut p = Vec::with_capacity(64 + commit.batches.len() * 20);
         commit.encode(&mut p);
         self.write_record(KIND_COMMIT, &p)?;
-        self.sync()?;
+        self.sync()
+    }
+
+    /// Cuts the active segment back to its last COMMIT after a group failed for lack of
+    /// space. With `target` (the group's data may be on it already), the old bytes of the
+    /// group's UNDO records, durable before any data was written, are restored first,
+    /// newest first, and synced. Returns the UNDO records restored.
+    ///
+    /// Crash safety: a COMMIT (whole or torn) after the group's UNDO records is cut, and
+    /// the cut made durable, before anything is restored, so a crash meanwhile finds the
+    /// group uncommitted and [`Self::open`] rolls it back again (restoring is idempotent).
+    pub fn abort_group(
+        &mut self,
+        target: Option<&mut dyn UndoTarget>,
+    ) -> Result<usize, JournalError> {
+        let no = self.active_meta().no;
+        let path = segment_path(&self.dir, no);
+        let mut restored = 0;
+        if let Some(target) = target {
+            let s = scan(&self.dir, no, true, false)?;
+            let mut undo = Vec::new();
+            let mut undo_end = self.committed;
+            for (e, end) in s.entries {
+                match e {
+                    _ if end <= self.committed => {}
+                    Entry::Undo(u) => {
+                        undo.push(u);
+                        undo_end = end;
+                    }
+                    Entry::Commit(_) => break,
+                }
+            }
+            if undo_end < s.len {
+                self.active
+                    .set_len(undo_end)
+                    .map_err(io_err("truncate", &path))?;
+                self.active
+                    .sync_data()
+                    .map_err(sync_err("fdatasync", &path))?;
+            }
+            for u in undo.iter().rev() {
+                apply_undo(&s.file, &s.path, u, target)?;
+            }
+            target.sync().map_err(|source| JournalError::Restore {
+                path: path.clone(),
+                source,
+            })?;
+            restored = undo.len();
+        }
+        self.active
+            .set_len(self.committed)
+            .map_err(io_err("truncate", &path))?;
+        self.active
+            .sync_data()
+            .map_err(sync_err("fdatasync", &path))?;
+        let committed = self.committed;
+        self.active_meta().len = committed;
+        Ok(restored)
+    }
+
+    /// After a durable commit: seals the segment if it is full, prunes what the policy no
+    /// longer keeps and thins old points. A failure for lack of space leaves the journal
+    /// as it was (a half-written segment file is removed): sealing is retried after the
+    /// next commit, thinning with the next period (each pass covers all older ones).
+    pub fn maintain(&mut self, commit: &Commit) -> Result<(), JournalError> {
+        // The group is finished: a later failure no longer cuts it back.
+        self.committed = self.active_meta().len;
         if let Some(b) = commit.batches.last() {
             self.active_meta().newest_unix_ms = b.batch_unix_ms;
         }
+        let done = self.maintain_now(commit);
+        if done
+            .as_ref()
+            .is_err_and(crate::storage::SpaceError::is_no_space)
+        {
+            // The volume is full: free what a rotation or rewrite left half written. If
+            // that fails too, the next open removes it.
+            if let Err(e) = remove_temporaries(&self.dir) {
+                tracing::warn!(dir = %self.dir.display(), "{e}");
+            }
+        }
+        done
+    }
+
+    fn maintain_now(&mut self, commit: &Commit) -> Result<(), JournalError> {
         if self.active_meta().len >= SEGMENT_BYTES
             && let Some(seq) = commit.last_seq()
         {
@@ -985,6 +1101,8 @@ impl Journal {
                 m.len = len;
             }
             if no == active_no {
+                // Rewritten right after a commit: it ends with that commit.
+                self.committed = len;
                 // Renamed over: the handle we hold names the old file.
                 let path = segment_path(&self.dir, no);
                 self.active = OpenOptions::new()
@@ -1047,6 +1165,11 @@ impl Journal {
         Ok(())
     }
 
+    /// The active segment's file (named in errors about it).
+    pub fn active_path(&self) -> PathBuf {
+        segment_path(&self.dir, self.segments.back().map_or(0, |s| s.no))
+    }
+
     /// Bytes of journal on the retention volume.
     pub fn bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.len).sum()
@@ -1070,8 +1193,9 @@ fn remove_temporaries(dir: &Path) -> Result<(), JournalError> {
 
 pub(super) fn sync_dir(dir: &Path) -> Result<(), JournalError> {
     File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync dir", dir))
+        .map_err(io_err("open", dir))?
+        .sync_all()
+        .map_err(sync_err("fsync dir", dir))
 }
 
 fn is_zero(b: &[u8]) -> bool {
@@ -1426,5 +1550,159 @@ mod tests {
         assert!(!tmp.exists(), "the leftover is removed");
         let h = History::read(dir.path(), "d").unwrap().unwrap();
         assert_eq!(h.undos.len(), 1);
+    }
+
+    /// A target that refuses ranges outside it instead of panicking.
+    struct Bounded(Vec<u8>);
+
+    impl UndoTarget for Bounded {
+        fn restore(&mut self, offset: u64, len: u32, data: Option<&[u8]>) -> io::Result<()> {
+            let r = usize::try_from(offset)
+                .ok()
+                .and_then(|o| self.0.get_mut(o..o.checked_add(len as usize)?))
+                .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+            match data {
+                Some(d) => r.copy_from_slice(d),
+                None => r.fill(0),
+            }
+            Ok(())
+        }
+        fn sync(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Reads the journal of disk `d` under `dir` as every reader does: History (and a
+    /// roll back to its base), then the writer's open. None may panic.
+    fn read_every_way(dir: &Path) {
+        if let Ok(Some(h)) = History::read(dir, "d") {
+            let _ = h.roll_back(h.base_seq, &mut Bounded(vec![0u8; 1 << 16]));
+        }
+        let _ = Journal::open(
+            dir,
+            "d",
+            0,
+            RetentionPolicy::default(),
+            &mut Bounded(vec![0u8; 1 << 16]),
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(128))]
+        /// A segment of arbitrary bytes is refused, never a panic.
+        #[test]
+        fn a_segment_of_arbitrary_bytes_is_an_error(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096)) {
+            let dir = tempfile::tempdir().unwrap();
+            let jd = journal_dir(dir.path(), "d");
+            std::fs::create_dir_all(&jd).unwrap();
+            std::fs::write(segment_path(&jd, 1), &bytes).unwrap();
+            proptest::prop_assert!(History::read(dir.path(), "d").is_err());
+            read_every_way(dir.path());
+        }
+
+        /// A valid header followed by arbitrary records: read (a torn tail is allowed in
+        /// the active segment) or refused, never a panic.
+        #[test]
+        fn arbitrary_records_after_a_valid_header_never_panic(
+            records in proptest::collection::vec((1u8..=3, proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200), proptest::prelude::any::<bool>()), 0..6),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let jd = journal_dir(dir.path(), "d");
+            std::fs::create_dir_all(&jd).unwrap();
+            let mut seg = encode_header(0, 0).to_vec();
+            for (kind, payload, good_crc) in records {
+                // With a good CRC the payload decoders see the arbitrary bytes too.
+                let at = seg.len();
+                encode_record(1, kind, &payload, &mut seg);
+                if !good_crc {
+                    seg[at + 8] ^= 1;
+                }
+            }
+            std::fs::write(segment_path(&jd, 1), &seg).unwrap();
+            read_every_way(dir.path());
+        }
+
+        /// A valid journal (two segments) with arbitrary bytes flipped, or cut short:
+        /// refused, or read as far as it is intact, never a panic.
+        #[test]
+        fn a_corrupted_journal_never_panics(
+            flips in proptest::collection::vec((proptest::prelude::any::<proptest::sample::Index>(), 1u8..=255), 0..4),
+            cut in proptest::option::of(proptest::prelude::any::<proptest::sample::Index>()),
+            which in 1u64..=2,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut disk = Mem(vec![0u8; 1 << 16]);
+            let (mut j, _) =
+                Journal::open(dir.path(), "d", 0, RetentionPolicy::default(), &mut disk).unwrap();
+            write(&mut j, &mut disk, 1, &[(0, 1, 4096), (8192, 0, 100)], true);
+            j.rotate(1).unwrap();
+            write(&mut j, &mut disk, 2, &[(4096, 2, 5000)], true);
+            write(&mut j, &mut disk, 3, &[(0, 3, 60_000)], false);
+            drop(j);
+            let seg = segment_path(&journal_dir(dir.path(), "d"), which);
+            let mut b = std::fs::read(&seg).unwrap();
+            for (at, x) in flips {
+                let i = at.index(b.len());
+                b[i] ^= x;
+            }
+            if let Some(c) = cut {
+                b.truncate(c.index(b.len()));
+            }
+            std::fs::write(&seg, &b).unwrap();
+            read_every_way(dir.path());
+        }
+    }
+
+    /// A group whose COMMIT is already durable (the state file then failed for lack of
+    /// space) is cut back whole: the target gets its old bytes, the journal ends at the
+    /// previous commit, and the next group appends after it as if nothing happened.
+    #[test]
+    fn abort_group_cuts_a_durable_commit_and_restores_the_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut disk = Mem(vec![0u8; 1 << 16]);
+        let (mut j, _) =
+            Journal::open(dir.path(), "d", 0, RetentionPolicy::default(), &mut disk).unwrap();
+        write(&mut j, &mut disk, 1, &[(0, 1, 8192)], true);
+        let after_one = disk.0.clone();
+        let len_after_one = j.bytes();
+        write(&mut j, &mut disk, 2, &[(4096, 2, 30_000)], false);
+        j.append_commit(&Commit {
+            applied_unix_ms: 1,
+            batches: vec![BatchEntry {
+                seq: 2,
+                batch_unix_ms: 2000,
+                in_resync: false,
+                thinned: false,
+            }],
+            markers: vec![],
+        })
+        .unwrap();
+        assert_eq!(
+            History::read(dir.path(), "d")
+                .unwrap()
+                .unwrap()
+                .committed_seq,
+            2
+        );
+        assert_eq!(j.abort_group(Some(&mut disk)).unwrap(), 1);
+        assert!(disk.0 == after_one, "seq 2 restored");
+        assert_eq!(j.bytes(), len_after_one);
+        let h = History::read(dir.path(), "d").unwrap().unwrap();
+        assert_eq!((h.committed_seq, h.undos.len()), (1, 1));
+        // Nothing of the group reached the target: only the records go.
+        j.append_undo(2, 2000, [(0u64, 100u64)].into_iter(), |_, b| {
+            b.fill(9);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(j.abort_group(None).unwrap(), 0);
+        assert!(disk.0 == after_one);
+        // The re-sent group commits after the cut.
+        write(&mut j, &mut disk, 2, &[(4096, 2, 30_000)], true);
+        let h = History::read(dir.path(), "d").unwrap().unwrap();
+        assert_eq!(h.committed_seq, 2);
+        let mut copy = Mem(disk.0.clone());
+        h.roll_back(1, &mut copy).unwrap();
+        assert!(copy.0 == after_one);
     }
 }

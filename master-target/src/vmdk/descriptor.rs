@@ -546,4 +546,29 @@ mod tests {
             prop_assert_eq!(Descriptor::parse(text.as_bytes()).unwrap(), d);
         }
     }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        /// Arbitrary bytes parse or are refused, never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = Descriptor::parse(&bytes);
+        }
+
+        /// Descriptor-like lines in any order and with any values (the parser's hard
+        /// paths: extents, quotes, numbers) never panic either.
+        #[test]
+        fn arbitrary_descriptor_lines_never_panic(
+            lines in prop::collection::vec(prop_oneof![
+                "(RW|RDONLY|NOACCESS) -?[0-9]{0,25} (FLAT|SPARSE|VMFS|ZERO)( \"[ -~]{0,20}\"?)?( -?[0-9]{0,22})?",
+                "(CID|parentCID|version|createType|ddb\\.[a-zA-Z.]{1,12}|encoding) *= *\"?[ -~]{0,24}",
+                "[ -~]{0,40}",
+            ], 0..12)
+        ) {
+            let text = format!("# Disk DescriptorFile\n{}\n", lines.join("\n"));
+            if let Ok(d) = Descriptor::parse(text.as_bytes()) {
+                let _ = d.render();
+            }
+        }
+    }
 }

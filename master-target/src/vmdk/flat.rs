@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 
 use memmap2::MmapMut;
 
+use crate::storage::sync_failed;
+
 /// Zero ranges smaller than this are memset: a syscall costs more than the stores.
 const ZERO_RANGE_MIN: u64 = 64 * 1024;
 const PAGE: u64 = 4096;
@@ -142,7 +144,7 @@ impl FlatExtent {
             }
             reserve(&file, path, capacity)?;
             file.sync_all()
-                .map_err(|e| FlatError::io("fsync", path, e))?;
+                .map_err(|e| FlatError::io("fsync", path, sync_failed(e)))?;
             Self::map(path.to_path_buf(), file, capacity)
         })();
         super::remove_if_failed(path, made)
@@ -269,12 +271,12 @@ impl FlatExtent {
             let page_start = start / PAGE * PAGE;
             self.map
                 .flush_range(page_start as usize, (end - page_start) as usize)
-                .map_err(|e| FlatError::io("msync", &self.path, e))?;
+                .map_err(|e| FlatError::io("msync", &self.path, sync_failed(e)))?;
         }
         if std::mem::take(&mut self.metadata_dirty) {
             self.file
                 .sync_data()
-                .map_err(|e| FlatError::io("fdatasync", &self.path, e))?;
+                .map_err(|e| FlatError::io("fdatasync", &self.path, sync_failed(e)))?;
         }
         Ok(())
     }

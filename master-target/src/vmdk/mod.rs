@@ -97,6 +97,17 @@ pub enum VmdkError {
     DatastoreNotUsable { path: PathBuf, reason: String },
 }
 
+impl crate::storage::SpaceError for VmdkError {
+    fn is_no_space(&self) -> bool {
+        match self {
+            VmdkError::Flat(FlatError::NoSpace { .. })
+            | VmdkError::Sparse(SparseError::NoSpace { .. }) => true,
+            VmdkError::Io { source, .. } => crate::storage::is_no_space(source),
+            _ => false,
+        }
+    }
+}
+
 impl VmdkError {
     fn io(op: &'static str, path: &Path, source: io::Error) -> VmdkError {
         VmdkError::Io {
@@ -200,11 +211,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp"));
     let mut f = File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
+    if let Err(e) = f.write_all(bytes) {
+        // On a full volume the partial file would hold space the retry needs; the write's
+        // error is the one to report.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    f.sync_all().map_err(crate::storage::sync_failed)?;
     drop(f);
     std::fs::rename(&tmp, path)?;
-    File::open(dir)?.sync_all()
+    File::open(dir)?
+        .sync_all()
+        .map_err(crate::storage::sync_failed)
 }
 
 /// What the retention volume knew of a disk before this open.

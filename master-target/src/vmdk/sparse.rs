@@ -94,6 +94,11 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Spa
     }
 }
 
+/// A failed sync of `path`: never a lack of space, whatever its errno (crate::storage).
+fn sync_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SparseError + 'a {
+    move |source| io_err(op, path)(crate::storage::sync_failed(source))
+}
+
 /// The fields of a sparse header we use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
@@ -439,7 +444,7 @@ impl SparseExtent {
                     .map_err(io_err("write", path))?;
             }
             write_descriptor_area(&file, path, descriptor)?;
-            file.sync_all().map_err(io_err("fsync", path))?;
+            file.sync_all().map_err(sync_err("fsync", path))?;
             Self::from_file(path, file)
         })();
         super::remove_if_failed(path, made)
@@ -494,7 +499,7 @@ impl SparseExtent {
         write_descriptor_area(&self.file, &self.path, text)?;
         self.file
             .sync_data()
-            .map_err(io_err("fdatasync", &self.path))
+            .map_err(sync_err("fdatasync", &self.path))
     }
 
     /// Reads `buf.len()` bytes at `offset`: zeros where no grain is allocated.
@@ -618,7 +623,7 @@ impl SparseExtent {
         if std::mem::take(&mut self.data_dirty) {
             self.file
                 .sync_data()
-                .map_err(io_err("fdatasync", &self.path))?;
+                .map_err(sync_err("fdatasync", &self.path))?;
         }
         if self.dirty_gte.is_empty() {
             return Ok(());
@@ -646,7 +651,7 @@ impl SparseExtent {
         self.dirty_gte.clear();
         self.file
             .sync_data()
-            .map_err(io_err("fdatasync", &self.path))
+            .map_err(sync_err("fdatasync", &self.path))
     }
 }
 
@@ -773,6 +778,51 @@ mod tests {
             let mut got = vec![0u8; cap as usize];
             r.read_at(&mut got, 0).unwrap();
             prop_assert!(got == plain);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        /// An arbitrary first sector is a header or an error, never a panic.
+        #[test]
+        fn arbitrary_headers_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
+            let _ = Header::parse(&bytes);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// A valid header over arbitrary grain directories and tables (and an arbitrary
+        /// file length): opening refuses it or reads every byte of the disk, never a panic
+        /// or a read outside the file.
+        #[test]
+        fn arbitrary_tables_are_refused_or_read_never_a_panic(
+            tables in prop::collection::vec(any::<u8>(), 0..(64 << 10)),
+            pokes in prop::collection::vec((0usize..(64 << 10), any::<u32>()), 0..16),
+            cut in 0u64..(256 << 10),
+        ) {
+            let cap = 4u64 << 20;
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("s.vmdk");
+            drop(SparseExtent::create(&p, cap, "d").unwrap());
+            let mut b = std::fs::read(&p).unwrap();
+            let h = Header::parse(&b[..512]).unwrap();
+            // Overwrite the metadata after the descriptor with arbitrary bytes, plant some
+            // plausible sector numbers, and give the file an arbitrary length.
+            let start = (h.rgd_offset * SECTOR) as usize;
+            let meta = &mut b[start..];
+            let n = tables.len().min(meta.len());
+            meta[..n].copy_from_slice(&tables[..n]);
+            for (at, v) in pokes {
+                let at = (at / 4 * 4) % meta.len().saturating_sub(3).max(1);
+                meta[at..at + 4].copy_from_slice(&(v % 1024).to_le_bytes());
+            }
+            b.resize((b.len() as u64 + cut) as usize, 0xee);
+            std::fs::write(&p, &b).unwrap();
+            if let Ok(r) = SparseReader::open(&p) {
+                let mut all = vec![0u8; cap as usize];
+                let _ = r.read_at(&mut all, 0);
+            }
         }
     }
 }

@@ -44,6 +44,16 @@ pub fn flat(dir: &Path) -> PathBuf {
 
 /// Starts `master-target serve` with extra environment; returns the child and its URL.
 pub fn start(dir: &Path, env: &[(&str, String)]) -> (Child, String) {
+    let (child, url, _log) = start_logged(dir, env);
+    (child, url)
+}
+
+/// Like [`start`], and also returns the server's log: joining the handle gives every
+/// line it wrote to stderr once it has exited.
+pub fn start_logged(
+    dir: &Path,
+    env: &[(&str, String)],
+) -> (Child, String, std::thread::JoinHandle<Vec<String>>) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_master-target"));
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--datastore"])
         .arg(dir.join("ds"))
@@ -60,6 +70,7 @@ pub fn start(dir: &Path, env: &[(&str, String)]) -> (Child, String) {
     }
     let mut child = cmd.spawn().unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
     let addr = loop {
         let line = lines
             .next()
@@ -68,9 +79,13 @@ pub fn start(dir: &Path, env: &[(&str, String)]) -> (Child, String) {
         if let Some(i) = line.find("listening on ") {
             break line[i + "listening on ".len()..].trim().to_string();
         }
+        seen.push(line);
     };
-    std::thread::spawn(move || for _ in lines {});
-    (child, format!("http://{addr}"))
+    let log = std::thread::spawn(move || {
+        seen.extend(lines.map_while(Result::ok));
+        seen
+    });
+    (child, format!("http://{addr}"), log)
 }
 
 /// SIGTERM, and the exit must be clean.
@@ -206,6 +221,16 @@ impl Conn {
             })
             .await
             .unwrap();
+    }
+
+    /// The next message from the server.
+    pub async fn next(&mut self) -> Option<Body> {
+        tokio::time::timeout(STEP, self.rx.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .body
     }
 
     /// Waits for an ack of at least `seq`; returns the acknowledged seq.
