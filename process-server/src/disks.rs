@@ -163,6 +163,21 @@ impl Disks {
         }
     }
 
+    /// The cache volume failed (`why`): every disk with batches handed to the cache but never
+    /// made durable lost them (their agents were not acknowledged), so it needs a resync.
+    pub fn cache_failed(&self, why: &str) {
+        let lost: Vec<(String, u64, u64)> = self
+            .inner
+            .lock()
+            .values()
+            .filter(|s| s.appended > s.cached)
+            .map(|s| (s.info.disk_id.clone(), s.cached + 1, s.appended))
+            .collect();
+        for (id, from, to) in lost {
+            self.mark_resync_required(&id, format!("batches {from}..={to} were not cached: {why}"));
+        }
+    }
+
     pub fn set_failed(&self, id: &str, failure: Option<Refusal>) {
         if let Some(s) = self.inner.lock().get_mut(id) {
             s.failed = failure;
@@ -330,6 +345,28 @@ pub(crate) mod tests {
         assert_eq!(d.reserve("a", 7, t1), Reserve::NotOwner);
         assert_eq!(d.reserve("a", 7, t2), Reserve::Next);
         assert_eq!(d.reserve("b", 1, t2), Reserve::Unknown);
+    }
+
+    #[test]
+    fn a_cache_failure_marks_only_disks_that_lost_batches() {
+        let record = |id: &str| DiskRecord {
+            disk_id: id.into(),
+            name: id.into(),
+            capacity: 1 << 20,
+            format: 0,
+            group: String::new(),
+            applied_floor: 3,
+        };
+        // `b` has everything it was handed durable; `a` has seq 5 in the failed group.
+        let d = Disks::new(&[record("a"), record("b")], |_, floor| floor);
+        let t = d.attach("a");
+        assert_eq!(d.reserve("a", 4, t), Reserve::Next);
+        assert_eq!(d.reserve("a", 5, t), Reserve::Next);
+        d.durable("a", 4, 100);
+        d.cache_failed("EIO");
+        let why = d.get("a").unwrap().resync_required.unwrap();
+        assert_eq!(why, "batches 5..=5 were not cached: EIO");
+        assert_eq!(d.get("b").unwrap().resync_required, None);
     }
 
     #[test]

@@ -160,16 +160,42 @@ fn unavailable_for(info: &DiskInfo, why: &str) -> Refusal {
     )
 }
 
-/// Runs sessions until shutdown.
-pub async fn run(cfg: ForwardConfig, ctx: Arc<Ctx>, mut cmds: mpsc::Receiver<AddDisk>) {
+/// Whether forwarding must end: at shutdown, or once the cache volume failed (its page cache
+/// can no longer be trusted, so nothing more is read from it; after a restart the log is
+/// re-read from the disk and forwarded from there).
+fn stopping(ctx: &Ctx) -> bool {
+    *ctx.shutdown.borrow() || ctx.cache.flow().fatal().borrow().is_some()
+}
+
+/// Resolves once [`stopping`] holds.
+async fn must_stop(ctx: &Ctx) {
     let mut shutdown = ctx.shutdown.clone();
+    let mut fatal = ctx.cache.flow().fatal();
+    tokio::select! {
+        _ = shutdown.wait_for(|s| *s) => {}
+        _ = fatal.wait_for(|f| f.is_some()) => {}
+    }
+}
+
+/// Runs sessions until shutdown or a cache failure ([`stopping`]).
+pub async fn run(cfg: ForwardConfig, ctx: Arc<Ctx>, cmds: mpsc::Receiver<AddDisk>) {
+    run_sessions(&cfg, &ctx, cmds).await;
+    if ctx.cache.flow().fatal().borrow().is_some() {
+        tracing::error!("forwarding to the master target stopped: the cache volume failed");
+        ctx.forwarder.set_link(Link::Down(
+            "forwarding stopped: the cache volume failed".into(),
+        ));
+    }
+}
+
+async fn run_sessions(cfg: &ForwardConfig, ctx: &Arc<Ctx>, mut cmds: mpsc::Receiver<AddDisk>) {
     let mut backoff = BACKOFF_MIN;
     let mut last_why = String::new();
     loop {
-        if *shutdown.borrow() {
+        if stopping(ctx) {
             return;
         }
-        let why = match Session::open(&cfg, &ctx).await {
+        let why = match Session::open(cfg, ctx).await {
             Ok(mut s) => {
                 backoff = BACKOFF_MIN;
                 last_why.clear();
@@ -177,7 +203,7 @@ pub async fn run(cfg: ForwardConfig, ctx: Arc<Ctx>, mut cmds: mpsc::Receiver<Add
                     connections: cfg.connections,
                 });
                 tracing::info!(url = %cfg.url, connections = cfg.connections, "connected to the master target");
-                match s.run(&cfg, &ctx, &mut cmds).await {
+                match s.run(cfg, ctx, &mut cmds).await {
                     Ok(()) => return,
                     Err(e) => e,
                 }
@@ -198,7 +224,7 @@ pub async fn run(cfg: ForwardConfig, ctx: Arc<Ctx>, mut cmds: mpsc::Receiver<Add
         loop {
             tokio::select! {
                 _ = &mut sleep => break,
-                _ = shutdown.changed() => return,
+                _ = must_stop(ctx) => return,
                 cmd = cmds.recv() => match cmd {
                     Some(c) => { let _ = c.reply.send(Err(unavailable_for(&c.info, &why_text))); }
                     None => return,
@@ -271,8 +297,10 @@ impl Session {
         ctx: &Arc<Ctx>,
         cmds: &mut mpsc::Receiver<AddDisk>,
     ) -> Result<(), SessionError> {
-        let mut shutdown = ctx.shutdown.clone();
         loop {
+            if stopping(ctx) {
+                return Ok(());
+            }
             self.fill(cfg, ctx).await?;
             tokio::select! {
                 ev = self.events.recv() => match ev {
@@ -285,7 +313,7 @@ impl Session {
                     None => return Ok(()),
                 },
                 _ = ctx.disks.data_ready() => {}
-                _ = shutdown.changed() => return Ok(()),
+                _ = must_stop(ctx) => return Ok(()),
                 _ = sleep_until(self.resume) => self.resume = None,
             }
         }

@@ -7,6 +7,9 @@
 //!
 //! While the cache is above its high-water mark (or the volume is full) the reader tells the
 //! agent `pause { paused: true, reason }` and stops reading; nothing is refused or dropped.
+//!
+//! Once the cache volume failed (a failed fdatasync) every agent is refused with code Io,
+//! naming the volume and the errno, at hello and on its stream, until a restart.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -112,6 +115,7 @@ async fn serve(
         }
     };
     let proof = ctx.auth.verify(hello.auth.as_ref())?;
+    cache_healthy(ctx)?;
     let identity = hello
         .auth
         .as_ref()
@@ -224,7 +228,25 @@ async fn register(ctx: &Arc<Ctx>, d: &DiskInfo) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// Waits while the cache asks agents to pause; tells the agent both edges.
+/// The refusal every agent gets once the cache volume failed (a failed fdatasync): its page
+/// cache can no longer be trusted, so nothing is taken until a restart re-reads the log.
+fn cache_healthy(ctx: &Ctx) -> Result<(), Refusal> {
+    match ctx.cache.flow().fatal().borrow().as_deref() {
+        None => Ok(()),
+        Some(why) => Err(Refusal::new(
+            Code::Io,
+            format!(
+                "{why}; no batch is accepted until the process server is restarted (check the \
+                 volume and restart the process server, which re-reads the cache from disk; \
+                 batches not acknowledged must be sent again: the disk needs a resync)"
+            ),
+        )),
+    }
+}
+
+/// Waits while the cache asks agents to pause; tells the agent both edges. A cache failure
+/// ends the wait with its refusal: nothing drains the cache any more, so the pause would
+/// never end.
 async fn hold_while_paused(ctx: &Ctx, out: &Out) -> Result<bool, Refusal> {
     let mut pause = ctx.cache.flow().pause();
     let reason = pause.borrow_and_update().clone();
@@ -235,11 +257,14 @@ async fn hold_while_paused(ctx: &Ctx, out: &Out) -> Result<bool, Refusal> {
         return Ok(false);
     }
     let mut shutdown = ctx.shutdown.clone();
+    let mut fatal = ctx.cache.flow().fatal();
     loop {
         tokio::select! {
             r = pause.changed() => if r.is_err() { return Ok(false) },
             _ = shutdown.changed() => return Ok(false),
+            _ = fatal.wait_for(|f| f.is_some()) => {}
         }
+        cache_healthy(ctx)?;
         if pause.borrow_and_update().is_none() {
             break;
         }
@@ -259,12 +284,9 @@ async fn read_loop(
     // Wakes the reader while it waits for the agent, so a pause is announced at once.
     let mut pause = ctx.cache.flow().pause();
     loop {
-        if let Some(why) = fatal.borrow_and_update().clone() {
-            return Err(Refusal::new(
-                Code::Io,
-                format!("cache volume failed: {why}"),
-            ));
-        }
+        // Marks the value seen, so that `fatal.changed()` below wakes only on a failure.
+        fatal.borrow_and_update();
+        cache_healthy(ctx)?;
         if !hold_while_paused(ctx, out).await? {
             return Ok(());
         }
@@ -358,10 +380,11 @@ async fn on_batch(
         Reserve::Unknown => return Err(Refusal::for_disk(Code::UnknownDisk, &id, "unknown disk")),
     }
     // The ack comes from the acker once `cached` covers the seq; the receiver is not needed.
-    ctx.cache
-        .append(&id, seq, time, bytes)
-        .await
-        .map_err(|e| Refusal::for_disk(Code::Io, &id, e.to_string()))?;
+    if let Err(e) = ctx.cache.append(&id, seq, time, bytes).await {
+        // The writer stops only on a cache failure (then its refusal) or at shutdown.
+        cache_healthy(ctx)?;
+        return Err(Refusal::for_disk(Code::Io, &id, e.to_string()));
+    }
     Ok(())
 }
 

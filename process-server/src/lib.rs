@@ -15,9 +15,16 @@
 //! Per disk: `appended >= cached (durable) >= applied (at the master target) >= floor
 //! (persisted)`; see [`disks`].
 
+// The test doubles in `tests/common` name this crate by its name both in the integration
+// tests and in the unit tests that include them.
+#[cfg(test)]
+extern crate self as process_server;
+
 pub mod cache;
 pub mod cli;
+pub mod differential;
 pub mod disks;
+pub mod failpoint;
 pub mod fair;
 pub mod forward;
 pub mod ingest;

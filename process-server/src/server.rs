@@ -1,5 +1,10 @@
 //! `serve`: wires the cache, the disk registry, ingest, the forwarder and the janitor
-//! together and runs the gRPC server until SIGTERM/SIGINT or a fatal cache error.
+//! together and runs the gRPC server until SIGTERM/SIGINT.
+//!
+//! A fatal cache error (a failed fdatasync, never retried) does not stop the server: it stays
+//! up so that agents get a precise refusal (code Io, naming the volume and the errno) and
+//! status shows `cache_failed`, but it takes no batch and forwards nothing until it is
+//! restarted, when recovery re-reads the log from the disk. It then exits non-zero.
 //!
 //! Start-up order: registry -> cache recovery (torn tail truncated, index rebuilt) -> disk
 //! state (damaged disks marked "resync required") -> cache writer -> forwarder and janitor ->
@@ -12,6 +17,7 @@ use std::time::Duration;
 
 use protocol::auth::ServerAuth;
 use protocol::limits::MAX_MESSAGE_BYTES;
+use protocol::pb::differential_server::DifferentialServer;
 use protocol::pb::process_server_server::{ProcessServer, ProcessServerServer};
 use protocol::pb::{AgentMessage, ChallengeReply, ChallengeRequest, StatusReply, StatusRequest};
 use protocol::transport::{TlsFiles, TransportError, WanTuning};
@@ -45,7 +51,8 @@ pub enum ServeError {
     StartingWriter(std::io::Error),
     #[error("gRPC server failed: {0}")]
     Serving(#[from] tonic::transport::Error),
-    #[error("cache volume failed: {0}")]
+    /// The cache volume failed while serving (the message names it).
+    #[error("{0}")]
     CacheFailed(String),
     #[error("start-up task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -218,6 +225,17 @@ async fn janitor(ctx: Arc<Ctx>) {
     }
 }
 
+/// Once the cache volume failed: the disks whose batches it lost are marked "resync
+/// required" (ingest refuses every agent and the forwarder stops on its own).
+async fn on_cache_failure(ctx: Arc<Ctx>) {
+    let mut fatal = ctx.cache.flow().fatal();
+    let Ok(why) = fatal.wait_for(|f| f.is_some()).await.map(|f| f.clone()) else {
+        return;
+    };
+    // The writer has logged the failure; this names the disks it cost.
+    ctx.disks.cache_failed(&why.unwrap_or_default());
+}
+
 /// The gRPC service.
 #[derive(Debug, Clone)]
 pub struct Service {
@@ -310,16 +328,23 @@ pub async fn serve_on(
     let service = ProcessServerServer::new(Service { ctx: ctx.clone() })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let router = settings.tuning.server(&settings.tls)?.add_service(service);
+    let relay = DifferentialServer::new(crate::differential::Relay {
+        ctx: ctx.clone(),
+        upstream: settings.forward.clone(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let router = settings
+        .tuning
+        .server(&settings.tls)?
+        .add_service(service)
+        .add_service(relay);
     tracing::info!("listening on {addr}");
 
-    let mut fatal = ctx.cache.flow().fatal();
+    let fatal = tokio::spawn(on_cache_failure(ctx.clone()));
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
     let stop_signal = async move {
-        tokio::select! {
-            _ = stop => {}
-            _ = fatal.wait_for(|f| f.is_some()) => {}
-        }
+        stop.await;
         // End agent streams and the forwarder; tonic then waits for the streams to close.
         let _ = shutdown_tx.send(true);
         let _ = stopped_tx.send(());
@@ -342,6 +367,7 @@ pub async fn serve_on(
     if let Some(m) = metrics {
         m.abort();
     }
+    fatal.abort();
     let _ = forwarder.await;
     let _ = janitor.await;
     ctx.cache.close().await;

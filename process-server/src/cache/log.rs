@@ -15,7 +15,10 @@
 //!
 //! Failure model (PITFALLS §4):
 //! * `fdatasync`/`fsync` errors are fatal and never retried: Linux may have dropped the dirty
-//!   pages, so a retry could "succeed" over lost data. The writer reports it and stops.
+//!   pages, so a retry could "succeed" over lost data. The writer reports it and stops; the
+//!   records of the failed group and of every queued request are never acknowledged, and the
+//!   server refuses agents and stops forwarding until it is restarted (`crate::server`).
+//!   Recovery then reads the segments from the volume, not from cached pages ([`recover`]).
 //! * `ENOSPC`/`EDQUOT` on a write: the partial write is truncated away, the cache reports
 //!   "no space" (agents are paused), the free segment files are deleted to make room, and the
 //!   same records are written again once a segment is retired (deleted, not kept, while the
@@ -82,8 +85,13 @@ pub enum LogError {
         path: String,
         source: std::io::Error,
     },
-    #[error("fsync of {path} failed (fatal, never retried): {source}")]
+    #[error(
+        "{op} of {path} failed with {errno}: {source} (fatal: a failed sync is never retried)",
+        errno = errno_name(.source)
+    )]
     Syncing {
+        /// `fsync` or `fdatasync`.
+        op: &'static str,
         path: String,
         source: std::io::Error,
     },
@@ -103,6 +111,19 @@ pub enum LogError {
     WriterStopped,
     #[error("a cache I/O task panicked")]
     TaskFailed,
+}
+
+/// The symbolic name of an I/O error's errno (`EIO`), which operators search for; the
+/// number for the rarer ones.
+pub fn errno_name(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::EIO) => "EIO".into(),
+        Some(libc::ENOSPC) => "ENOSPC".into(),
+        Some(libc::EDQUOT) => "EDQUOT".into(),
+        Some(libc::EROFS) => "EROFS".into(),
+        Some(n) => format!("errno {n}"),
+        None => "an I/O error".into(),
+    }
 }
 
 /// Whether an I/O error means the volume is full.
@@ -155,6 +176,7 @@ pub fn sync_dir(dir: &Path) -> Result<(), LogError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|source| LogError::Syncing {
+            op: "fsync",
             path: shown(dir),
             source,
         })
@@ -181,9 +203,10 @@ pub fn list_segments(dir: &Path) -> Result<Vec<u64>, LogError> {
     Ok(seqs)
 }
 
-/// Scans every segment of `dir`, truncates a torn tail of the newest one (synced before
-/// returning), rebuilds the index, opens (or creates) the segment to append to, preallocated
-/// to `segment_size`, and collects the free segments for reuse.
+/// Scans every segment of `dir` as the volume holds it (cached pages dropped first),
+/// truncates a torn tail of the newest one (synced before returning), rebuilds the index,
+/// opens (or creates) the segment to append to, preallocated to `segment_size`, and collects
+/// the free segments for reuse.
 pub fn recover(dir: &Path, segment_size: u64) -> Result<Recovered, LogError> {
     let free = recover_free(dir)?;
     let seqs = list_segments(dir)?;
@@ -282,6 +305,7 @@ fn open_newest(
         source,
     })?;
     file.sync_all().map_err(|source| LogError::Syncing {
+        op: "fsync",
         path: shown(path),
         source,
     })?;
@@ -356,10 +380,22 @@ fn scan(seq: u64, data: &[u8], newest: bool, index: &mut Index, damage: &mut Vec
     }
 }
 
+/// Reads a whole segment from the volume, not from cached pages: after a failed sync the
+/// kernel may keep pages whose write-back failed, marked clean, that the disk never got
+/// (PITFALLS §4), and a recovery that trusted them would forward records that are not
+/// durable. `POSIX_FADV_DONTNEED` drops the file's clean cached pages first (dirty ones, of a
+/// log that was not synced, stay and were never acknowledged anyway).
 fn read_whole(path: &Path) -> Result<Vec<u8>, LogError> {
     let mut data = Vec::new();
     File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut data))
+        .and_then(|mut f| {
+            // SAFETY: posix_fadvise on a file descriptor we own; no memory is involved.
+            let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            if rc != 0 {
+                tracing::debug!(path = %path.display(), rc, "cannot drop cached pages; reading them");
+            }
+            f.read_to_end(&mut data)
+        })
         .map_err(|source| LogError::ReadingSegment {
             path: shown(path),
             source,
@@ -417,6 +453,7 @@ fn create_segment_file(dir: &Path, seq: u64, replace: bool, size: u64) -> Result
             source,
         })?;
     file.sync_all().map_err(|source| LogError::Syncing {
+        op: "fsync",
         path: shown(&path),
         source,
     })?;
@@ -486,6 +523,7 @@ fn reuse_segment(dir: &Path, id: u64, seq: u64, size: u64) -> Result<Active, Log
         .map_err(wrote)?;
     preallocate(&file, size).map_err(wrote)?;
     file.sync_all().map_err(|source| LogError::Syncing {
+        op: "fsync",
         path: shown(&from),
         source,
     })?;
@@ -633,7 +671,14 @@ impl Writer {
 
     /// A fatal error: fails `group` and everything queued, and stops taking appends.
     fn fail(&self, e: LogError, group: Vec<Append>, rx: &mut mpsc::Receiver<Append>) {
-        tracing::error!("cache log: {e}; no more batches are accepted");
+        // The pages of this group may have been dropped or marked clean by the kernel (a
+        // retry would "succeed" over lost data), so the page cache of the whole volume is
+        // untrusted from here on: a restart re-reads the log from the disk.
+        tracing::error!(
+            "cache volume {}: {e}; no batch is accepted or forwarded until the process server \
+             is restarted",
+            self.dir.display()
+        );
         self.events.fatal(&e);
         let e = Arc::new(e);
         rx.close();
@@ -677,7 +722,8 @@ impl Writer {
         }
         if !locs.is_empty() {
             self.write_buf()?;
-            self.sync()?;
+            let last_seq = group[..locs.len()].iter().map(|a| a.seq).max();
+            self.sync(last_seq.unwrap_or_default())?;
         }
         Ok((locs, full))
     }
@@ -733,11 +779,13 @@ impl Writer {
         Ok(())
     }
 
-    fn sync(&mut self) -> Result<(), LogError> {
-        self.active
-            .file
-            .sync_data()
+    /// The group commit's one data sync; `last_seq` (the group's highest seq) only picks
+    /// the groups a test failpoint fails.
+    fn sync(&mut self, last_seq: u64) -> Result<(), LogError> {
+        crate::failpoint::sync_eio(last_seq)
+            .and_then(|()| self.active.file.sync_data())
             .map_err(|source| LogError::Syncing {
+                op: "fdatasync",
                 path: self.path(),
                 source,
             })?;
@@ -781,7 +829,11 @@ impl Writer {
         self.active
             .file
             .sync_all()
-            .map_err(|source| LogError::Syncing { path, source })
+            .map_err(|source| LogError::Syncing {
+                op: "fsync",
+                path,
+                source,
+            })
     }
 
     /// Deletes every free segment file, to give its space to the volume; returns whether
@@ -810,5 +862,29 @@ impl Writer {
             }
         }
         create_segment_file(&self.dir, seq, true, self.segment_size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_sync_names_the_file_and_the_errno() {
+        let e = LogError::Syncing {
+            op: "fdatasync",
+            path: "/cache/0000000000000001.seg".into(),
+            source: std::io::Error::from_raw_os_error(libc::EIO),
+        };
+        let text = e.to_string();
+        assert!(
+            text.starts_with("fdatasync of /cache/0000000000000001.seg failed with EIO: "),
+            "{text}"
+        );
+        assert!(text.contains("never retried"), "{text}");
+        assert_eq!(
+            errno_name(&std::io::Error::from_raw_os_error(libc::EBADF)),
+            format!("errno {}", libc::EBADF)
+        );
     }
 }

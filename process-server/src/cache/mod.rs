@@ -93,6 +93,8 @@ impl std::fmt::Debug for Cache {
 }
 
 struct Events {
+    /// The cache volume, named in the fatal error agents and status show.
+    dir: PathBuf,
     index: Arc<Mutex<Index>>,
     flow: Arc<Flow>,
     on_durable: OnDurable,
@@ -122,7 +124,10 @@ impl WriterEvents for Events {
         self.flow.wait_for_space();
     }
     fn fatal(&self, error: &LogError) {
-        self.flow.set_fatal(error.to_string());
+        self.flow.set_fatal(format!(
+            "cache volume {} failed: {error}",
+            self.dir.display()
+        ));
     }
 }
 
@@ -191,6 +196,7 @@ impl Cache {
             active,
             segment_size: self.segment_size,
             events: Arc::new(Events {
+                dir: self.dir.clone(),
                 index: self.index.clone(),
                 flow: self.flow.clone(),
                 on_durable,
