@@ -266,6 +266,21 @@ struct Session {
     resume: Option<tokio::time::Instant>,
     /// Whose turn it is to send, and the disks' credit.
     fair: Fair,
+    /// Disks refused with a retryable code (a full volume at the master target, say): when to
+    /// send again from their applied seq, and how many tries in a row have failed.
+    retry: HashMap<String, Retry>,
+}
+
+/// A disk waiting to be re-sent after a retryable refusal.
+#[derive(Debug, Clone, Copy)]
+struct Retry {
+    at: Option<tokio::time::Instant>,
+    failures: u32,
+}
+
+/// Backoff after `failures` retryable refusals in a row: 1 s, doubling, at most a minute.
+fn retry_delay(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.saturating_sub(1).min(6)).min(Duration::from_secs(60))
 }
 
 impl Session {
@@ -288,6 +303,7 @@ impl Session {
             throttle: Throttle::new(cfg.bandwidth.clone()),
             resume: None,
             fair: Fair::default(),
+            retry: HashMap::new(),
         })
     }
 
@@ -302,6 +318,7 @@ impl Session {
                 return Ok(());
             }
             self.fill(cfg, ctx).await?;
+            let retry_at = self.next_retry();
             tokio::select! {
                 ev = self.events.recv() => match ev {
                     Some(Event::Msg(m)) => self.on_message(ctx, m)?,
@@ -315,6 +332,7 @@ impl Session {
                 _ = ctx.disks.data_ready() => {}
                 _ = must_stop(ctx) => return Ok(()),
                 _ = sleep_until(self.resume) => self.resume = None,
+                _ = sleep_until(retry_at) => self.retry_due(ctx),
             }
         }
     }
@@ -363,10 +381,26 @@ impl Session {
                 for reply in self.pending_adds.remove(&r.disk_id).unwrap_or_default() {
                     let _ = reply.send(Err(refusal.clone()));
                 }
+                let retryable = refusal.code.is_retryable();
                 ctx.disks.set_failed(&r.disk_id, Some(refusal));
                 self.next.remove(&r.disk_id);
                 if let Some(q) = self.inflight.remove(&r.disk_id) {
                     self.inflight_bytes -= q.iter().map(|(_, b)| b).sum::<u64>();
+                }
+                if !retryable {
+                    self.retry.remove(&r.disk_id);
+                } else {
+                    let entry = self.retry.entry(r.disk_id.clone()).or_insert(Retry {
+                        at: None,
+                        failures: 0,
+                    });
+                    // Every batch in flight is refused: one round counts once.
+                    if entry.at.is_none() {
+                        entry.failures += 1;
+                        let delay = retry_delay(entry.failures);
+                        entry.at = Some(tokio::time::Instant::now() + delay);
+                        tracing::warn!(disk = %r.disk_id, "re-sending from the applied seq in {delay:?}");
+                    }
                 }
             }
             Some(apply_message::Body::Welcome(_)) | None => {}
@@ -397,6 +431,28 @@ impl Session {
         }
         if let Some(n) = self.next.get_mut(&p.disk_id) {
             *n = (*n).max(p.applied_seq + 1);
+        }
+        // Progress after a retry: the fault cleared, the backoff starts over.
+        if self.retry.get(&p.disk_id).is_some_and(|r| r.at.is_none()) {
+            self.retry.remove(&p.disk_id);
+        }
+    }
+
+    /// The earliest pending re-send.
+    fn next_retry(&self) -> Option<tokio::time::Instant> {
+        self.retry.values().filter_map(|r| r.at).min()
+    }
+
+    /// Lets the disks whose backoff has passed be sent again, from their applied seq.
+    fn retry_due(&mut self, ctx: &Arc<Ctx>) {
+        let now = tokio::time::Instant::now();
+        for (id, r) in &mut self.retry {
+            if r.at.is_some_and(|at| at <= now) {
+                r.at = None;
+                self.next.remove(id);
+                ctx.disks.set_failed(id, None);
+                tracing::info!(disk = %id, "re-sending from the applied seq");
+            }
         }
     }
 

@@ -132,6 +132,30 @@ async fn batches_are_acked_forwarded_in_order_and_deleted_after_apply() {
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_master_target_volume_is_retried_from_the_applied_seq_once_it_frees() {
+    let cache = tempfile::tempdir().unwrap();
+    let mt = FakeMt::new();
+    let mt_url = start_fake_mt(mt.clone()).await;
+    let server = start_server(cache.path(), &mt_url).await;
+
+    let mut a = agent(&server.url).await;
+    a.send(1..=5).await;
+    a.until(|p| p.applied_seq == 5).await;
+    mt.full.store(true, std::sync::atomic::Ordering::SeqCst);
+    a.send(6..=20).await;
+    a.until(|p| p.cached_seq == 20).await;
+    // Refused (NoSpace, retryable) at least once, and retried while still full.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(mt.progress("disk-1").applied_seq, 5);
+    mt.full.store(false, std::sync::atomic::Ordering::SeqCst);
+    // No new session and no agent action: the forwarder re-sends by itself after its backoff.
+    a.until(|p| p.applied_seq == 20).await;
+    assert_eq!(mt.applied_order("disk-1"), (1..=20).collect::<Vec<_>>());
+    drop(a);
+    server.stop().await;
+}
+
 /// Registers disk-1 with a reachable (fake) master target, then has batches 1..=12
 /// acknowledged while it is unreachable; returns the stopped server's cache and the fake.
 async fn twelve_cached_while_the_master_target_is_away() -> (tempfile::TempDir, FakeMt, String) {

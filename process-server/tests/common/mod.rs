@@ -39,6 +39,8 @@ pub struct FakeMt {
     disks: Arc<parking_lot::Mutex<HashMap<String, Applied>>>,
     /// While `false`, batches are not read (the master target is stuck).
     pub gate: Arc<watch::Sender<bool>>,
+    /// While `true`, batches are refused with NoSpace (its volume is full) and not applied.
+    pub full: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl FakeMt {
@@ -47,6 +49,7 @@ impl FakeMt {
             auth: Arc::new(ServerAuth::new(Passphrase::new(PASS).unwrap())),
             disks: Arc::default(),
             gate: Arc::new(watch::Sender::new(true)),
+            full: Arc::default(),
         }
     }
 
@@ -134,6 +137,15 @@ impl MasterTarget for FakeMt {
                     return;
                 };
                 let reply = match m.body {
+                    Some(forward_message::Body::Batch(b))
+                        if mt.full.load(std::sync::atomic::Ordering::SeqCst) =>
+                    {
+                        apply_message::Body::Error(protocol::pb::ErrorReport {
+                            code: protocol::error::Code::NoSpace.value(),
+                            disk_id: b.disk_id,
+                            message: "the retention volume is full".into(),
+                        })
+                    }
                     Some(forward_message::Body::Batch(b)) => {
                         protocol::batch::check(&b, 1 << 30).expect("forwarded batch is intact");
                         let applied = mt.apply(&b.disk_id, b.seq);
