@@ -244,4 +244,33 @@ mod tests {
         std::fs::write(&p, data).unwrap();
         assert!(matches!(r.load(), Err(RegistryError::Damaged { .. })));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Whatever the file holds, loading it gives records or an error, never a panic; a
+        /// valid file with random bytes changed loads only if the change left it intact.
+        #[test]
+        fn arbitrary_bytes_never_panic(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            flips in proptest::collection::vec((0usize..4096, 1u8..=255), 0..4),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let r = Registry::new(dir.path());
+            std::fs::write(dir.path().join(FILE_NAME), &data).unwrap();
+            let _ = r.load();
+
+            r.store(&[rec("a", 3), rec("b", 9)]).unwrap();
+            let p = dir.path().join(FILE_NAME);
+            let mut valid = std::fs::read(&p).unwrap();
+            let len = valid.len();
+            for (at, x) in &flips {
+                valid[at % len] ^= x;
+            }
+            std::fs::write(&p, &valid).unwrap();
+            if let Ok(loaded) = r.load() {
+                proptest::prop_assert_eq!(loaded, vec![rec("a", 3), rec("b", 9)]);
+            }
+        }
+    }
 }
