@@ -9,6 +9,7 @@ pub mod cli;
 pub mod client;
 pub mod disk;
 pub mod error;
+pub mod failpoint;
 pub mod incoming;
 pub mod limits;
 pub mod metrics;
