@@ -3,7 +3,8 @@
 //!
 //! The client speaks fixed-newstyle NBD (`NBD_OPT_EXPORT_NAME`, then simple replies) with one
 //! request in flight, using the agent's own wire constants (`agent::nbd::proto`). Writes of
-//! `write_size` random bytes go to random `write_size`-aligned offsets, paced so that write
+//! `write_size` random bytes go to `write_size`-aligned offsets chosen by a [`Pattern`]
+//! (uniform, a Zipf-like hot spot, or a sequential log), paced so that write
 //! `i` starts no earlier than `i x write_size / rate` after the start (a writer that falls
 //! behind does not burst to catch up beyond what the export accepts); an NBD flush (a
 //! crash-consistent point) follows every `flush_every`.
@@ -94,11 +95,42 @@ impl NbdClient {
     }
 }
 
+/// Where the writes go.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pattern {
+    /// Every aligned slot equally likely.
+    Uniform,
+    /// Zipf-like (exponent about 1): slot k is written with probability about 1/k, so a few
+    /// slots take most writes, as a database's hot pages do.
+    Hotspot,
+    /// Sequential, wrapping at the end: a log or journal being appended to.
+    Log,
+}
+
+impl Pattern {
+    /// The slot (of `slots`) of write number `i`.
+    pub fn slot(self, rng: &mut impl Rng, slots: u64, i: u64) -> u64 {
+        match self {
+            Pattern::Uniform => rng.random_range(0..slots),
+            // slots^u for u uniform in [0, 1) is log-uniform on [1, slots): P(k) ~ 1/k.
+            Pattern::Hotspot => {
+                let u: f64 = rng.random();
+                ((slots as f64).powf(u) as u64)
+                    .saturating_sub(1)
+                    .min(slots - 1)
+            }
+            Pattern::Log => i % slots,
+        }
+    }
+}
+
 /// How to churn.
 #[derive(Debug, Clone)]
 pub struct Pace {
     /// Bytes per second to write.
     pub bytes_per_sec: f64,
+    pub pattern: Pattern,
     pub write_size: usize,
     pub flush_every: Duration,
     pub seed: u64,
@@ -132,7 +164,8 @@ pub fn run(
             std::thread::sleep(wait);
         }
         rng.fill_bytes(&mut buf);
-        client.write(rng.random_range(0..slots) * pace.write_size as u64, &buf)?;
+        let slot = pace.pattern.slot(&mut rng, slots, i);
+        client.write(slot * pace.write_size as u64, &buf)?;
         written
             .bytes
             .fetch_add(pace.write_size as u64, Ordering::Relaxed);
@@ -145,4 +178,38 @@ pub fn run(
     }
     client.flush()?;
     Ok(start.elapsed().as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(p: Pattern, slots: u64, n: u64) -> Vec<u64> {
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut c = vec![0u64; slots as usize];
+        for i in 0..n {
+            c[p.slot(&mut rng, slots, i) as usize] += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn patterns_spread_concentrate_or_append_as_named() {
+        let (slots, n) = (1000, 100_000);
+        let top_tenth = |c: &[u64]| {
+            let mut v = c.to_vec();
+            v.sort_unstable_by(|a, b| b.cmp(a));
+            v[..c.len() / 10].iter().sum::<u64>() as f64 / n as f64
+        };
+        let uniform = counts(Pattern::Uniform, slots, n);
+        assert!(uniform.iter().all(|&k| k > 0));
+        assert!(top_tenth(&uniform) < 0.15, "{}", top_tenth(&uniform));
+        let hot = counts(Pattern::Hotspot, slots, n);
+        assert!(top_tenth(&hot) > 0.6, "{}", top_tenth(&hot));
+        let mut rng = StdRng::seed_from_u64(1);
+        let log: Vec<u64> = (0..2500)
+            .map(|i| Pattern::Log.slot(&mut rng, slots, i))
+            .collect();
+        assert!(log.windows(2).all(|w| w[1] == (w[0] + 1) % slots));
+    }
 }

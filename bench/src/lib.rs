@@ -1,6 +1,7 @@
 //! failback bench: the local replication demo and the harness that runs the real roles as
 //! processes (shared with the end-to-end tests).
 
+pub mod apply;
 pub mod churn;
 pub mod cluster;
 pub mod demo;

@@ -30,6 +30,10 @@ enum Cmd {
     /// Process server ingest throughput (simulated agent streams into its cache volume,
     /// master target stopped) against raw sequential write + fdatasync of the same bytes.
     Ingest(bench::ingest::IngestArgs),
+    /// Master target apply throughput with retention on (batches forwarded from a process
+    /// server's cache) against `qemu-img convert -O vmdk` of the same data on the same
+    /// filesystem; the replica is verified byte for byte.
+    Apply(bench::apply::ApplyArgs),
     /// Many simulated agents (default 200) against one process server and master target:
     /// total and per-agent MB/s, fairness, the process server's peak memory; every disk is
     /// verified byte for byte.
@@ -53,6 +57,7 @@ fn main() -> ExitCode {
             Cmd::Demo(args) => bench::demo::run(args, &exe).map(|_| ()),
             Cmd::Run(args) => bench::run::run(args, &exe).map(|_| ()),
             Cmd::Ingest(args) => bench::ingest::run(args, &exe).map(|_| ()),
+            Cmd::Apply(args) => bench::apply::run(args, &exe).map(|_| ()),
             Cmd::Scale(args) => bench::scale::run(args, &exe).map(|_| ()),
             Cmd::Rpo(args) => bench::rpo::run(args, &exe).map(|_| ()),
             Cmd::Wan(args) => tokio::runtime::Runtime::new()

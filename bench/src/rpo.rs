@@ -40,7 +40,10 @@ pub struct RpoArgs {
     /// Churn rate, MB/s (10^6 bytes) written through NBD.
     #[arg(long, default_value_t = 54.0)]
     pub churn_mb: f64,
-    /// Bytes per NBD write (random data at a random aligned offset).
+    /// Where the writes go: uniform, hotspot (Zipf-like) or log (sequential).
+    #[arg(long, value_enum, default_value = "uniform")]
+    pub pattern: churn::Pattern,
+    /// Bytes per NBD write (random data at an aligned offset the pattern picks).
     #[arg(long, default_value = "64K", value_parser = protocol::cli::parse_size)]
     pub write_size: u64,
     /// How long to churn, in seconds.
@@ -99,6 +102,7 @@ pub struct RpoReport {
     pub rtt_ms: Option<u64>,
     pub rate_mbit: Option<u64>,
     pub churn_mb_per_sec_wanted: f64,
+    pub pattern: churn::Pattern,
     pub churn_mb_per_sec: f64,
     pub write_bytes: u64,
     pub flush_ms: u64,
@@ -158,9 +162,10 @@ fn measure(args: &RpoArgs, exe: &Path, dir: &Path) -> Result<RpoReport> {
     let source = dir.join("source.raw");
     let mix = workload::generate_disk(&source, args.size, args.seed)?;
     println!(
-        "bench rpo: {} MiB disk ({}), churn {} MB/s in {} KiB writes for {} s, in {}",
+        "bench rpo: {} MiB disk ({}), {:?} churn {} MB/s in {} KiB writes for {} s, in {}",
         args.size >> 20,
         mix.describe(),
+        args.pattern,
         args.churn_mb,
         args.write_size >> 10,
         args.seconds,
@@ -233,6 +238,7 @@ fn measure(args: &RpoArgs, exe: &Path, dir: &Path) -> Result<RpoReport> {
     let mut client = NbdClient::connect(&nbd).with_context(|| failed("the NBD export"))?;
     let pace = Pace {
         bytes_per_sec: args.churn_mb * 1e6,
+        pattern: args.pattern,
         write_size: args.write_size as usize,
         flush_every: Duration::from_millis(args.flush_ms),
         seed: args.seed + 1,
@@ -316,8 +322,9 @@ fn measure(args: &RpoArgs, exe: &Path, dir: &Path) -> Result<RpoReport> {
     plot::rpo_over_time(
         &svg,
         &format!(
-            "RPO under {:.0} MB/s of churn ({} KiB writes), process server status",
+            "RPO under {:.0} MB/s of {:?} churn ({} KiB writes), process server status",
             args.churn_mb,
+            args.pattern,
             args.write_size >> 10
         ),
         &points,
@@ -331,6 +338,7 @@ fn measure(args: &RpoArgs, exe: &Path, dir: &Path) -> Result<RpoReport> {
         rtt_ms: args.rtt_ms,
         rate_mbit: args.rtt_ms.map(|_| args.rate_mbit),
         churn_mb_per_sec_wanted: args.churn_mb,
+        pattern: args.pattern,
         churn_mb_per_sec: churned as f64 / 1e6 / churn_seconds,
         write_bytes: args.write_size,
         flush_ms: args.flush_ms,

@@ -40,6 +40,22 @@ pub struct Disk {
 
 /// The batches of a full pass over `disk`, seqs from 1, `batch_data` bytes of data each.
 pub fn build_batches(disk: &Disk, batch_data: usize) -> Result<Vec<Batch>> {
+    build_pass(disk, batch_data, 1, true, true, None)
+}
+
+/// The batches of a pass over the whole of `disk`, seqs from `first_seq`, `batch_data`
+/// bytes of data each: flagged as a full-sync pass (`resync`) or as ordinary writes, its
+/// last batch flagged `RESYNC_END` if `end` (which also ends the agent's transfer). Source
+/// times: the clock at each batch, or with `start_ms` that time
+/// plus 1 ms per batch (distinct times, so each batch is a recovery point of its own).
+pub fn build_pass(
+    disk: &Disk,
+    batch_data: usize,
+    first_seq: u64,
+    resync: bool,
+    end: bool,
+    start_ms: Option<i64>,
+) -> Result<Vec<Batch>> {
     let file =
         File::open(&disk.source).with_context(|| format!("opening {}", disk.source.display()))?;
     let mut builder = BatchBuilder::new();
@@ -51,18 +67,13 @@ pub fn build_batches(disk: &Disk, batch_data: usize) -> Result<Vec<Batch>> {
         file.read_exact_at(&mut buf[..n], at)?;
         builder.push_write(at, &buf[..n]);
         at += n as u64;
-        let end = if at == disk.capacity {
-            flags::RESYNC_END
-        } else {
-            0
-        };
-        let seq = batches.len() as u64 + 1;
-        batches.push(builder.finish(
-            &disk.disk_id,
-            seq,
-            protocol::now_unix_ms(),
-            flags::RESYNC | end,
-        ));
+        let mut pass = if resync { flags::RESYNC } else { 0 };
+        if end && at == disk.capacity {
+            pass |= flags::RESYNC_END;
+        }
+        let i = batches.len() as u64;
+        let time = start_ms.map_or_else(protocol::now_unix_ms, |t| t + i as i64);
+        batches.push(builder.finish(&disk.disk_id, first_seq + i, time, pass));
     }
     Ok(batches)
 }

@@ -1,0 +1,632 @@
+//! `bench apply`: how fast a real master target applies a disk's batches with its retention
+//! volume on, against `qemu-img convert -O vmdk` of the same raw data onto the same
+//! filesystem; and how fast `master-target recover --out` writes the disk as of an earlier
+//! point, against a plain sequential write + fsync of the disk's size.
+//!
+//! One repeat:
+//! 1. a fresh master target and process server (`Cluster`); one simulated agent stream
+//!    (`crate::streams`) opens its connection, which registers the disk with the master
+//!    target, and the master target is then SIGKILLed;
+//! 2. the stream pushes two passes into the process server's cache (not timed): a *base*
+//!    disk (same workload, another seed; seqs 1..=n) as ordinary writes onto the new disk,
+//!    then the source as ordinary writes over all of it (the churn; seqs n+1..=2n, source
+//!    times 1 ms apart so that every batch is a recovery point, the last flagged
+//!    `RESYNC_END`, which ends the agent's transfer). The process server is then stopped
+//!    (SIGTERM):
+//!    its cache holds every batch durably;
+//! 3. the master target is started again (its datastore and retention volume as left), the
+//!    clock starts and the process server is started: its forwarder opens a fresh session at
+//!    once (no reconnect backoff) and sends the cached batches. Its status is polled every
+//!    10 ms: *fresh* = start until seq n is seen applied (the whole disk written onto an
+//!    empty one, the process server's start-up included); *apply* = from then until seq 2n is seen applied
+//!    (every byte overwrites data, so the undo journal takes the old bytes of the whole
+//!    disk). The master target acks a batch once its undo, data and commit are durable;
+//! 4. the replica's flat extent is compared byte for byte with the source (not timed);
+//! 5. recover: `master-target recover --point T --out NEW.vmdk` to the point 10 % of the
+//!    churn back (seq 2n - n/10), timed from the command's start to its exit; its flat
+//!    extent must equal the source for the batches up to that seq and the base after;
+//! 6. baselines, same directory: `qemu-img convert -f raw -O vmdk -o subformat=monolithicFlat
+//!    SRC DST` plus fsync of DST's flat extent, timed together and verified; and the source
+//!    written to a new file in one sequential pass of 1 MiB writes plus one fsync (dd
+//!    `conv=fsync`).
+//!
+//! Reported: medians over the repeats of MB/s and 4 KiB blocks/s, the ratios apply / qemu-img
+//! (target >= 1.0) and recover / sequential write (target >= 0.5).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use protocol::auth::{ClientAuth, Passphrase};
+use protocol::limits::MAX_BATCH_DATA;
+use protocol::pb::Batch;
+use protocol::transport::TlsFiles;
+use serde::Serialize;
+
+use crate::cluster::{Cluster, run_with_timeout};
+use crate::run::{Cmp, Host, Target, build_kind, median, work_dir};
+use crate::streams::{self, Disk};
+use crate::usage;
+use crate::verify;
+use crate::workload::Workload;
+
+/// Options of `bench apply`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ApplyArgs {
+    /// Source disk size (K/M/G suffixes; a multiple of 4 KiB).
+    #[arg(long, default_value = "512M", value_parser = protocol::cli::parse_size)]
+    pub size: u64,
+    /// Source data (and the base it overwrites): mixed, random, filesystem or sparse.
+    #[arg(long, value_enum, default_value_t = Workload::Mixed)]
+    pub workload: Workload,
+    /// Uncompressed data per batch (the agent's default is 1M).
+    #[arg(long, default_value = "1M", value_parser = protocol::cli::parse_size)]
+    pub batch_size: u64,
+    /// Repeats of every measurement; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Directory for the JSON report.
+    #[arg(long, default_value = "results")]
+    pub out: PathBuf,
+    /// Working directory (sources, and per repeat the cluster, the copies and the logs; the
+    /// data is removed after each repeat, the logs are kept). Default: a temporary
+    /// directory, removed at the end. Put it on the filesystem to measure.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Seed of the source data (the base uses seed + 1000).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Give up on one repeat's apply or recover after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout_secs: u64,
+}
+
+/// One repeat's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApplyRun {
+    /// The base written onto the empty disk (process server start-up included).
+    pub fresh_seconds: f64,
+    pub fresh_mb_per_sec: f64,
+    /// The churn pass over written data (undo of the whole disk journaled).
+    pub apply_seconds: f64,
+    pub apply_mb_per_sec: f64,
+    pub apply_blocks_per_sec: f64,
+    /// Until the process server listened (inside `fresh_seconds`).
+    pub process_server_start_seconds: f64,
+    /// CPU seconds (user + system) of the master target during the churn pass.
+    pub master_target_cpu_secs: f64,
+    pub master_target_peak_rss_bytes: u64,
+    /// Size of the retention volume after both passes (undo journal and metadata).
+    pub retention_bytes: u64,
+    pub qemu_seconds: f64,
+    pub qemu_mb_per_sec: f64,
+    pub qemu_blocks_per_sec: f64,
+    /// The seq recovered to, and the spec given to `--point`.
+    pub recover_seq: u64,
+    pub recover_point: String,
+    pub recover_seconds: f64,
+    pub recover_mb_per_sec: f64,
+    pub seq_write_seconds: f64,
+    pub seq_write_mb_per_sec: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ApplyReport {
+    pub started_unix: u64,
+    pub build: &'static str,
+    pub host: Host,
+    pub work_dir: PathBuf,
+    pub workload: Workload,
+    pub workload_description: String,
+    pub base_description: String,
+    pub disk_bytes: u64,
+    pub batch_bytes: u64,
+    /// Batches per pass.
+    pub batches: usize,
+    pub repeat: usize,
+    pub method: &'static str,
+    pub runs: Vec<ApplyRun>,
+    pub fresh_mb_per_sec: f64,
+    pub apply_mb_per_sec: f64,
+    pub apply_blocks_per_sec: f64,
+    pub qemu_mb_per_sec: f64,
+    pub qemu_blocks_per_sec: f64,
+    pub recover_mb_per_sec: f64,
+    pub seq_write_mb_per_sec: f64,
+    /// apply (churn pass) / qemu-img MB/s (medians).
+    pub apply_ratio: f64,
+    /// fresh (base onto the empty disk) / qemu-img MB/s (medians).
+    pub fresh_ratio: f64,
+    /// recover / sequential write MB/s (medians).
+    pub recover_ratio: f64,
+    pub targets: Vec<Target>,
+}
+
+const METHOD: &str = "two passes cached in a stopped process server first (not timed): a \
+     base disk written onto the new disk, then the source as ordinary writes over all of it; master \
+     target restarted with its retention volume, clock started, process server started; its \
+     status polled every 10 ms: fresh = until the base's last seq is applied (start-up \
+     included), apply = from then until the source's last seq is applied (durable, undo \
+     journaled); replica verified byte for byte; recover = `master-target recover --out` to \
+     the point 10 % of the churn back, process start to exit, verified; baselines in the \
+     same directory: qemu-img convert -f raw -O vmdk -o subformat=monolithicFlat + fsync, \
+     verified; sequential 1 MiB writes of the disk's size + one fsync";
+
+pub fn run(args: &ApplyArgs, exe: &Path) -> Result<ApplyReport> {
+    if args.repeat == 0 {
+        bail!("--repeat must be at least 1");
+    }
+    if args.batch_size == 0
+        || args.batch_size > MAX_BATCH_DATA as u64
+        || !args.batch_size.is_multiple_of(4096)
+    {
+        bail!("--batch-size must be a multiple of 4 KiB up to {MAX_BATCH_DATA} bytes");
+    }
+    if args.size < 2 * args.batch_size || !args.size.is_multiple_of(4096) {
+        bail!("--size must be a multiple of 4 KiB of at least two batches");
+    }
+    if !verify::have_qemu_img() {
+        bail!("qemu-img is not installed (Debian: qemu-utils); it is the baseline");
+    }
+    let (dir, mut tmp) = work_dir(args.dir.as_deref(), "failback-apply-")?;
+    fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let started_unix = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let host = Host::here();
+    fs::create_dir_all(dir.join("sources"))?;
+    let disk = |file: &str| Disk {
+        disk_id: "bench-apply-0000".into(),
+        name: "bench-apply-0000".into(),
+        source: dir.join("sources").join(file),
+        capacity: args.size,
+    };
+    let (base, source) = (disk("base.raw"), disk("source.raw"));
+    let base_description = args
+        .workload
+        .build(&base.source, args.size, args.seed + 1000)?;
+    let description = args.workload.build(&source.source, args.size, args.seed)?;
+    println!(
+        "bench apply: {} MiB {} disk ({description}) over a base of the same kind, {} KiB \
+         batches, {} repeat(s), in {}",
+        args.size >> 20,
+        args.workload.name(),
+        args.batch_size >> 10,
+        args.repeat,
+        dir.display()
+    );
+    let bs = args.batch_size as usize;
+    let mut batches = streams::build_pass(&base, bs, 1, false, false, None)?;
+    let n = batches.len() as u64;
+    batches.extend(streams::build_pass(
+        &source,
+        bs,
+        n + 1,
+        false,
+        true,
+        Some(protocol::now_unix_ms() + 1),
+    )?);
+    let rt = tokio::runtime::Runtime::new()?;
+    println!(
+        "  {:>6} {:>10} {:>10} {:>11} {:>8} {:>9} {:>7} {:>9} {:>9} {:>7}",
+        "repeat",
+        "fresh MB/s",
+        "apply MB/s",
+        "apply blk/s",
+        "MT CPU s",
+        "qemu MB/s",
+        "ratio",
+        "recov MB/s",
+        "dd MB/s",
+        "ratio"
+    );
+    let mut runs = Vec::new();
+    for i in 1..=args.repeat {
+        let scratch = dir.join(format!("repeat-{i}"));
+        let r = match repeat_once(&rt, args, exe, &scratch, &base, &source, &batches) {
+            Ok(r) => r,
+            Err(e) => {
+                // Keep the logs the error points at.
+                if let Some(t) = tmp.take() {
+                    let _ = t.keep();
+                }
+                return Err(e.context(format!("repeat {i} (files in {})", scratch.display())));
+            }
+        };
+        println!(
+            "  {i:>6} {:>10.1} {:>10.1} {:>11.0} {:>8.2} {:>9.1} {:>7.2} {:>9.1} {:>9.1} {:>7.2}",
+            r.fresh_mb_per_sec,
+            r.apply_mb_per_sec,
+            r.apply_blocks_per_sec,
+            r.master_target_cpu_secs,
+            r.qemu_mb_per_sec,
+            r.apply_mb_per_sec / r.qemu_mb_per_sec,
+            r.recover_mb_per_sec,
+            r.seq_write_mb_per_sec,
+            r.recover_mb_per_sec / r.seq_write_mb_per_sec,
+        );
+        runs.push(r);
+    }
+    let med = |f: fn(&ApplyRun) -> f64| median(runs.iter().map(f).collect());
+    let (fresh, apply, qemu) = (
+        med(|r| r.fresh_mb_per_sec),
+        med(|r| r.apply_mb_per_sec),
+        med(|r| r.qemu_mb_per_sec),
+    );
+    let (recover, seq_write) = (
+        med(|r| r.recover_mb_per_sec),
+        med(|r| r.seq_write_mb_per_sec),
+    );
+    let report = ApplyReport {
+        started_unix,
+        build: build_kind(),
+        host,
+        work_dir: dir.clone(),
+        workload: args.workload,
+        workload_description: description,
+        base_description,
+        disk_bytes: args.size,
+        batch_bytes: args.batch_size,
+        batches: n as usize,
+        repeat: args.repeat,
+        method: METHOD,
+        fresh_mb_per_sec: fresh,
+        apply_mb_per_sec: apply,
+        apply_blocks_per_sec: med(|r| r.apply_blocks_per_sec),
+        qemu_mb_per_sec: qemu,
+        qemu_blocks_per_sec: med(|r| r.qemu_blocks_per_sec),
+        recover_mb_per_sec: recover,
+        seq_write_mb_per_sec: seq_write,
+        apply_ratio: apply / qemu,
+        fresh_ratio: fresh / qemu,
+        recover_ratio: recover / seq_write,
+        runs,
+        targets: vec![
+            Target::check(
+                "master target apply, retention on (churn pass) / qemu-img convert -O vmdk",
+                Some(apply / qemu),
+                Cmp::AtLeast,
+                1.0,
+            ),
+            Target::check(
+                "recover --out, 10 % of churn back / sequential write + fsync",
+                Some(recover / seq_write),
+                Cmp::AtLeast,
+                0.5,
+            ),
+        ],
+    };
+    let json = args.out.join(format!("apply-{started_unix}.json"));
+    fs::write(&json, serde_json::to_string_pretty(&report)? + "\n")
+        .with_context(|| format!("writing {}", json.display()))?;
+    println!(
+        "median: fresh {fresh:.1} MB/s, apply {apply:.1} MB/s ({:.0} blocks/s), qemu-img \
+         {qemu:.1} MB/s ({:.0} blocks/s); recover {recover:.1} MB/s, sequential write \
+         {seq_write:.1} MB/s\ntargets (reported, not asserted):",
+        report.apply_blocks_per_sec, report.qemu_blocks_per_sec,
+    );
+    for t in &report.targets {
+        println!("{}", t.line());
+    }
+    println!("  report  {}", json.display());
+    drop(tmp);
+    Ok(report)
+}
+
+fn mb_per_sec(bytes: u64, seconds: f64) -> f64 {
+    bytes as f64 / 1e6 / seconds
+}
+
+/// Total size of the regular files under `dir`.
+fn dir_bytes(dir: &Path) -> Result<u64> {
+    let mut total = 0;
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        let t = e.file_type()?;
+        if t.is_dir() {
+            total += dir_bytes(&e.path())?;
+        } else if t.is_file() {
+            total += e.metadata()?.len();
+        }
+    }
+    Ok(total)
+}
+
+/// One repeat (module docs).
+fn repeat_once(
+    rt: &tokio::runtime::Runtime,
+    args: &ApplyArgs,
+    exe: &Path,
+    scratch: &Path,
+    base: &Disk,
+    source: &Disk,
+    batches: &[Batch],
+) -> Result<ApplyRun> {
+    let mut cluster = Cluster::new(exe, scratch)?;
+    cluster.process_server_flags = vec![
+        "--cache-quota".into(),
+        (3 * args.size + (1 << 30)).to_string(),
+        "--high-water".into(),
+        "80".into(),
+    ];
+    cluster.start().with_context(|| cluster.log_tails())?;
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let ready = rt
+        .block_on(streams::open_all(
+            &cluster,
+            std::slice::from_ref(source),
+            &[batches.to_vec()],
+            false,
+        ))
+        .with_context(|| cluster.log_tails())?;
+    cluster.kill_master_target();
+    rt.block_on(streams::drive_all(ready, timeout))
+        .with_context(|| cluster.log_tails())?;
+    let codes = cluster.stop(Duration::from_secs(20));
+    if codes.iter().any(|c| *c != Some(0)) {
+        bail!(
+            "the process server did not stop cleanly: {codes:?}\n{}",
+            cluster.log_tails()
+        );
+    }
+    cluster
+        .start_master_target()
+        .with_context(|| cluster.log_tails())?;
+    let mt = cluster
+        .master_target_pid()
+        .context("master target not running")?;
+    let auth = ClientAuth::new(
+        Passphrase::load(Some(&cluster.passphrase_file))?,
+        "bench-apply",
+    );
+    let (n, last) = (batches.len() as u64 / 2, batches.len() as u64);
+    let start = Instant::now();
+    cluster
+        .start_process_server()
+        .with_context(|| cluster.log_tails())?;
+    let listening = start.elapsed();
+    let mut base_done: Option<(Duration, usage::Usage)> = None;
+    loop {
+        let status = rt
+            .block_on(process_server::status::fetch(
+                &cluster.ps_url(),
+                &TlsFiles::default(),
+                &auth,
+            ))
+            .context("process server status")?;
+        let seen = start.elapsed();
+        let applied = status
+            .disks
+            .iter()
+            .find(|d| d.disk_id == source.disk_id)
+            .map_or(0, |d| d.applied_seq);
+        if applied >= n && base_done.is_none() {
+            if applied >= last {
+                bail!(
+                    "both passes were applied within one status poll: too small a --size to time them apart"
+                );
+            }
+            base_done = Some((seen, usage::sample(mt)?));
+        }
+        if applied >= last {
+            break;
+        }
+        if seen > timeout {
+            bail!(
+                "applied seq {applied} of {last} after {timeout:?}\n{}",
+                cluster.log_tails()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let end = start.elapsed();
+    let (fresh, cpu_before) = base_done.expect("set before the last seq");
+    let used = usage::sample(mt)?.since(cpu_before);
+    let codes = cluster.stop(Duration::from_secs(20));
+    if codes.iter().any(|c| *c != Some(0)) {
+        bail!(
+            "the servers did not stop cleanly: {codes:?}\n{}",
+            cluster.log_tails()
+        );
+    }
+    verify::files_equal(&cluster.flat_path(&source.name), &source.source)
+        .context("the replica differs from the source")?;
+    let retention_bytes = dir_bytes(&cluster.retention)?;
+
+    // Recover 10 % of the churn back: the batches after `seq` are rolled back.
+    let back = (n / 10).max(1);
+    let seq = last - back;
+    let point = master_target::status::format_time(batches[seq as usize - 1].time_unix_ms);
+    let recovered = scratch.join("recovered.vmdk");
+    let mut cmd = cluster.role("master-target");
+    cmd.arg("recover")
+        .arg("--datastore")
+        .arg(&cluster.datastore)
+        .arg("--retention")
+        .arg(&cluster.retention)
+        .args(["--disk", &source.disk_id, "--point", &point, "--out"])
+        .arg(&recovered);
+    let t = Instant::now();
+    let o = run_with_timeout(&mut cmd, timeout)?;
+    let recover_seconds = t.elapsed().as_secs_f64();
+    if !o.status.success() {
+        bail!(
+            "master-target recover: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let expected = scratch.join("expected.raw");
+    expected_at(&expected, base, source, (seq - n) * args.batch_size)?;
+    verify::files_equal(&scratch.join("recovered-flat.vmdk"), &expected)
+        .with_context(|| format!("the disk recovered to seq {seq} differs from the expected"))?;
+    // The logs stay (with the working directory); the data goes.
+    for d in [&cluster.datastore, &cluster.retention, &cluster.cache] {
+        fs::remove_dir_all(d)?;
+    }
+    for f in ["recovered.vmdk", "recovered-flat.vmdk", "expected.raw"] {
+        fs::remove_file(scratch.join(f))?;
+    }
+
+    let qemu_seconds = qemu_convert(&source.source, &scratch.join("qemu"))?;
+    let seq_file = scratch.join("seq-write.bin");
+    let seq_write_seconds = sequential_write(&source.source, &seq_file)?;
+    fs::remove_file(&seq_file)?;
+    let apply_seconds = (end - fresh).as_secs_f64();
+    Ok(ApplyRun {
+        fresh_seconds: fresh.as_secs_f64(),
+        fresh_mb_per_sec: mb_per_sec(args.size, fresh.as_secs_f64()),
+        apply_seconds,
+        apply_mb_per_sec: mb_per_sec(args.size, apply_seconds),
+        apply_blocks_per_sec: args.size as f64 / 4096.0 / apply_seconds,
+        process_server_start_seconds: listening.as_secs_f64(),
+        master_target_cpu_secs: used.cpu_secs,
+        master_target_peak_rss_bytes: used.peak_rss_bytes,
+        retention_bytes,
+        qemu_seconds,
+        qemu_mb_per_sec: mb_per_sec(args.size, qemu_seconds),
+        qemu_blocks_per_sec: args.size as f64 / 4096.0 / qemu_seconds,
+        recover_seq: seq,
+        recover_point: point,
+        recover_seconds,
+        recover_mb_per_sec: mb_per_sec(args.size, recover_seconds),
+        seq_write_seconds,
+        seq_write_mb_per_sec: mb_per_sec(args.size, seq_write_seconds),
+    })
+}
+
+/// Writes at `path` the disk as of a point in the churn pass: the source's first `upto`
+/// bytes, the base's after.
+fn expected_at(path: &Path, base: &Disk, source: &Disk, upto: u64) -> Result<()> {
+    fs::copy(&base.source, path)?;
+    let out = OpenOptions::new().write(true).open(path)?;
+    let src = File::open(&source.source)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < upto {
+        let k = (upto - at).min(buf.len() as u64) as usize;
+        src.read_exact_at(&mut buf[..k], at)?;
+        out.write_all_at(&buf[..k], at)?;
+        at += k as u64;
+    }
+    Ok(())
+}
+
+/// `qemu-img convert` of `source` to a monolithicFlat VMDK in `dir` plus fsync of its flat
+/// extent, timed; verified against the source and removed. Returns the seconds.
+pub fn qemu_convert(source: &Path, dir: &Path) -> Result<f64> {
+    fs::create_dir_all(dir)?;
+    let vmdk = dir.join("copy.vmdk");
+    let flat = dir.join("copy-flat.vmdk");
+    let start = Instant::now();
+    let o = Command::new("qemu-img")
+        .args([
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=monolithicFlat",
+        ])
+        .arg(source)
+        .arg(&vmdk)
+        .output()
+        .context("running qemu-img")?;
+    if !o.status.success() {
+        bail!("qemu-img convert: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    File::open(&flat)
+        .with_context(|| format!("opening {}", flat.display()))?
+        .sync_all()?;
+    let seconds = start.elapsed().as_secs_f64();
+    verify::files_equal(&flat, source).context("qemu-img's copy differs from the source")?;
+    fs::remove_dir_all(dir)?;
+    Ok(seconds)
+}
+
+/// dd `bs=1M conv=fsync`: `source`'s bytes written to a new file at `path` in 1 MiB writes,
+/// then one fsync; returns the seconds of the writes and the fsync (reads not timed).
+pub fn sequential_write(source: &Path, path: &Path) -> Result<f64> {
+    let mut src = File::open(source)?;
+    let mut out = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut spent = Duration::ZERO;
+    loop {
+        let n = src.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        let t = Instant::now();
+        out.write_all(&buf[..n])?;
+        spent += t.elapsed();
+    }
+    let t = Instant::now();
+    out.sync_all()?;
+    Ok((spent + t.elapsed()).as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_convert_copies_every_byte() {
+        if !verify::have_qemu_img() {
+            eprintln!("qemu-img not installed; skipped");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.raw");
+        Workload::Mixed.build(&src, 4 << 20, 3).unwrap();
+        let secs = qemu_convert(&src, &dir.path().join("q")).unwrap();
+        assert!(secs > 0.0);
+        assert!(!dir.path().join("q").exists());
+    }
+
+    #[test]
+    fn sequential_write_copies_every_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.raw");
+        Workload::Random.build(&src, (3 << 20) + 4096, 5).unwrap();
+        let out = dir.path().join("out");
+        assert!(sequential_write(&src, &out).unwrap() > 0.0);
+        verify::files_equal(&src, &out).unwrap();
+    }
+
+    #[test]
+    fn expected_image_takes_the_source_up_to_the_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = |name: &str, seed| {
+            let d = Disk {
+                disk_id: "d".into(),
+                name: "d".into(),
+                source: dir.path().join(name),
+                capacity: 64 << 10,
+            };
+            Workload::Random.build(&d.source, d.capacity, seed).unwrap();
+            d
+        };
+        let (base, source) = (disk("base", 1), disk("source", 2));
+        let path = dir.path().join("expected");
+        expected_at(&path, &base, &source, 24 << 10).unwrap();
+        let (got, b, s) = (
+            fs::read(&path).unwrap(),
+            fs::read(&base.source).unwrap(),
+            fs::read(&source.source).unwrap(),
+        );
+        assert_eq!(got[..24 << 10], s[..24 << 10]);
+        assert_eq!(got[24 << 10..], b[24 << 10..]);
+    }
+
+    #[test]
+    fn dir_bytes_sums_nested_files() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("a/b")).unwrap();
+        fs::write(dir.path().join("x"), [0u8; 10]).unwrap();
+        fs::write(dir.path().join("a/b/y"), [0u8; 5]).unwrap();
+        assert_eq!(dir_bytes(dir.path()).unwrap(), 15);
+    }
+}
