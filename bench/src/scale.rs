@@ -47,6 +47,11 @@ pub struct ScaleArgs {
     /// Give up if the agents are not all done after this many seconds.
     #[arg(long, default_value_t = 900)]
     pub timeout_secs: u64,
+    /// HTTP/2 stream window the process server grants each agent stream (its
+    /// `--h2-stream-window`): with the append-queue budget, what bounds its memory.
+    /// Default: the process server's own (32M).
+    #[arg(long, value_parser = protocol::cli::parse_size)]
+    pub ps_stream_window: Option<u64>,
 }
 
 /// Min, median and max of the agents' MB/s.
@@ -66,6 +71,8 @@ pub struct ScaleReport {
     pub agents: usize,
     pub per_agent_bytes: u64,
     pub batch_bytes: u64,
+    /// The process server's `--h2-stream-window`, when set.
+    pub ps_stream_window: Option<u64>,
     /// Until the last agent completed.
     pub seconds: f64,
     pub total_mb_per_sec: f64,
@@ -115,6 +122,9 @@ pub fn run(args: &ScaleArgs, exe: &Path) -> Result<ScaleReport> {
         .collect::<Result<Vec<_>>>()?;
     let rt = tokio::runtime::Runtime::new()?;
     let mut cluster = Cluster::new(exe, &dir.join("cluster"))?;
+    if let Some(w) = args.ps_stream_window {
+        cluster.process_server_flags = vec!["--h2-stream-window".into(), w.to_string()];
+    }
     let outcome = push_and_verify(&rt, args, &mut cluster, &disks, &batches);
     if outcome.is_err() {
         // Keep the files and logs the error points at.
@@ -146,6 +156,7 @@ pub fn run(args: &ScaleArgs, exe: &Path) -> Result<ScaleReport> {
         agents: args.agents,
         per_agent_bytes: args.per_agent,
         batch_bytes: args.batch_size,
+        ps_stream_window: args.ps_stream_window,
         seconds: last,
         total_mb_per_sec: (args.agents as u64 * args.per_agent) as f64 / 1e6 / last,
         target: Target::check(
