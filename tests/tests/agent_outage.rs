@@ -10,7 +10,7 @@ mod common;
 
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use bench::cluster::{Cluster, free_port, run_with_timeout};
@@ -20,35 +20,6 @@ const DISK_ID: &str = "disk-outage-1";
 const NAME: &str = "outage";
 const SIZE: u64 = 16 << 20;
 const TAG: &str = "before-outage";
-
-/// Runs qemu-io on the NBD export with these commands; panics unless it succeeds.
-fn qemu_io(c: &Cluster, nbd: u16, cmds: &[&str]) {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw", &format!("nbd://127.0.0.1:{nbd}")]);
-    for x in cmds {
-        cmd.args(["-c", x]);
-    }
-    let out = run_with_timeout(&mut cmd, Duration::from_secs(60)).expect("qemu-io runs");
-    assert!(
-        out.status.success(),
-        "qemu-io {cmds:?}: {}{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        c.log_tails()
-    );
-}
-
-fn wait_until(what: &str, c: &Cluster, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !ok() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} within {timeout:?}\n{}",
-            c.log_tails()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// `len` bytes of incompressible data (xorshift), so that lz4 cannot shrink what the agent
 /// has to hold.
@@ -107,40 +78,12 @@ impl Agent {
             .collect())
     }
 
-    /// `agent marker --kind user --tag TAG`, retried while the agent says a resync interval is
-    /// running (there is no consistent point then), for at most `timeout`.
+    /// A user marker `tag`, retried while a resync interval runs, for at most `timeout`.
     fn marker(&self, c: &Cluster, tag: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let out = run_with_timeout(
-                c.role("agent")
-                    .args([
-                        "marker",
-                        "--connect",
-                        &format!("127.0.0.1:{}", self.control),
-                    ])
-                    .args(["--disk-id", DISK_ID, "--kind", "user", "--tag", tag])
-                    .arg("--passphrase-file")
-                    .arg(&c.passphrase_file),
-                Duration::from_secs(30),
-            )
-            .unwrap();
-            if out.status.success() {
-                return;
-            }
-            let err = String::from_utf8_lossy(&out.stderr);
-            assert!(
-                err.contains("resync interval is running") && Instant::now() < deadline,
-                "agent marker {tag}: {err}\n{}\n{}",
-                self.log(),
-                c.log_tails()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        common::user_marker(c, self.control, DISK_ID, tag, timeout, || self.log());
     }
 }
 
-/// The unsigned number after `"key":` in compact JSON.
 fn json_u64(json: &str, key: &str) -> Option<u64> {
     let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
     let digits: String = json[at..]
@@ -182,7 +125,7 @@ fn the_agent_rides_out_a_process_server_outage_and_the_marker_before_it_recovers
         control,
         log,
     };
-    wait_until(
+    common::wait_until(
         "the NBD export listens",
         &c,
         Duration::from_secs(60),
@@ -195,7 +138,7 @@ fn the_agent_rides_out_a_process_server_outage_and_the_marker_before_it_recovers
     let (a, b) = (rand_a.display(), rand_b.display());
 
     // Before the outage: writes, then the marker; the disk at the marker is the source now.
-    qemu_io(
+    common::qemu_io(
         &c,
         nbd,
         &[
@@ -208,7 +151,7 @@ fn the_agent_rides_out_a_process_server_outage_and_the_marker_before_it_recovers
     let at_marker = std::fs::read(&source).unwrap();
     // The marker has left the batcher (it closes its batch at once): it sits in the
     // transfer's window, or is already in the process server's cache.
-    wait_until(
+    common::wait_until(
         "the agent hands the marker's batch on",
         &c,
         Duration::from_secs(10),
@@ -223,8 +166,8 @@ fn the_agent_rides_out_a_process_server_outage_and_the_marker_before_it_recovers
     c.kill_process_server();
 
     // The agent keeps serving writes, holding the batches in memory...
-    qemu_io(&c, nbd, &["write -P 0x22 256K 512K", "flush"]);
-    wait_until(
+    common::qemu_io(&c, nbd, &["write -P 0x22 256K 512K", "flush"]);
+    common::wait_until(
         "the agent holds the outage's first write in memory",
         &c,
         Duration::from_secs(10),
@@ -244,13 +187,13 @@ fn the_agent_rides_out_a_process_server_outage_and_the_marker_before_it_recovers
     );
 
     // ...and, once its window and queues are full, in a dirty bitmap.
-    qemu_io(
+    common::qemu_io(
         &c,
         nbd,
         &[&format!("write -s {b} 2M 12M"), "write -z 5M 256K", "flush"],
     );
     let mut in_bitmap = String::new();
-    wait_until(
+    common::wait_until(
         "the agent falls back to its dirty bitmap",
         &c,
         Duration::from_secs(20),
@@ -267,7 +210,7 @@ fn the_agent_rides_out_a_process_server_outage_and_the_marker_before_it_recovers
     // The outage lasts a while (the agent's reconnect backoff grows meanwhile); writes are
     // still served.
     std::thread::sleep(Duration::from_secs(3));
-    qemu_io(
+    common::qemu_io(
         &c,
         nbd,
         &["write -P 0x33 3M 64K", "write -P 0x44 15M 1M", "flush"],
@@ -284,14 +227,14 @@ fn the_agent_rides_out_a_process_server_outage_and_the_marker_before_it_recovers
         panic!("restarting the process server: {e:#}\n{}", c.log_tails());
     }
     let flat = c.flat_path(NAME);
-    wait_until(
+    common::wait_until(
         "the target equals the source after the outage",
         &c,
         Duration::from_secs(90),
         || std::fs::read(&flat).ok() == std::fs::read(&source).ok(),
     );
     let mut resumed = String::new();
-    wait_until(
+    common::wait_until(
         "the agent replicates continuously again",
         &c,
         Duration::from_secs(30),
@@ -404,7 +347,7 @@ fn the_agent_rides_out_a_process_server_outage_and_the_marker_before_it_recovers
 
     // SAFETY: kill(2) on the pid of a child we own and have not reaped.
     unsafe { libc::kill(agent.child.id() as i32, libc::SIGTERM) };
-    wait_until(
+    common::wait_until(
         "the agent stops on SIGTERM",
         &c,
         Duration::from_secs(20),

@@ -5,40 +5,13 @@
 mod common;
 
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Stdio};
+use std::time::Duration;
 
-use bench::cluster::{Cluster, free_port, run_with_timeout};
+use bench::cluster::{free_port, run_with_timeout};
 use bench::workload;
 
 const DISK_ID: &str = "disk-cont-1";
-
-/// Runs qemu-io on the NBD export with these commands; panics unless it succeeds.
-fn qemu_io(nbd: u16, cmds: &[&str]) {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw", &format!("nbd://127.0.0.1:{nbd}")]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    let out = run_with_timeout(&mut c, Duration::from_secs(60)).expect("qemu-io runs");
-    assert!(
-        out.status.success(),
-        "qemu-io {cmds:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn wait_until(what: &str, c: &Cluster, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !ok() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} within {timeout:?}\n{}",
-            c.log_tails()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 struct Agent(Child);
 
@@ -72,7 +45,7 @@ fn writes_over_nbd_replicate_in_order_and_a_marker_recovers_exactly() {
         .spawn()
         .unwrap();
     let mut agent = Agent(agent);
-    wait_until(
+    common::wait_until(
         "the NBD export listens",
         &c,
         Duration::from_secs(60),
@@ -80,39 +53,26 @@ fn writes_over_nbd_replicate_in_order_and_a_marker_recovers_exactly() {
     );
 
     // Overlapping writes, then a marker: the disk at the marker is the source right now.
-    qemu_io(
+    common::qemu_io(
+        &c,
         nbd,
         &["write -P 0x11 0 1M", "write -P 0x22 512K 1M", "flush"],
     );
     // Until the first full pass ends there is no consistent point; the agent says so.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let marker = run_with_timeout(
-            c.role("agent")
-                .args(["marker", "--connect", &format!("127.0.0.1:{control}")])
-                .args(["--disk-id", DISK_ID, "--kind", "user", "--tag", "step1"])
-                .arg("--passphrase-file")
-                .arg(&c.passphrase_file),
-            Duration::from_secs(30),
-        )
-        .unwrap();
-        if marker.status.success() {
-            break;
-        }
-        let err = String::from_utf8_lossy(&marker.stderr);
-        assert!(
-            err.contains("resync interval is running") && Instant::now() < deadline,
-            "agent marker: {err}\n{}",
-            c.log_tails()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    common::user_marker(
+        &c,
+        control,
+        DISK_ID,
+        "step1",
+        Duration::from_secs(120),
+        String::new,
+    );
     let at_marker = std::fs::read(&source).unwrap();
 
     // More writes over the marker's data; the target follows the source exactly.
-    qemu_io(nbd, &["write -P 0x33 0 3M", "write -z 4M 1M", "flush"]);
+    common::qemu_io(&c, nbd, &["write -P 0x33 0 3M", "write -z 4M 1M", "flush"]);
     let flat = c.flat_path("cont");
-    wait_until(
+    common::wait_until(
         "the target equals the source",
         &c,
         Duration::from_secs(120),
@@ -148,7 +108,7 @@ fn writes_over_nbd_replicate_in_order_and_a_marker_recovers_exactly() {
     // Clean stop on SIGTERM.
     // SAFETY: kill(2) on the pid of a child we own and have not reaped.
     unsafe { libc::kill(agent.0.id() as i32, libc::SIGTERM) };
-    wait_until(
+    common::wait_until(
         "the agent stops on SIGTERM",
         &c,
         Duration::from_secs(20),

@@ -105,3 +105,71 @@ pub fn wait_for_disk(
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// Runs qemu-io on the NBD export at 127.0.0.1:`nbd` with these commands; panics, with the
+/// servers' logs, unless it succeeds.
+pub fn qemu_io(c: &Cluster, nbd: u16, cmds: &[&str]) {
+    let mut cmd = std::process::Command::new("qemu-io");
+    cmd.args(["-f", "raw", &format!("nbd://127.0.0.1:{nbd}")]);
+    for x in cmds {
+        cmd.args(["-c", x]);
+    }
+    let out =
+        bench::cluster::run_with_timeout(&mut cmd, Duration::from_secs(60)).expect("qemu-io runs");
+    assert!(
+        out.status.success(),
+        "qemu-io {cmds:?}: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        c.log_tails()
+    );
+}
+
+/// Polls `ok` every 50 ms; panics with the servers' logs unless it holds within `timeout`.
+pub fn wait_until(what: &str, c: &Cluster, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ok() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} within {timeout:?}\n{}",
+            c.log_tails()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `agent marker --kind user --tag TAG` against the agent's control address, retried while
+/// the agent says a resync interval is running (no consistent point then), for at most
+/// `timeout`; panics with `context` and the servers' logs on any other failure.
+pub fn user_marker(
+    c: &Cluster,
+    control: u16,
+    disk_id: &str,
+    tag: &str,
+    timeout: Duration,
+    context: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let out = bench::cluster::run_with_timeout(
+            c.role("agent")
+                .args(["marker", "--connect", &format!("127.0.0.1:{control}")])
+                .args(["--disk-id", disk_id, "--kind", "user", "--tag", tag])
+                .arg("--passphrase-file")
+                .arg(&c.passphrase_file),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        if out.status.success() {
+            return;
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("resync interval is running") && Instant::now() < deadline,
+            "agent marker {tag}: {err}\n{}\n{}",
+            context(),
+            c.log_tails()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
