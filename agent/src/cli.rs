@@ -219,6 +219,8 @@ pub enum Format {
     MonolithicFlat,
     /// Thin, grain-allocated single file.
     MonolithicSparse,
+    /// A descriptor plus flat extents of at most 2 GiB each (NAME-f001.vmdk, ...).
+    TwoGbMaxExtentFlat,
 }
 
 impl From<Format> for DiskFormat {
@@ -227,6 +229,7 @@ impl From<Format> for DiskFormat {
             Format::Vmfs => DiskFormat::Vmfs,
             Format::MonolithicFlat => DiskFormat::MonolithicFlat,
             Format::MonolithicSparse => DiskFormat::MonolithicSparse,
+            Format::TwoGbMaxExtentFlat => DiskFormat::TwoGbMaxExtentFlat,
         }
     }
 }

@@ -48,6 +48,65 @@ fn full_sync_of_mixed_disk_equals_source_byte_for_byte() {
     assert_replica_equals(&c, "mixed", &source);
 }
 
+/// Every layout the agent can ask for is created by the master target, holds the source
+/// byte for byte by qemu's reading, and passes `master-target verify`.
+#[test]
+fn each_target_layout_holds_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path());
+    let source = dir.path().join("source.raw");
+    workload::generate_disk(&source, 8 << 20, 21).unwrap();
+    for format in [
+        "monolithic-flat",
+        "monolithic-sparse",
+        "two-gb-max-extent-flat",
+    ] {
+        let name = format.replace('-', "_");
+        let out = bench::cluster::run_with_timeout(
+            &mut c.agent_sync(
+                &source,
+                &format!("disk-{format}"),
+                &name,
+                &["--wait", "--format", format],
+            ),
+            std::time::Duration::from_secs(240),
+        )
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "{format}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            c.log_tails()
+        );
+        let vmdk = c.vmdk_path(&name);
+        let compare = std::process::Command::new("qemu-img")
+            .args(["compare", "-f", "vmdk", "-F", "raw"])
+            .arg(&vmdk)
+            .arg(&source)
+            .output()
+            .unwrap();
+        assert!(
+            compare.status.success(),
+            "{format}: qemu-img compare: {}{}",
+            String::from_utf8_lossy(&compare.stdout),
+            String::from_utf8_lossy(&compare.stderr)
+        );
+        let verify = c
+            .role("master-target")
+            .args(["verify", "--datastore"])
+            .arg(&c.datastore)
+            .args(["--disk", &format!("disk-{format}")])
+            .output()
+            .unwrap();
+        assert!(
+            verify.status.success(),
+            "{format}: verify: {}{}",
+            String::from_utf8_lossy(&verify.stdout),
+            String::from_utf8_lossy(&verify.stderr)
+        );
+    }
+}
+
 #[test]
 fn second_full_sync_after_changes_converges() {
     let dir = tempfile::tempdir().unwrap();
