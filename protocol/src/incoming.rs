@@ -23,6 +23,9 @@ use tokio::time::Sleep;
 use tokio_stream::Stream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
+/// Pause after a failed accept (EMFILE, ENFILE, ENOBUFS...): retrying at once would spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 /// Bytes a new connection must send within the handshake timeout: the length of the HTTP/2
 /// client preface (a TLS ClientHello is longer).
 pub const HANDSHAKE_BYTES: usize = 24;
@@ -52,6 +55,7 @@ pub fn guarded(listener: TcpListener, limits: Limits) -> Incoming {
         listener,
         limits,
         slots: Arc::new(Semaphore::new(limits.max_connections)),
+        backoff: None,
     }
 }
 
@@ -61,6 +65,8 @@ pub struct Incoming {
     listener: TcpListener,
     limits: Limits,
     slots: Arc<Semaphore>,
+    /// Set after a failed accept, until [`ACCEPT_BACKOFF`] has passed.
+    backoff: Option<Pin<Box<Sleep>>>,
 }
 
 impl Stream for Incoming {
@@ -69,11 +75,16 @@ impl Stream for Incoming {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         loop {
+            if let Some(pause) = this.backoff.as_mut() {
+                ready!(pause.as_mut().poll(cx));
+                this.backoff = None;
+            }
             let (stream, peer) = match ready!(this.listener.poll_accept(cx)) {
                 Ok(accepted) => accepted,
-                // Per-connection failures (ECONNABORTED, EMFILE...) must not end the server.
+                // Failures (ECONNABORTED, EMFILE...) must not end the server, nor spin it.
                 Err(e) => {
-                    tracing::warn!("accept failed: {e}");
+                    tracing::warn!("accept failed: {e}; retrying in {ACCEPT_BACKOFF:?}");
+                    this.backoff = Some(Box::pin(tokio::time::sleep(ACCEPT_BACKOFF)));
                     continue;
                 }
             };

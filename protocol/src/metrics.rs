@@ -112,8 +112,14 @@ where
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            // EMFILE and the like: retrying at once would spin.
+            Err(_) => {
+                drop(permit);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let render = render.clone();
         tokio::spawn(async move {

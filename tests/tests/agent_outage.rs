@@ -11,7 +11,7 @@ mod common;
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bench::cluster::{Cluster, free_port, run_with_timeout};
 use bench::workload;
@@ -95,7 +95,6 @@ fn json_u64(json: &str, key: &str) -> Option<u64> {
 
 #[test]
 fn the_agent_rides_out_a_process_server_outage_and_the_marker_before_it_recovers_exactly() {
-    let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let mut c = common::cluster(dir.path());
     let source = dir.path().join("source.raw");
@@ -352,10 +351,5 @@ fn the_agent_rides_out_a_process_server_outage_and_the_marker_before_it_recovers
         &c,
         Duration::from_secs(20),
         || agent.child.try_wait().unwrap().is_some(),
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(110),
-        "took {:?}",
-        started.elapsed()
     );
 }

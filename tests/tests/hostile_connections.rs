@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bench::cluster::Cluster;
 use bench::{verify, workload};
@@ -206,7 +206,6 @@ fn silent_streams_and_one_byte_a_second_clients_are_cut_off_while_replication_go
     let dir = tempfile::tempdir().unwrap();
     let (c, source, _) = honest_cluster(dir.path());
     let rt = runtime();
-    let started = Instant::now();
 
     // A thousand Replicate streams that never send their hello, and a few Apply streams on
     // the master target, plus raw clients dribbling the HTTP/2 preface a byte a second.
@@ -281,7 +280,6 @@ fn silent_streams_and_one_byte_a_second_clients_are_cut_off_while_replication_go
             "dribbler {i} was allowed to finish the preface ({sent} bytes)"
         );
     }
-    assert!(started.elapsed() < Duration::from_secs(240));
 
     // The servers still answer and replicate after the storm.
     workload::churn(&source, 4, 29).unwrap();
