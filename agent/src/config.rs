@@ -285,20 +285,33 @@ struct Connection {
     window_bytes: usize,
 }
 
-fn connection(
+/// The keys both files hold that [`connection`] reads (moved out of either file).
+struct ConnectionKeys {
     window: Option<Size>,
     batch_size: Option<Size>,
-    identity_key: Option<String>,
-    security: SecurityArgs,
+    identity: Option<String>,
+    passphrase_file: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
     h2_stream_window: Option<Size>,
     h2_connection_window: Option<Size>,
-) -> Result<Connection, ConfigError> {
-    let (batch_data, window_bytes) = sizes(batch_size, window)?;
-    let identity = identity(identity_key)?;
+}
+
+fn connection(k: ConnectionKeys) -> Result<Connection, ConfigError> {
+    let (batch_data, window_bytes) = sizes(k.batch_size, k.window)?;
+    let identity = identity(k.identity)?;
+    let security = SecurityArgs {
+        passphrase_file: k.passphrase_file,
+        tls_cert: k.tls_cert,
+        tls_key: k.tls_key,
+        tls_ca: k.tls_ca,
+        tls_client_ca: None,
+    };
     let passphrase = security.passphrase()?;
     let wan = WanArgs {
-        h2_stream_window: h2_stream_window.map(|s| s.0),
-        h2_connection_window: h2_connection_window.map(|s| s.0),
+        h2_stream_window: k.h2_stream_window.map(|s| s.0),
+        h2_connection_window: k.h2_connection_window.map(|s| s.0),
     };
     Ok(Connection {
         tuning: wan.tuning(),
@@ -393,21 +406,17 @@ impl SyncFile {
                 format!("tag must be at most {MAX_NAME_LEN} bytes"),
             ));
         }
-        let security = SecurityArgs {
+        let c = connection(ConnectionKeys {
+            window: self.window,
+            batch_size: self.batch_size,
+            identity: self.identity,
             passphrase_file: self.passphrase_file,
             tls_cert: self.tls_cert,
             tls_key: self.tls_key,
             tls_ca: self.tls_ca,
-            tls_client_ca: None,
-        };
-        let c = connection(
-            self.window,
-            self.batch_size,
-            self.identity,
-            security,
-            self.h2_stream_window,
-            self.h2_connection_window,
-        )?;
+            h2_stream_window: self.h2_stream_window,
+            h2_connection_window: self.h2_connection_window,
+        })?;
         let format = self.format.map_or(DiskFormat::Vmfs, DiskFormat::from);
         Ok(SyncConfig {
             target: c.target(&url, disk_info(&disk_id, &name, format)),
@@ -477,21 +486,17 @@ impl ReplicateFile {
             // A marker cut on several disks must say which group it belongs to.
             return Err(ConfigError::Missing { flag: "group" });
         }
-        let security = SecurityArgs {
+        let c = connection(ConnectionKeys {
+            window: self.window,
+            batch_size: self.batch_size,
+            identity: self.identity,
             passphrase_file: self.passphrase_file,
             tls_cert: self.tls_cert,
             tls_key: self.tls_key,
             tls_ca: self.tls_ca,
-            tls_client_ca: None,
-        };
-        let c = connection(
-            self.window,
-            self.batch_size,
-            self.identity,
-            security,
-            self.h2_stream_window,
-            self.h2_connection_window,
-        )?;
+            h2_stream_window: self.h2_stream_window,
+            h2_connection_window: self.h2_connection_window,
+        })?;
         let format = self.format.map_or(DiskFormat::Vmfs, DiskFormat::from);
         Ok(ReplicateConfig {
             disks: disks

@@ -293,10 +293,8 @@ impl FileDisk {
     fn record(&self, sink: &mut Option<DirtyMap>, change: Change) -> Result<(), u32> {
         match sink {
             Some(dirty) => {
-                match &change {
-                    Change::Write { offset, data } => dirty.mark(*offset, data.len() as u64),
-                    Change::Zero { offset, len } => dirty.mark(*offset, *len),
-                    Change::Marker(_) => {}
+                if let Some((offset, len)) = change.extent() {
+                    dirty.mark(offset, len);
                 }
                 Ok(())
             }

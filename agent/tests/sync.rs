@@ -424,7 +424,7 @@ async fn an_unreachable_process_server_is_given_up_after_retry_for() {
     let (file, _) = source_disk();
     let mut cfg = config(&url, file.path());
     cfg.retry_for = Duration::from_millis(400);
-    let started = Instant::now();
+    // `bounded` fails the test if giving up hangs; no wall-clock figure is asserted.
     let err = bounded(run(cfg)).await.unwrap_err();
     assert!(matches!(err, SyncError::GaveUp(_)), "{err:?}");
     let text = err.to_string();
@@ -433,7 +433,6 @@ async fn an_unreachable_process_server_is_given_up_after_retry_for() {
         "{text}"
     );
     assert!(text.contains("gave up after"), "{text}");
-    assert!(started.elapsed() < Duration::from_secs(10));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
