@@ -215,14 +215,10 @@ fn check_same(known: &DiskInfo, d: &DiskInfo) -> Result<(), Refusal> {
 async fn register(ctx: &Arc<Ctx>, d: &DiskInfo) -> Result<(), Refusal> {
     let applied = ctx.forwarder.add_disk(d.clone()).await?;
     if ctx.disks.register(d.clone(), applied) {
-        let records = ctx.disks.records();
-        let c = ctx.clone();
-        let stored =
-            tokio::task::spawn_blocking(move || c.registry.store(&records).map(|_| records))
-                .await
-                .map_err(|e| Refusal::new(Code::Internal, e.to_string()))?
-                .map_err(|e| Refusal::for_disk(Code::Io, &d.disk_id, e.to_string()))?;
-        ctx.disks.floors_persisted(&stored);
+        crate::server::persist_records(ctx)
+            .await
+            .map_err(|e| Refusal::new(Code::Internal, e.to_string()))?
+            .map_err(|e| Refusal::for_disk(Code::Io, &d.disk_id, e.to_string()))?;
         tracing::info!(disk = %d.disk_id, name = %d.name, applied, "registered new disk");
     }
     Ok(())

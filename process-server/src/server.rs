@@ -198,17 +198,25 @@ async fn open(
     Ok((ctx, cmds))
 }
 
+/// Stores every disk's record in the registry (off the async workers), then marks their
+/// floors persisted. The outer error: the blocking task failed.
+pub(crate) async fn persist_records(
+    ctx: &Arc<Ctx>,
+) -> Result<Result<(), RegistryError>, tokio::task::JoinError> {
+    let records = ctx.disks.records();
+    let c = ctx.clone();
+    let stored =
+        tokio::task::spawn_blocking(move || c.registry.store(&records).map(|_| records)).await?;
+    Ok(stored.map(|records| ctx.disks.floors_persisted(&records)))
+}
+
 /// Persists applied floors, then retires (reuses or deletes) the segments they make obsolete.
 async fn janitor(ctx: Arc<Ctx>) {
     let mut shutdown = ctx.shutdown.clone();
     loop {
         if ctx.disks.floors_behind() {
-            let records = ctx.disks.records();
-            let c = ctx.clone();
-            match tokio::task::spawn_blocking(move || c.registry.store(&records).map(|_| records))
-                .await
-            {
-                Ok(Ok(records)) => ctx.disks.floors_persisted(&records),
+            match persist_records(&ctx).await {
+                Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::error!("cannot persist applied floors: {e}"),
                 Err(e) => tracing::error!("registry task failed: {e}"),
             }

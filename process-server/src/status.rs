@@ -28,7 +28,8 @@ pub const DRAIN_CRITICAL: Duration = Duration::from_secs(45 * 60);
 /// The state of a disk (`DiskStatus.state`), most urgent first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// The master target refused it: not forwarded until the next session.
+    /// The master target refused it: not forwarded until the next session, or, for a
+    /// retryable refusal (a full volume), until the forwarder's backoff re-sends it.
     Failed,
     /// Acknowledged batches were lost to cache corruption: the agent must resync.
     ResyncRequired,

@@ -145,8 +145,13 @@ async fn a_full_master_target_volume_is_retried_from_the_applied_seq_once_it_fre
     mt.full.store(true, std::sync::atomic::Ordering::SeqCst);
     a.send(6..=20).await;
     a.until(|p| p.cached_seq == 20).await;
-    // Refused (NoSpace, retryable) at least once, and retried while still full.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Refused (NoSpace, retryable), and retried while still full: the first round sends
+    // each of 6..=20 once, so more than 15 refusals means a batch was re-sent.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while mt.refused.load(std::sync::atomic::Ordering::SeqCst) <= 15 {
+        assert!(tokio::time::Instant::now() < deadline, "never retried");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(mt.progress("disk-1").applied_seq, 5);
     mt.full.store(false, std::sync::atomic::Ordering::SeqCst);
     // No new session and no agent action: the forwarder re-sends by itself after its backoff.

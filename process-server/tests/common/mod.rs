@@ -41,6 +41,8 @@ pub struct FakeMt {
     pub gate: Arc<watch::Sender<bool>>,
     /// While `true`, batches are refused with NoSpace (its volume is full) and not applied.
     pub full: Arc<std::sync::atomic::AtomicBool>,
+    /// Batches refused because of `full`, so far.
+    pub refused: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl FakeMt {
@@ -50,6 +52,7 @@ impl FakeMt {
             disks: Arc::default(),
             gate: Arc::new(watch::Sender::new(true)),
             full: Arc::default(),
+            refused: Arc::default(),
         }
     }
 
@@ -140,6 +143,7 @@ impl MasterTarget for FakeMt {
                     Some(forward_message::Body::Batch(b))
                         if mt.full.load(std::sync::atomic::Ordering::SeqCst) =>
                     {
+                        mt.refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         apply_message::Body::Error(protocol::pb::ErrorReport {
                             code: protocol::error::Code::NoSpace.value(),
                             disk_id: b.disk_id,
