@@ -38,7 +38,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use protocol::auth::{ClientAuth, Passphrase};
@@ -48,7 +48,7 @@ use protocol::transport::TlsFiles;
 use serde::Serialize;
 
 use crate::cluster::{Cluster, run_with_timeout};
-use crate::run::{Cmp, Host, Target, build_kind, median, work_dir};
+use crate::run::{Cmp, Host, Start, Target, build_kind, median, start};
 use crate::streams::{self, Disk};
 use crate::usage;
 use crate::verify;
@@ -172,10 +172,12 @@ pub fn run(args: &ApplyArgs, exe: &Path) -> Result<ApplyReport> {
     if !verify::have_qemu_img() {
         bail!("qemu-img is not installed (Debian: qemu-utils); it is the baseline");
     }
-    let (dir, mut tmp) = work_dir(args.dir.as_deref(), "failback-apply-")?;
-    fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    let started_unix = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-    let host = Host::here();
+    let Start {
+        dir,
+        mut tmp,
+        started_unix,
+        host,
+    } = start(args.dir.as_deref(), "failback-apply-", &args.out)?;
     fs::create_dir_all(dir.join("sources"))?;
     let disk = |file: &str| Disk {
         disk_id: "bench-apply-0000".into(),

@@ -23,17 +23,16 @@
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use protocol::auth::{ClientAuth, Passphrase};
-use protocol::limits::MAX_BATCH_DATA;
 use protocol::pb::{Batch, StatusReply};
 use protocol::transport::TlsFiles;
 use serde::Serialize;
 
 use crate::cluster::Cluster;
-use crate::run::{Cmp, Host, Target, build_kind, median, work_dir};
+use crate::run::{Cmp, Host, Start, Target, build_kind, check_batch_size, median, start};
 use crate::streams::{self, Disk};
 use crate::usage;
 
@@ -129,13 +128,13 @@ pub fn run(args: &IngestArgs, exe: &Path) -> Result<IngestReport> {
     if args.size == 0 || !args.size.is_multiple_of(4096 * k) {
         bail!("--size must be a nonzero multiple of 4 KiB x --streams");
     }
-    if args.batch_size == 0 || args.batch_size > MAX_BATCH_DATA as u64 {
-        bail!("--batch-size must be 1..={MAX_BATCH_DATA} bytes");
-    }
-    let (dir, mut tmp) = work_dir(args.dir.as_deref(), "failback-ingest-")?;
-    fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    let started_unix = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-    let host = Host::here();
+    check_batch_size(args.batch_size)?;
+    let Start {
+        dir,
+        mut tmp,
+        started_unix,
+        host,
+    } = start(args.dir.as_deref(), "failback-ingest-", &args.out)?;
     println!(
         "bench ingest: {} MiB from {} stream(s) in {} KiB batches, {} repeat(s), in {}",
         args.size >> 20,

@@ -227,15 +227,23 @@ impl Link {
         for t in self.tasks.drain(..) {
             let _ = t.await;
         }
+        // `ip netns del` waits for a child process: on a blocking thread, not this one.
+        // Taking the name leaves `Drop` nothing to delete.
+        let netns = std::mem::take(&mut self.netns);
+        let _ = tokio::task::spawn_blocking(move || ip(&["netns", "del", &netns])).await;
     }
 }
 
 impl Drop for Link {
+    /// For a link never closed (an error on the way): stops forwarding and deletes the
+    /// namespace, synchronously.
     fn drop(&mut self) {
         for t in &self.tasks {
             t.abort();
         }
-        let _ = ip(&["netns", "del", &self.netns]);
+        if !self.netns.is_empty() {
+            let _ = ip(&["netns", "del", &self.netns]);
+        }
     }
 }
 

@@ -22,6 +22,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
+use protocol::limits::MAX_BATCH_DATA;
 use serde::Serialize;
 
 use crate::cluster::{Cluster, free_port, run_with_timeout};
@@ -468,6 +469,36 @@ impl Host {
                 .to_string(),
         }
     }
+}
+
+/// What `bench ingest`, `scale` and `apply` set up first.
+pub struct Start {
+    /// From [`work_dir`], with its guard.
+    pub dir: PathBuf,
+    pub tmp: Option<tempfile::TempDir>,
+    pub started_unix: u64,
+    pub host: Host,
+}
+
+/// The working directory (see [`work_dir`]), the report directory `out` (created), the
+/// start time and the host.
+pub fn start(dir: Option<&Path>, prefix: &str, out: &Path) -> Result<Start> {
+    let (dir, tmp) = work_dir(dir, prefix)?;
+    fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    Ok(Start {
+        dir,
+        tmp,
+        started_unix: SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs(),
+        host: Host::here(),
+    })
+}
+
+/// Checks a `--batch-size`: 1 byte up to the protocol's largest batch.
+pub fn check_batch_size(batch_size: u64) -> Result<()> {
+    if batch_size == 0 || batch_size > MAX_BATCH_DATA as u64 {
+        bail!("--batch-size must be 1..={MAX_BATCH_DATA} bytes");
+    }
+    Ok(())
 }
 
 /// The working directory of a run: `dir` (created, kept), or a new temporary directory

@@ -12,14 +12,13 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use protocol::limits::MAX_BATCH_DATA;
 use serde::Serialize;
 
 use crate::cluster::Cluster;
-use crate::run::{Cmp, Host, Target, build_kind, median, work_dir};
+use crate::run::{Cmp, Host, Start, Target, build_kind, check_batch_size, median, start};
 use crate::{streams, usage, verify};
 
 /// Options of `bench scale`.
@@ -96,13 +95,13 @@ pub fn run(args: &ScaleArgs, exe: &Path) -> Result<ScaleReport> {
     if args.per_agent == 0 || !args.per_agent.is_multiple_of(4096) {
         bail!("--per-agent must be a nonzero multiple of 4 KiB");
     }
-    if args.batch_size == 0 || args.batch_size > MAX_BATCH_DATA as u64 {
-        bail!("--batch-size must be 1..={MAX_BATCH_DATA} bytes");
-    }
-    let (dir, mut tmp) = work_dir(args.dir.as_deref(), "failback-scale-")?;
-    fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    let started_unix = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-    let host = Host::here();
+    check_batch_size(args.batch_size)?;
+    let Start {
+        dir,
+        mut tmp,
+        started_unix,
+        host,
+    } = start(args.dir.as_deref(), "failback-scale-", &args.out)?;
     println!(
         "bench scale: {} agents x {} KiB, one process server and master target, in {}",
         args.agents,

@@ -266,11 +266,23 @@ mod tests {
 
     #[test]
     fn samples_this_process_and_thread() {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        // Work until this thread has been charged at least one clock tick (bounded).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut x = 0u64;
+        let mut thread = thread_cpu_secs(tid).unwrap();
+        while thread == 0.0 && Instant::now() < deadline {
+            for i in 0..1_000_000u64 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+            }
+            thread = thread_cpu_secs(tid).unwrap();
+        }
+        assert!(thread > 0.0, "no CPU charged to a busy thread");
         let u = sample(std::process::id()).unwrap();
         assert!(u.peak_rss_bytes > 0);
-        assert!(u.cpu_secs >= 0.0);
-        // SAFETY: gettid has no preconditions.
-        assert!(thread_cpu_secs(unsafe { libc::gettid() }).unwrap() >= 0.0);
+        // The process has been charged at least what this one thread was.
+        assert!(u.cpu_secs >= thread, "{} < {thread}", u.cpu_secs);
     }
 
     #[test]
@@ -294,7 +306,7 @@ mod tests {
         c.stdin.take().unwrap().write_all(b"x").unwrap();
         let (status, usage) = wait_with_usage(&mut c, Duration::from_secs(20), watch).unwrap();
         assert_eq!(status.code(), Some(3));
-        assert!(usage.cpu_secs >= 0.0);
+        assert!(usage.cpu_secs.is_finite() && usage.cpu_secs >= 0.0);
     }
 
     #[test]

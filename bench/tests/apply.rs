@@ -2,10 +2,9 @@
 //! the recover command and both baselines. Checks the report's shape and that every copy
 //! was verified (the run fails otherwise), never how fast anything was.
 
-use std::process::Command;
-use std::time::Duration;
+mod common;
 
-use bench::cluster::run_with_timeout;
+use std::time::Duration;
 
 #[test]
 fn apply_run_writes_a_report_with_every_figure() {
@@ -14,33 +13,19 @@ fn apply_run_writes_a_report_with_every_figure() {
         return;
     }
     let out = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bench"));
-    cmd.args([
-        "apply",
-        "--size",
-        "16M",
-        "--repeat",
-        "1",
-        "--timeout-secs",
-        "120",
-        "--out",
-    ])
-    .arg(out.path());
-    let o = run_with_timeout(&mut cmd, Duration::from_secs(240)).unwrap();
-    assert!(
-        o.status.success(),
-        "bench apply failed:\n{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
+    let report = common::run_bench(
+        &[
+            "apply",
+            "--size",
+            "16M",
+            "--repeat",
+            "1",
+            "--timeout-secs",
+            "120",
+        ],
+        out.path(),
+        Duration::from_secs(240),
     );
-    let json = std::fs::read_dir(out.path())
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|e| e == "json"))
-        .expect("a JSON report");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
     assert_eq!(report["batches"], 16);
     let run = &report["runs"][0];
     // 16 batches per pass: the point 10 % of the churn back is one batch before the end.

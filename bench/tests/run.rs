@@ -2,53 +2,35 @@
 //! emulator and the bare lz4|socat peer (when installed). Checks the report's shape and
 //! that the copies carried the data, never how fast they were.
 
+mod common;
+
 use std::process::Command;
 use std::time::Duration;
-
-use bench::cluster::run_with_timeout;
 
 #[test]
 fn quick_run_writes_a_report_with_its_rows() {
     let out = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bench"));
-    cmd.args([
-        "run",
-        "--quick",
-        "--size",
-        "8M",
-        "--rtt",
-        "10",
-        "--peers",
-        "lz4-socat",
-        "--timeout-secs",
-        "120",
-        "--out",
-    ])
-    .arg(out.path());
-    let o = run_with_timeout(&mut cmd, Duration::from_secs(240)).unwrap();
-    assert!(
-        o.status.success(),
-        "bench run failed:\n{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
+    let report = common::run_bench(
+        &[
+            "run",
+            "--quick",
+            "--size",
+            "8M",
+            "--rtt",
+            "10",
+            "--peers",
+            "lz4-socat",
+            "--timeout-secs",
+            "120",
+        ],
+        out.path(),
+        Duration::from_secs(240),
     );
-    let files: Vec<_> = std::fs::read_dir(out.path())
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    let json = files
-        .iter()
-        .find(|p| p.extension().is_some_and(|e| e == "json"))
-        .expect("a JSON report");
+    let files = common::files_in(out.path());
     assert!(
-        files
-            .iter()
-            .any(|p| p.extension().is_some_and(|e| e == "svg")),
+        files.iter().any(|p| common::has_extension(p, "svg")),
         "a plot: {files:?}"
     );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
     assert_eq!(report["mode"], "proxy, no TCP dynamics");
     let rows = report["rows"].as_array().unwrap();
     let lz4_installed = ["lz4", "socat"]
@@ -86,38 +68,24 @@ fn quick_run_writes_a_report_with_its_rows() {
 fn differential_scenario_reports_the_resync_bytes_of_failback_and_rsync() {
     let rsync_installed = Command::new("rsync").arg("--version").output().is_ok();
     let out = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bench"));
-    cmd.args([
-        "run",
-        "--quick",
-        "--scenario",
-        "differential",
-        "--size",
-        "8M",
-        "--rtt",
-        "10",
-        "--peers",
-        "rsync",
-        "--timeout-secs",
-        "120",
-        "--out",
-    ])
-    .arg(out.path());
-    let o = run_with_timeout(&mut cmd, Duration::from_secs(240)).unwrap();
-    assert!(
-        o.status.success(),
-        "bench run failed:\n{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
+    let report = common::run_bench(
+        &[
+            "run",
+            "--quick",
+            "--scenario",
+            "differential",
+            "--size",
+            "8M",
+            "--rtt",
+            "10",
+            "--peers",
+            "rsync",
+            "--timeout-secs",
+            "120",
+        ],
+        out.path(),
+        Duration::from_secs(240),
     );
-    let json = std::fs::read_dir(out.path())
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|e| e == "json"))
-        .expect("a JSON report");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
     assert_eq!(report["plan"]["scenario"], "differential");
     // 5 % of the 2048 blocks of 8 MiB.
     assert_eq!(report["plan"]["changed_blocks"], 102);
