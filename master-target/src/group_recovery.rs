@@ -138,14 +138,14 @@ pub fn to_json(group: &str, disks: &[String], points: &[GroupPoint]) -> serde_js
     let list: Vec<_> = points
         .iter()
         .map(|p| {
-            json!({
-                "time": format_time(p.time_unix_ms),
-                "time_unix_ms": p.time_unix_ms,
-                "kind": p.kind,
-                "tag": p.tag,
-                "marker_id": p.marker_id,
-                "disks": p.disks.iter().map(|(id, seq)| json!({"disk_id": id, "seq": seq})).collect::<Vec<_>>(),
-            })
+            let mut m = recovery::point_json(p.time_unix_ms, &p.kind, &p.tag, &p.marker_id);
+            let disks: Vec<_> = p
+                .disks
+                .iter()
+                .map(|(id, seq)| json!({"disk_id": id, "seq": seq}))
+                .collect();
+            m.insert("disks".into(), json!(disks));
+            serde_json::Value::Object(m)
         })
         .collect();
     json!({ "group": group, "disks": disks, "points": list })
@@ -178,7 +178,7 @@ pub fn to_table(disks: &[String], points: &[GroupPoint]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::retention::journal::{BatchEntry, Commit, Journal, MarkerEntry, RetentionPolicy};
+    use crate::retention::journal::{Commit, Journal, MarkerEntry, RetentionPolicy};
     use crate::vmdk::{Claim, Disk, DiskSpec};
     use protocol::pb::{DiskFormat, Marker, MarkerKind};
 
@@ -225,17 +225,7 @@ mod tests {
                     },
                 })
                 .collect();
-            j.commit(&Commit {
-                applied_unix_ms: 1,
-                batches: vec![BatchEntry {
-                    seq,
-                    batch_unix_ms: seq as i64 * 1000,
-                    in_resync: false,
-                    thinned: false,
-                }],
-                markers,
-            })
-            .unwrap();
+            j.commit(&Commit::of_one(seq, markers)).unwrap();
             states.push(raw.clone());
         }
         DiskState {

@@ -258,17 +258,29 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
 /// A recovered copy being written: restores go through `pwrite`.
 struct FileTarget<'a> {
     file: &'a File,
+    /// The disk's size: an undo range beyond it (read from disk) is refused rather than
+    /// growing the copy.
+    capacity: u64,
 }
 
 impl UndoTarget for FileTarget<'_> {
     fn restore(&mut self, offset: u64, len: u32, data: Option<&[u8]>) -> io::Result<()> {
+        if offset
+            .checked_add(u64::from(len))
+            .is_none_or(|end| end > self.capacity)
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("undo range {offset}+{len} is beyond the disk"),
+            ));
+        }
         match data {
             Some(d) => self.file.write_all_at(d, offset),
             None => self.file.write_all_at(&vec![0u8; len as usize], offset),
         }
     }
     fn sync(&mut self) -> io::Result<()> {
-        self.file.sync_data()
+        self.file.sync_data().map_err(crate::storage::sync_failed)
     }
 }
 
@@ -378,7 +390,13 @@ fn to_copy(
             copy_data(data, state.capacity, &copy, &flat)?;
             (history, seq, what)
         };
-        history.roll_back(seq, &mut FileTarget { file: &copy })?;
+        history.roll_back(
+            seq,
+            &mut FileTarget {
+                file: &copy,
+                capacity: state.capacity,
+            },
+        )?;
         copy.set_len(state.capacity)
             .map_err(io_at("truncate", &flat))?;
         copy.sync_all().map_err(io_at("fsync", &flat))?;
@@ -530,20 +548,35 @@ fn in_place(
     })
 }
 
+/// The fields every listed point has (a disk's or a group's), as a JSON object to which
+/// the caller adds its own.
+pub(crate) fn point_json(
+    time_unix_ms: i64,
+    kind: &str,
+    tag: &str,
+    marker_id: &str,
+) -> serde_json::Map<String, serde_json::Value> {
+    let serde_json::Value::Object(m) = json!({
+        "time": format_time(time_unix_ms),
+        "time_unix_ms": time_unix_ms,
+        "kind": kind,
+        "tag": tag,
+        "marker_id": marker_id,
+    }) else {
+        unreachable!("json! of an object literal is an object")
+    };
+    m
+}
+
 pub fn to_json(disk_id: &str, points: &[Point]) -> serde_json::Value {
     let list: Vec<_> = points
         .iter()
         .map(|p| {
-            json!({
-                "time": format_time(p.time_unix_ms),
-                "time_unix_ms": p.time_unix_ms,
-                "kind": p.kind,
-                "tag": p.tag,
-                "marker_id": p.marker_id,
-                "group": p.group,
-                "seq": p.seq,
-                "undo_bytes": p.undo_bytes,
-            })
+            let mut m = point_json(p.time_unix_ms, &p.kind, &p.tag, &p.marker_id);
+            m.insert("group".into(), json!(p.group));
+            m.insert("seq".into(), json!(p.seq));
+            m.insert("undo_bytes".into(), json!(p.undo_bytes));
+            serde_json::Value::Object(m)
         })
         .collect();
     json!({ "disk_id": disk_id, "points": list })

@@ -59,7 +59,7 @@ async fn sigkill_mid_stream_loses_nothing_acknowledged() {
     }
     let acked = conn.acked(20).await;
     child.kill().unwrap(); // SIGKILL, mid-stream
-    child.wait().unwrap();
+    blocking(|| child.wait()).unwrap();
     drop(conn);
 
     let (child, url) = start(t.path(), &[]);
@@ -76,12 +76,14 @@ async fn sigkill_mid_stream_loses_nothing_acknowledged() {
     let vmdk = t.path().join(format!("ds/{NAME}.vmdk"));
     let rawp = t.path().join("ref.raw");
     std::fs::write(&rawp, &raw).unwrap();
-    let out = Command::new("qemu-img")
-        .args(["compare", "-f", "vmdk", "-F", "raw"])
-        .arg(&vmdk)
-        .arg(&rawp)
-        .output()
-        .unwrap();
+    let out = blocking(|| {
+        Command::new("qemu-img")
+            .args(["compare", "-f", "vmdk", "-F", "raw"])
+            .arg(&vmdk)
+            .arg(&rawp)
+            .output()
+    })
+    .unwrap();
     assert!(
         out.status.success(),
         "{}",

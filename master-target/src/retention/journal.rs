@@ -219,6 +219,21 @@ pub struct Commit {
 }
 
 impl Commit {
+    /// A commit of the one batch `seq` (source time `seq` seconds) with `markers`.
+    #[cfg(test)]
+    pub(crate) fn of_one(seq: u64, markers: Vec<MarkerEntry>) -> Commit {
+        Commit {
+            applied_unix_ms: 1,
+            batches: vec![BatchEntry {
+                seq,
+                batch_unix_ms: seq as i64 * 1000,
+                in_resync: false,
+                thinned: false,
+            }],
+            markers,
+        }
+    }
+
     pub(super) fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.applied_unix_ms.to_le_bytes());
         out.extend_from_slice(&(self.batches.len() as u32).to_le_bytes());
@@ -1245,17 +1260,7 @@ mod tests {
             disk.0[o as usize..(o + l) as usize].fill(v);
         }
         if commit {
-            j.commit(&Commit {
-                applied_unix_ms: 1,
-                batches: vec![BatchEntry {
-                    seq,
-                    batch_unix_ms: seq as i64 * 1000,
-                    in_resync: false,
-                    thinned: false,
-                }],
-                markers: vec![],
-            })
-            .unwrap();
+            j.commit(&Commit::of_one(seq, vec![])).unwrap();
         }
     }
 
@@ -1666,17 +1671,7 @@ mod tests {
         let after_one = disk.0.clone();
         let len_after_one = j.bytes();
         write(&mut j, &mut disk, 2, &[(4096, 2, 30_000)], false);
-        j.append_commit(&Commit {
-            applied_unix_ms: 1,
-            batches: vec![BatchEntry {
-                seq: 2,
-                batch_unix_ms: 2000,
-                in_resync: false,
-                thinned: false,
-            }],
-            markers: vec![],
-        })
-        .unwrap();
+        j.append_commit(&Commit::of_one(2, vec![])).unwrap();
         assert_eq!(
             History::read(dir.path(), "d")
                 .unwrap()

@@ -171,7 +171,11 @@ impl Extent {
 /// Undo records restore through the same writes as batches.
 impl UndoTarget for Extent {
     fn restore(&mut self, offset: u64, len: u32, data: Option<&[u8]>) -> io::Result<()> {
-        if offset + u64::from(len) > self.capacity() {
+        // The range comes from disk: an offset near u64::MAX must not wrap past the check.
+        if offset
+            .checked_add(u64::from(len))
+            .is_none_or(|end| end > self.capacity())
+        {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("undo range {offset}+{len} is beyond the disk"),

@@ -692,6 +692,21 @@ pub(crate) mod tests {
         (out.status.success(), text)
     }
 
+    /// Has qemu-img create an empty vmdk of `subformat` and `size` at `vmdk`.
+    pub(crate) fn qemu_create(vmdk: &Path, subformat: &str, size: &str) {
+        let (ok, text) = qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            &format!("subformat={subformat}"),
+            vmdk.to_str().unwrap(),
+            size,
+        ]);
+        assert!(ok, "{text}");
+    }
+
     /// Has qemu-img convert the raw image `raw` into a vmdk of `subformat` at `vmdk`.
     pub(crate) fn qemu_convert(raw: &Path, vmdk: &Path, subformat: &str) {
         let (ok, text) = qemu_img(&[
@@ -886,17 +901,7 @@ pub(crate) mod tests {
     fn opens_and_writes_a_qemu_made_monolithic_flat_image() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().join("q.vmdk");
-        let (ok, text) = qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-o",
-            "subformat=monolithicFlat",
-            d.to_str().unwrap(),
-            "2M",
-        ]);
-        assert!(ok, "{text}");
+        qemu_create(&d, "monolithicFlat", "2M");
         let before = Descriptor::parse(&std::fs::read(&d).unwrap()).unwrap();
         let mut disk = Disk::open_or_create(
             dir.path(),
@@ -959,17 +964,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().join("t.vmdk");
         let cap = (4u64 << 30) + (1 << 20);
-        let (ok, text) = qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-o",
-            "subformat=twoGbMaxExtentFlat",
-            d.to_str().unwrap(),
-            &cap.to_string(),
-        ]);
-        assert!(ok, "{text}");
+        qemu_create(&d, "twoGbMaxExtentFlat", &cap.to_string());
         let s = spec("id-t", "t", cap, DiskFormat::TwoGbMaxExtentFlat);
         let mut disk = Disk::open_or_create(dir.path(), &s, Claim::New).unwrap();
         assert_eq!(disk.descriptor().extents.len(), 3);

@@ -608,7 +608,7 @@ fn check_tables(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vmdk::tests::qemu_img;
+    use crate::vmdk::tests::qemu_create;
     use crate::vmdk::{Claim, Disk, DiskSpec};
     use protocol::pb::DiskFormat;
 
@@ -690,17 +690,7 @@ mod tests {
         for sub in ["monolithicSparse", "monolithicFlat", "twoGbMaxExtentFlat"] {
             let dir = tempfile::tempdir().unwrap();
             let desc = dir.path().join("q.vmdk");
-            let (ok, text) = qemu_img(&[
-                "create",
-                "-q",
-                "-f",
-                "vmdk",
-                "-o",
-                &format!("subformat={sub}"),
-                desc.to_str().unwrap(),
-                "64M",
-            ]);
-            assert!(ok, "{text}");
+            qemu_create(&desc, sub, "64M");
             let r = verify_at(dir.path(), &desc);
             assert!(r.ok(), "{sub}: {:?}", r.problems);
             assert!(r.warnings[0].problem.contains("no ddb.uuid"), "{r:?}");

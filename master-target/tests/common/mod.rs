@@ -26,6 +26,18 @@ pub const NAME: &str = "target";
 /// Source time of batch 1; batch n is n seconds later.
 pub const T0: i64 = 1_790_000_000_000;
 
+/// Runs blocking `f` (a child process, a wait, a big read) without stalling the async
+/// runtime: inside a multi-thread tokio test it moves the worker's other tasks off the
+/// thread first (`block_in_place`); elsewhere it just calls `f`.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 /// A temporary datastore, retention volume and passphrase file.
 pub fn dirs() -> tempfile::TempDir {
     let t = tempfile::tempdir().unwrap();
@@ -51,6 +63,13 @@ pub fn start(dir: &Path, env: &[(&str, String)]) -> (Child, String) {
 /// Like [`start`], and also returns the server's log: joining the handle gives every
 /// line it wrote to stderr once it has exited.
 pub fn start_logged(
+    dir: &Path,
+    env: &[(&str, String)],
+) -> (Child, String, std::thread::JoinHandle<Vec<String>>) {
+    blocking(|| start_logged_blocking(dir, env))
+}
+
+fn start_logged_blocking(
     dir: &Path,
     env: &[(&str, String)],
 ) -> (Child, String, std::thread::JoinHandle<Vec<String>>) {
@@ -92,16 +111,18 @@ pub fn start_logged(
 pub fn stop(mut child: Child) {
     // SAFETY: kill(2) with a pid we spawned and still own (not yet reaped).
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    assert!(child.wait().unwrap().success());
+    assert!(blocking(|| child.wait()).unwrap().success());
 }
 
 /// Runs the binary with `args` and returns its output.
 pub fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_master-target"))
-        .args(args)
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap()
+    blocking(|| {
+        Command::new(env!("CARGO_BIN_EXE_master-target"))
+            .args(args)
+            .env("NO_COLOR", "1")
+            .output()
+    })
+    .unwrap()
 }
 
 /// Runs `recovery-points --json` for [`DISK`] on the retention volume under `dir`.
@@ -325,7 +346,7 @@ pub fn assert_qemu_identical(vmdk: &Path, raw: &[u8], scratch: &Path) {
             rawp.display().to_string(),
         ],
     ] {
-        let out = Command::new("qemu-img").args(&args).output().unwrap();
+        let out = blocking(|| Command::new("qemu-img").args(&args).output()).unwrap();
         assert!(
             out.status.success(),
             "qemu-img {args:?}: {}{}",
