@@ -22,6 +22,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::try_join_all;
 use prost::Message;
 use protocol::auth::ClientAuth;
 use protocol::client::{begin_auth, error_chain, master_target, refusal_from_status};
@@ -287,11 +288,12 @@ impl Session {
     /// Opens and authenticates every connection and takes the master target's welcome.
     async fn open(cfg: &ForwardConfig, ctx: &Arc<Ctx>) -> Result<Session, SessionError> {
         let (ev_tx, events) = mpsc::channel(1024);
-        let mut conns = Vec::with_capacity(cfg.connections);
         ctx.disks.clear_failures();
-        for i in 0..cfg.connections {
-            conns.push(open_conn(cfg, ctx, i, ev_tx.clone()).await?);
-        }
+        // All at once: over a 100 ms path, one after another would cost 2 RTTs each.
+        let conns = try_join_all(
+            (0..cfg.connections).map(|i| open_conn(cfg, ctx, i, ev_tx.clone())),
+        )
+        .await?;
         Ok(Session {
             conns,
             events,
