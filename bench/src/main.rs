@@ -4,6 +4,7 @@
 
 use std::process::ExitCode;
 
+use bench::run::Scenario;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -25,7 +26,8 @@ enum Cmd {
     /// Full syncs through a WAN emulator over a grid of RTT x link rate, next to peer
     /// tools on the same data: MB/s, blocks/s, wire bytes, CPU and memory per role, the
     /// analytic bound of each row; a table, a JSON report and SVG plots in --out. With
-    /// --scenario differential: resyncs of a changed disk (failback vs rsync's delta).
+    /// --scenario differential: resyncs of a changed disk (failback vs rsync's delta); with
+    /// --scenario continuous: `bench rpo` at every grid point (RPO under churn).
     Run(bench::run::RunArgs),
     /// Process server ingest throughput (simulated agent streams into its cache volume,
     /// master target stopped) against raw sequential write + fdatasync of the same bytes.
@@ -55,6 +57,10 @@ fn main() -> ExitCode {
         .map_err(anyhow::Error::from)
         .and_then(|exe| match &cli.command {
             Cmd::Demo(args) => bench::demo::run(args, &exe).map(|_| ()),
+            Cmd::Run(args) if args.scenario == Scenario::Continuous => args
+                .continuous()
+                .and_then(|rpo| bench::rpo::run(&rpo, &exe))
+                .map(|_| ()),
             Cmd::Run(args) => bench::run::run(args, &exe).map(|_| ()),
             Cmd::Ingest(args) => bench::ingest::run(args, &exe).map(|_| ()),
             Cmd::Apply(args) => bench::apply::run(args, &exe).map(|_| ()),

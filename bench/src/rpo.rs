@@ -1,7 +1,10 @@
-//! `bench rpo`: continuous replication under churn, and the RPO it keeps.
+//! `bench rpo` (and `bench run --scenario continuous`): continuous replication under churn,
+//! and the RPO it keeps, at each point of a grid of WAN round-trip times x link rates.
 //!
-//! A master target and a process server on 127.0.0.1 (`Cluster`), and `agent replicate
-//! --nbd-listen` serving a generated source disk. Once its initial pass is applied, a churn
+//! One run per grid point, each from scratch: a master target and a process server on
+//! 127.0.0.1 (`Cluster`), with the WAN emulator (proxy mode, as `bench run`) between them
+//! unless the grid is empty, and `agent replicate --nbd-listen` serving a freshly generated
+//! source disk. Once its initial pass is applied, a churn
 //! generator (`crate::churn`) writes random data through the NBD export at `--churn-mb`
 //! MB/s for `--seconds`, with an NBD flush every `--flush-ms`. Meanwhile the process
 //! server's status is sampled every `--sample-ms`: the disk's RPO as the process server
@@ -9,9 +12,10 @@
 //! its cached and applied seqs and its backlog. After the churn, the run waits for the
 //! backlog to drain and compares the target disk with the source byte for byte.
 //!
-//! Reported: the samples, the achieved churn rate, the RPO's median, 95th percentile and
-//! maximum over the churn, the target (RPO <= 5 s under 54 MB/s of churn, checked
-//! against the maximum; reported, never asserted) and an SVG plot of RPO over time.
+//! Reported per grid point: the samples, the achieved churn rate, the RPO's median, 95th
+//! percentile and maximum over the churn, the wire bytes the emulator relayed, and an SVG
+//! plot of RPO over time; for the run, the target (RPO <= 5 s under 54 MB/s of
+//! churn at 1 Gbit/s and 100 ms, checked against the maximum; reported, never asserted).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -52,13 +56,19 @@ pub struct RpoArgs {
     /// An NBD flush (a crash-consistent point) every this many ms of churn.
     #[arg(long, default_value_t = 1000)]
     pub flush_ms: u64,
-    /// Put a WAN emulator (proxy mode, as `bench run`) with this round-trip time between
-    /// the process server and the master target [default: none, direct on 127.0.0.1].
-    #[arg(long)]
-    pub rtt_ms: Option<u64>,
-    /// Link rate of the emulator, Mbit/s each direction (with --rtt-ms).
-    #[arg(long, default_value_t = 1000, requires = "rtt_ms")]
-    pub rate_mbit: u64,
+    /// Put a WAN emulator (proxy mode, as `bench run`) between the process server and the
+    /// master target, at each of these round-trip times in ms (comma-separated; every RTT x
+    /// rate is one run) [default: none, direct on 127.0.0.1].
+    #[arg(long, value_delimiter = ',')]
+    pub rtt_ms: Vec<u64>,
+    /// Link rates of the emulator, Mbit/s each direction, comma-separated (with --rtt-ms).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1000",
+        requires = "rtt_ms"
+    )]
+    pub rate_mbit: Vec<u64>,
     /// Status sampling interval, in ms.
     #[arg(long, default_value_t = 500)]
     pub sample_ms: u64,
@@ -92,20 +102,31 @@ pub struct Sample {
     pub churned_bytes: u64,
 }
 
+/// The JSON report: the run's settings, one row per grid point, the target.
 #[derive(Debug, Clone, Serialize)]
 pub struct RpoReport {
     pub started_unix: u64,
     pub build: &'static str,
     pub host: Host,
+    /// "proxy, no TCP dynamics" with an emulator, "direct (loopback)" without.
+    pub mode: &'static str,
     pub disk_bytes: u64,
-    /// The emulated WAN between process server and master target, if any.
-    pub rtt_ms: Option<u64>,
-    pub rate_mbit: Option<u64>,
     pub churn_mb_per_sec_wanted: f64,
     pub pattern: churn::Pattern,
-    pub churn_mb_per_sec: f64,
     pub write_bytes: u64,
     pub flush_ms: u64,
+    pub rows: Vec<RpoRow>,
+    /// Checked on the row at 1 Gbit/s and 100 ms, or on the only row of a one-row run.
+    pub target: Target,
+}
+
+/// One grid point: one run from scratch.
+#[derive(Debug, Clone, Serialize)]
+pub struct RpoRow {
+    /// The emulated WAN between process server and master target; None: direct.
+    pub rtt_ms: Option<u64>,
+    pub rate_mbit: Option<u64>,
+    pub churn_mb_per_sec: f64,
     pub churn_seconds: f64,
     pub nbd_flushes: u64,
     /// Seconds from the end of the churn until the master target had applied everything.
@@ -114,9 +135,20 @@ pub struct RpoReport {
     pub rpo_p95: f64,
     pub rpo_max: f64,
     pub process_server_peak_rss_bytes: u64,
+    /// Bytes the emulator relayed towards the master target (initial pass, churn and
+    /// drain); None without an emulator.
+    pub wire_bytes_up: Option<u64>,
     pub samples: Vec<Sample>,
-    pub target: Target,
     pub plot: PathBuf,
+}
+
+impl RpoRow {
+    fn point(&self) -> String {
+        match (self.rtt_ms, self.rate_mbit) {
+            (Some(rtt), Some(rate)) => format!("{rtt} ms, {rate} Mbit/s"),
+            _ => "direct".to_string(),
+        }
+    }
 }
 
 const DISK_ID: &str = "6000C29d-e40d-4c5a-9e6b-0000000000c1";
@@ -144,9 +176,12 @@ pub fn run(args: &RpoArgs, exe: &Path) -> Result<RpoReport> {
     if args.churn_mb <= 0.0 || args.seconds == 0 || args.sample_ms == 0 {
         bail!("--churn-mb, --seconds and --sample-ms must be positive");
     }
+    if args.rate_mbit.contains(&0) {
+        bail!("--rate-mbit must be positive (Mbit/s)");
+    }
     let (dir, mut tmp) = work_dir(args.dir.as_deref(), "failback-rpo-")?;
     fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    let outcome = measure(args, exe, &dir);
+    let outcome = measure_grid(args, exe, &dir);
     if outcome.is_err()
         && let Some(t) = tmp.take()
     {
@@ -156,35 +191,146 @@ pub fn run(args: &RpoArgs, exe: &Path) -> Result<RpoReport> {
     outcome
 }
 
-fn measure(args: &RpoArgs, exe: &Path, dir: &Path) -> Result<RpoReport> {
+/// The grid points: every RTT x rate, or one direct run.
+fn points(args: &RpoArgs) -> Vec<Option<(u64, u64)>> {
+    if args.rtt_ms.is_empty() {
+        return vec![None];
+    }
+    args.rate_mbit
+        .iter()
+        .flat_map(|&rate| args.rtt_ms.iter().map(move |&rtt| Some((rtt, rate))))
+        .collect()
+}
+
+fn measure_grid(args: &RpoArgs, exe: &Path, dir: &Path) -> Result<RpoReport> {
     let started_unix = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let host = Host::here();
-    let source = dir.join("source.raw");
-    let mix = workload::generate_disk(&source, args.size, args.seed)?;
+    let points = points(args);
     println!(
-        "bench rpo: {} MiB disk ({}), {:?} churn {} MB/s in {} KiB writes for {} s, in {}",
+        "bench rpo: {} MiB disk (the mixed workload), {:?} churn {} MB/s in {} KiB writes for {} s, {} run(s), in {}",
         args.size >> 20,
-        mix.describe(),
         args.pattern,
         args.churn_mb,
         args.write_size >> 10,
         args.seconds,
+        points.len(),
         dir.display()
     );
+    let mut rows = Vec::new();
+    for (i, point) in points.iter().enumerate() {
+        let run_dir = dir.join(match point {
+            Some((rtt, rate)) => format!("rtt{rtt}-{rate}mbit"),
+            None => "direct".to_string(),
+        });
+        let name = match point {
+            Some((rtt, rate)) => format!("rpo-{started_unix}-{rtt}ms-{rate}mbit"),
+            None => format!("rpo-{started_unix}"),
+        };
+        let row = measure(args, exe, &run_dir, *point, &args.out.join(name))
+            .with_context(|| format!("run {} of {}", i + 1, points.len()))?;
+        rows.push(row);
+        // Each run leaves a disk, a replica, a cache and a retention volume behind.
+        if args.dir.is_none() {
+            let _ = fs::remove_dir_all(&run_dir);
+        }
+    }
+    let at_target = rows
+        .iter()
+        .find(|r| r.rtt_ms == Some(100) && r.rate_mbit == Some(1000))
+        .or(if rows.len() == 1 { rows.first() } else { None });
+    let target = Target::check(
+        "RPO under churn, max over the samples (s)",
+        at_target.filter(|r| !r.rpo_max.is_nan()).map(|r| r.rpo_max),
+        Cmp::AtMost,
+        5.0,
+    );
+    let at = at_target.map_or("no row at 1 Gbit/s, 100 ms".to_string(), RpoRow::point);
+    let report = RpoReport {
+        started_unix,
+        build: build_kind(),
+        host,
+        mode: if args.rtt_ms.is_empty() {
+            "direct (loopback)"
+        } else {
+            "proxy, no TCP dynamics"
+        },
+        disk_bytes: args.size,
+        churn_mb_per_sec_wanted: args.churn_mb,
+        pattern: args.pattern,
+        write_bytes: args.write_size,
+        flush_ms: args.flush_ms,
+        target,
+        rows,
+    };
+    let json = args.out.join(format!("rpo-{started_unix}.json"));
+    fs::write(&json, serde_json::to_string_pretty(&report)? + "\n")
+        .with_context(|| format!("writing {}", json.display()))?;
+    println!(
+        "\nresults ({}; {} build; {} CPUs, load at start {}):",
+        report.mode, report.build, report.host.cpus, report.host.loadavg_at_start
+    );
+    println!("{ROW_HEADER}");
+    for r in &report.rows {
+        println!("{}", row_line(r));
+    }
+    println!(
+        "target (reported, not asserted), at {at}:\n{}",
+        report.target.line()
+    );
+    println!("  report  {}", json.display());
+    for r in &report.rows {
+        println!("  plot    {}", r.plot.display());
+    }
+    Ok(report)
+}
+
+const ROW_HEADER: &str = "WAN                   churn MB/s  RPO median     p95     max  drain s  wire MB  PS peak RSS MiB";
+
+fn row_line(r: &RpoRow) -> String {
+    format!(
+        "{:<20} {:>11.1} {:>11.2} {:>7.2} {:>7.2} {:>8.1} {:>8} {:>16.0}",
+        r.point(),
+        r.churn_mb_per_sec,
+        r.rpo_median,
+        r.rpo_p95,
+        r.rpo_max,
+        r.drain_seconds,
+        r.wire_bytes_up
+            .map_or("-".to_string(), |b| format!("{:.1}", b as f64 / 1e6)),
+        r.process_server_peak_rss_bytes as f64 / (1 << 20) as f64
+    )
+}
+
+/// One run at one grid point (`wan`: RTT ms and Mbit/s; None: direct), in `dir`; the
+/// plot goes to `stem`.svg.
+fn measure(
+    args: &RpoArgs,
+    exe: &Path,
+    dir: &Path,
+    wan: Option<(u64, u64)>,
+    stem: &Path,
+) -> Result<RpoRow> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let source = dir.join("source.raw");
+    let mix = workload::generate_disk(&source, args.size, args.seed)?;
     let rt = tokio::runtime::Runtime::new()?;
     let mut cluster = Cluster::new(exe, &dir.join("cluster"))?;
-    let wan = match args.rtt_ms {
-        Some(rtt) => {
-            let proxy = Proxy::start(&rt, cluster.mt_port, rtt, args.rate_mbit, 50, 4 << 20)?;
+    let proxy = match wan {
+        Some((rtt, rate)) => {
+            let proxy = Proxy::start(&rt, cluster.mt_port, rtt, rate, 50, 4 << 20)?;
             cluster.master_target_via = Some(proxy.port);
-            println!(
-                "  WAN emulator between process server and master target: {rtt} ms RTT, {} Mbit/s (proxy, no TCP dynamics)",
-                args.rate_mbit
-            );
             Some(proxy)
         }
         None => None,
     };
+    println!(
+        "  {}: {} disk; initial pass",
+        match wan {
+            Some((rtt, rate)) => format!("{rtt} ms, {rate} Mbit/s (proxy, no TCP dynamics)"),
+            None => "direct on 127.0.0.1".to_string(),
+        },
+        mix.describe()
+    );
     cluster.start().with_context(|| cluster.log_tails())?;
     let nbd = format!("127.0.0.1:{}", free_port()?);
     let log = cluster.dir.join("logs").join("agent-replicate.log");
@@ -301,9 +447,10 @@ fn measure(args: &RpoArgs, exe: &Path, dir: &Path) -> Result<RpoReport> {
     if codes.iter().any(|c| *c != Some(0)) {
         bail!("a server did not stop cleanly: {codes:?}");
     }
-    if let Some(proxy) = wan {
-        proxy.finish(&rt)?;
-    }
+    let wire_bytes_up = match proxy {
+        Some(p) => Some(p.finish(&rt)?.up.load(Ordering::Relaxed)),
+        None => None,
+    };
 
     let mut rpos: Vec<f64> = samples.iter().filter_map(|s| s.rpo_seconds).collect();
     rpos.sort_by(f64::total_cmp);
@@ -313,35 +460,15 @@ fn measure(args: &RpoArgs, exe: &Path, dir: &Path) -> Result<RpoReport> {
         .unwrap_or(f64::NAN);
     let max = rpos.last().copied().unwrap_or(f64::NAN);
     let churned = written.bytes.load(Ordering::Relaxed);
-    let stem = args.out.join(format!("rpo-{started_unix}"));
     let svg = stem.with_extension("svg");
     let points: Vec<(f64, f64)> = samples
         .iter()
         .filter_map(|s| s.rpo_seconds.map(|r| (s.t, r)))
         .collect();
-    plot::rpo_over_time(
-        &svg,
-        &format!(
-            "RPO under {:.0} MB/s of {:?} churn ({} KiB writes), process server status",
-            args.churn_mb,
-            args.pattern,
-            args.write_size >> 10
-        ),
-        &points,
-        5.0,
-    )?;
-    let report = RpoReport {
-        started_unix,
-        build: build_kind(),
-        host,
-        disk_bytes: args.size,
-        rtt_ms: args.rtt_ms,
-        rate_mbit: args.rtt_ms.map(|_| args.rate_mbit),
-        churn_mb_per_sec_wanted: args.churn_mb,
-        pattern: args.pattern,
+    let row = RpoRow {
+        rtt_ms: wan.map(|w| w.0),
+        rate_mbit: wan.map(|w| w.1),
         churn_mb_per_sec: churned as f64 / 1e6 / churn_seconds,
-        write_bytes: args.write_size,
-        flush_ms: args.flush_ms,
         churn_seconds,
         nbd_flushes: written.flushes.load(Ordering::Relaxed),
         drain_seconds,
@@ -349,32 +476,34 @@ fn measure(args: &RpoArgs, exe: &Path, dir: &Path) -> Result<RpoReport> {
         rpo_p95: p95,
         rpo_max: max,
         process_server_peak_rss_bytes: ps_peak,
+        wire_bytes_up,
         samples,
-        target: Target::check(
-            "RPO under churn, max over the samples (s)",
-            (!rpos.is_empty()).then_some(max),
-            Cmp::AtMost,
-            5.0,
-        ),
         plot: svg.clone(),
     };
-    let json = stem.with_extension("json");
-    fs::write(&json, serde_json::to_string_pretty(&report)? + "\n")
-        .with_context(|| format!("writing {}", json.display()))?;
+    plot::rpo_over_time(
+        &svg,
+        &format!(
+            "RPO under {:.0} MB/s of {:?} churn ({} KiB writes), {}",
+            args.churn_mb,
+            args.pattern,
+            args.write_size >> 10,
+            row.point()
+        ),
+        &points,
+        5.0,
+    )?;
     println!(
         "  churn {:.1} MB/s for {:.1} s ({} flushes); RPO median {:.2} s, p95 {:.2} s, max {:.2} s over {} samples; drained and verified {:.1} s after",
-        report.churn_mb_per_sec,
-        report.churn_seconds,
-        report.nbd_flushes,
-        report.rpo_median,
-        report.rpo_p95,
-        report.rpo_max,
+        row.churn_mb_per_sec,
+        row.churn_seconds,
+        row.nbd_flushes,
+        row.rpo_median,
+        row.rpo_p95,
+        row.rpo_max,
         rpos.len(),
-        report.drain_seconds
+        row.drain_seconds
     );
-    println!("target (reported, not asserted):\n{}", report.target.line());
-    println!("  report  {}\n  plot    {}", json.display(), svg.display());
-    Ok(report)
+    Ok(row)
 }
 
 /// Waits until the master target has applied everything the process server holds, seen in

@@ -27,6 +27,7 @@ use serde::Serialize;
 
 use crate::cluster::{Cluster, free_port, run_with_timeout};
 use crate::peers::{Measured, Peer, Transfer};
+use crate::rpo::RpoArgs;
 use crate::usage::{self, Usage};
 use crate::wan::{Relayed, WanArgs};
 use crate::workload::{self, Workload};
@@ -104,7 +105,9 @@ pub struct RunArgs {
     /// What each copy does: `full` copies the whole disk to an empty target;
     /// `differential` starts from a target that holds the disk, changes --change-percent of
     /// its 4 KiB blocks, and measures sending the change (failback: `agent sync --mode
-    /// differential`; peers: `rsync --inplace --no-whole-file` only).
+    /// differential`; peers: `rsync --inplace --no-whole-file` only); `continuous` runs
+    /// `bench rpo` at each grid point (failback alone: --churn-mb through the agent's NBD
+    /// export for --churn-seconds, RPO reported).
     #[arg(long, value_enum, default_value = "full")]
     pub scenario: Scenario,
     /// Differential scenario: percent of the disk's 4 KiB blocks changed (distinct blocks,
@@ -114,6 +117,12 @@ pub struct RunArgs {
     /// Differential scenario: the chunk failback compares (`agent sync --chunk-size`).
     #[arg(long, default_value = "4K", value_parser = protocol::cli::parse_size)]
     pub chunk_size: u64,
+    /// Continuous scenario: churn rate, MB/s (10^6 bytes) of random 64 KiB writes.
+    #[arg(long, default_value_t = 54.0)]
+    pub churn_mb: f64,
+    /// Continuous scenario: how long to churn at each grid point [default: 30; --quick: 5].
+    #[arg(long)]
+    pub churn_seconds: Option<u64>,
     /// Seed of the generated disks.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -128,6 +137,7 @@ pub struct RunArgs {
 pub enum Scenario {
     Full,
     Differential,
+    Continuous,
 }
 
 /// How the WAN is emulated.
@@ -229,6 +239,34 @@ impl RunArgs {
             bail!("--rate must be positive (Mbit/s)");
         }
         Ok(plan)
+    }
+
+    /// The `bench rpo` grid that `--scenario continuous` runs.
+    pub fn continuous(&self) -> Result<RpoArgs> {
+        let plan = self.plan()?;
+        if self.wan != WanMode::Proxy || self.tls {
+            bail!("--scenario continuous runs in proxy mode without TLS (as `bench rpo`)");
+        }
+        if self.workload != [Workload::Mixed] {
+            bail!("--scenario continuous replicates the generated mixed disk: --workload mixed");
+        }
+        Ok(RpoArgs {
+            size: plan.size,
+            churn_mb: self.churn_mb,
+            pattern: crate::churn::Pattern::Uniform,
+            write_size: 64 << 10,
+            seconds: self
+                .churn_seconds
+                .unwrap_or(if self.quick { 5 } else { 30 }),
+            flush_ms: 1000,
+            rtt_ms: plan.rtt_ms,
+            rate_mbit: plan.rate_mbit,
+            sample_ms: 500,
+            out: self.out.clone(),
+            dir: self.dir.clone(),
+            seed: self.seed,
+            timeout_secs: self.timeout_secs,
+        })
     }
 }
 
@@ -689,6 +727,9 @@ impl Proxy {
 /// Runs the grid and writes the report; returns it.
 pub fn run(args: &RunArgs, exe: &Path) -> Result<Report> {
     let plan = args.plan()?;
+    if plan.scenario == Scenario::Continuous {
+        bail!("--scenario continuous is `bench rpo` over the grid: see RunArgs::continuous");
+    }
     // A temporary working directory is removed at the end unless a copy failed: then its
     // logs are kept for the note that points at them.
     let (dir, mut tmp) = work_dir(args.dir.as_deref(), "failback-run-")?;
