@@ -265,10 +265,7 @@ fn measure_grid(args: &RpoArgs, exe: &Path, dir: &Path) -> Result<RpoReport> {
     let json = args.out.join(format!("rpo-{started_unix}.json"));
     fs::write(&json, serde_json::to_string_pretty(&report)? + "\n")
         .with_context(|| format!("writing {}", json.display()))?;
-    println!(
-        "\nresults ({}; {} build; {} CPUs, load at start {}):",
-        report.mode, report.build, report.host.cpus, report.host.loadavg_at_start
-    );
+    println!("\n{}", report.host.heading(report.mode, report.build));
     println!("{ROW_HEADER}");
     for r in &report.rows {
         println!("{}", row_line(r));

@@ -493,6 +493,14 @@ pub struct Host {
 }
 
 impl Host {
+    /// "results (MODE; BUILD build; N CPUs, load at start L):", above a results table.
+    pub fn heading(&self, mode: &str, build: &str) -> String {
+        format!(
+            "results ({mode}; {build} build; {} CPUs, load at start {}):",
+            self.cpus, self.loadavg_at_start
+        )
+    }
+
     /// This machine now: CPU count, kernel release and load average.
     pub fn here() -> Host {
         Host {
@@ -1261,10 +1269,7 @@ fn table_line(r: &Row) -> String {
 }
 
 fn print_table(report: &Report) {
-    println!(
-        "results ({}; {} build; {} CPUs, load at start {}):",
-        report.mode, report.build, report.host.cpus, report.host.loadavg_at_start
-    );
+    println!("{}", report.host.heading(report.mode, report.build));
     println!("{HEADER}");
     for r in &report.rows {
         println!("{}", table_line(r));
