@@ -1,0 +1,209 @@
+//! SIGKILL of the real process server while batches stream into its cache (group commits
+//! in flight), five times over: every batch it acknowledged as cached is still there after
+//! the restart (its welcome resumes at or past the last ack), and once the master target
+//! is back, the target disk holds exactly the writes of every cached seq.
+//!
+//! The master target is down during the kills, so what the welcome reports can only come
+//! from the cache log's recovery, not from the master target's applied seq.
+
+mod common;
+
+use std::time::Duration;
+
+use bench::cluster::Cluster;
+use protocol::auth::{ClientAuth, Passphrase};
+use protocol::batch::BatchBuilder;
+use protocol::pb::{
+    AgentHello, AgentMessage, Batch, DiskInfo, DiskProgress, agent_message, process_server_message,
+};
+use protocol::transport::{TlsFiles, WanTuning};
+use tokio::sync::mpsc;
+
+const DISK_ID: &str = "disk-cache-kill-1";
+const NAME: &str = "cachekill";
+const BLOCK: u64 = 64 << 10;
+const BLOCKS: u64 = 128;
+const CAPACITY: u64 = BLOCK * BLOCKS;
+const ROUNDS: u64 = 5;
+/// Bound of every wait.
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn disk() -> DiskInfo {
+    DiskInfo {
+        disk_id: DISK_ID.into(),
+        name: NAME.into(),
+        capacity: CAPACITY,
+        format: 0,
+        group: String::new(),
+    }
+}
+
+/// Where seq `seq` writes, and what: one 64 KiB block, a different one each seq (mod the
+/// disk), filled from the seq so that any re-sent seq carries the same bytes.
+fn block_of(seq: u64) -> (u64, Vec<u8>) {
+    let mut x = seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let data = (0..BLOCK / 8)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect();
+    ((seq * 7 % BLOCKS) * BLOCK, data)
+}
+
+fn batch(seq: u64) -> Batch {
+    let (offset, data) = block_of(seq);
+    let mut b = BatchBuilder::new();
+    b.push_write(offset, &data);
+    b.finish(DISK_ID, seq, protocol::now_unix_ms(), 0)
+}
+
+/// One agent connection: its outbound queue, and the progress reports it receives.
+struct Stream {
+    tx: mpsc::Sender<AgentMessage>,
+    rx: tonic::Streaming<protocol::pb::ProcessServerMessage>,
+    welcome: DiskProgress,
+}
+
+async fn connect(c: &Cluster) -> Stream {
+    let auth = ClientAuth::new(
+        Passphrase::load(Some(&c.passphrase_file)).unwrap(),
+        "cache-kill",
+    );
+    let mut client =
+        protocol::client::process_server(&c.ps_url(), &WanTuning::default(), &TlsFiles::default())
+            .await
+            .unwrap();
+    let pending = protocol::client::begin_auth(&mut client, &auth)
+        .await
+        .unwrap();
+    let (tx, out) = mpsc::channel(64);
+    tx.send(AgentMessage {
+        body: Some(agent_message::Body::Hello(AgentHello {
+            auth: Some(pending.auth.clone()),
+            disks: vec![disk()],
+        })),
+    })
+    .await
+    .unwrap();
+    let mut rx = client
+        .replicate(tokio_stream::wrappers::ReceiverStream::new(out))
+        .await
+        .unwrap()
+        .into_inner();
+    loop {
+        let m = rx.message().await.unwrap().expect("a welcome");
+        match m.body {
+            Some(process_server_message::Body::Welcome(w)) => {
+                let welcome = w.disks.into_iter().next().expect("the disk's progress");
+                return Stream { tx, rx, welcome };
+            }
+            Some(process_server_message::Body::Error(e)) => panic!("refused: {e:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// Sends seqs from `next` on until the stream breaks (the process server was killed);
+/// returns the highest cached seq it acknowledged.
+async fn stream_until_killed(s: Stream, next: u64) -> u64 {
+    let Stream {
+        tx,
+        mut rx,
+        welcome,
+    } = s;
+    let sender = tokio::spawn(async move {
+        for seq in next.. {
+            let m = AgentMessage {
+                body: Some(agent_message::Body::Batch(batch(seq))),
+            };
+            if tx.send(m).await.is_err() {
+                return;
+            }
+            // About 30 MB/s: many group commits per round, little for the master target to
+            // apply at the end.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    let mut acked = welcome.cached_seq;
+    while let Ok(Some(m)) = rx.message().await {
+        if let Some(process_server_message::Body::Ack(p)) = m.body {
+            acked = acked.max(p.cached_seq);
+        }
+    }
+    sender.abort();
+    acked
+}
+
+#[test]
+fn sigkill_during_group_commits_loses_no_acknowledged_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = common::cluster(dir.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _in_rt = rt.enter();
+    // Registered while the master target is up; then it goes away.
+    let first = rt.block_on(connect(&c));
+    assert_eq!(first.welcome.cached_seq, 0);
+    drop(first);
+    c.kill_master_target();
+
+    let mut acked = 0;
+    for round in 0..ROUNDS {
+        let s = rt.block_on(connect(&c));
+        assert!(
+            s.welcome.cached_seq >= acked,
+            "round {round}: acknowledged up to seq {acked}, but the restarted process server \
+             holds only up to {}\n{}",
+            s.welcome.cached_seq,
+            c.log_tails()
+        );
+        let next = s.welcome.cached_seq + 1;
+        let streaming = rt.spawn(stream_until_killed(s, next));
+        // Kill at a different point of the stream each round.
+        std::thread::sleep(Duration::from_millis(150 + 110 * round));
+        c.kill_process_server();
+        acked = rt
+            .block_on(tokio::time::timeout(TIMEOUT, streaming))
+            .expect("the stream ends once the process server is gone")
+            .unwrap();
+        assert!(acked >= next, "round {round}: nothing was acknowledged");
+        eprintln!("round {round}: resumed at seq {next}, acknowledged up to {acked} when killed");
+        c.start_process_server().unwrap();
+    }
+
+    // The last restart still holds every ack; the master target then applies all of it.
+    let s = rt.block_on(connect(&c));
+    let cached = s.welcome.cached_seq;
+    assert!(cached >= acked, "{cached} < {acked}\n{}", c.log_tails());
+    c.start_master_target().unwrap();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let mut s = s;
+    loop {
+        let m = rt
+            .block_on(tokio::time::timeout(TIMEOUT, s.rx.message()))
+            .expect("progress from the process server")
+            .unwrap()
+            .expect("the stream stays open");
+        if let Some(process_server_message::Body::Ack(p)) = m.body
+            && p.applied_seq >= cached
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", c.log_tails());
+    }
+    drop(s);
+
+    // Byte for byte: each block holds the write of the highest cached seq that wrote it.
+    let mut expected = vec![0u8; CAPACITY as usize];
+    for seq in 1..=cached {
+        let (offset, data) = block_of(seq);
+        expected[offset as usize..(offset + BLOCK) as usize].copy_from_slice(&data);
+    }
+    let got = std::fs::read(c.flat_path(NAME)).unwrap();
+    assert!(
+        got == expected,
+        "the target differs from the cached writes 1..={cached}"
+    );
+}
