@@ -1,7 +1,9 @@
 //! SIGKILL of the real process server while batches stream into its cache (group commits
 //! in flight), five times over: every batch it acknowledged as cached is still there after
 //! the restart (its welcome resumes at or past the last ack), and once the master target
-//! is back, the target disk holds exactly the writes of every cached seq.
+//! is back, the target disk holds exactly the writes of every cached seq. Before the last
+//! restart the newest segment also gets a torn tail (a record header with only part of its
+//! bytes, the file truncated there): it is cut at recovery and appends go on after it.
 //!
 //! The master target is down during the kills, so what the welcome reports can only come
 //! from the cache log's recovery, not from the master target's applied seq.
@@ -137,6 +139,42 @@ async fn stream_until_killed(s: Stream, next: u64) -> u64 {
     acked
 }
 
+/// Appends a torn record to the newest segment of the cache in `dir`: a header that
+/// promises a 64 KiB batch, then 2,000 bytes of it, and the file ends there.
+fn tear_newest_segment(dir: &std::path::Path) {
+    use process_server::cache::segment::{HEADER_LEN, RECORD_FIXED_LEN, SUFFIX};
+    let mut segments: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(SUFFIX))
+        .collect();
+    segments.sort();
+    let newest = segments.last().expect("a segment");
+    let mut data = std::fs::read(newest).unwrap();
+    // Walk the records (len u32 | crc u32 | seq u64 | time i64 | id_len u16 | id | batch)
+    // to the zero header that ends the log.
+    let mut end = HEADER_LEN;
+    while end + RECORD_FIXED_LEN <= data.len() {
+        let len = u32::from_le_bytes(data[end..end + 4].try_into().unwrap()) as usize;
+        if len == 0 {
+            break;
+        }
+        let id_len = u16::from_le_bytes(data[end + 24..end + 26].try_into().unwrap()) as usize;
+        end += RECORD_FIXED_LEN + id_len + len;
+    }
+    let mut torn = Vec::new();
+    torn.extend_from_slice(&(64u32 << 10).to_le_bytes());
+    torn.extend_from_slice(&0xDEAD_BEEFu32.to_le_bytes());
+    torn.extend_from_slice(&u64::MAX.to_le_bytes());
+    torn.extend_from_slice(&0i64.to_le_bytes());
+    torn.extend_from_slice(&(DISK_ID.len() as u16).to_le_bytes());
+    torn.extend_from_slice(DISK_ID.as_bytes());
+    torn.extend((0..2000u32).map(|i| (i * 31 % 251) as u8));
+    data.truncate(end);
+    data.extend_from_slice(&torn);
+    std::fs::write(newest, &data).unwrap();
+}
+
 #[test]
 fn sigkill_during_group_commits_loses_no_acknowledged_batch() {
     let dir = tempfile::tempdir().unwrap();
@@ -169,14 +207,39 @@ fn sigkill_during_group_commits_loses_no_acknowledged_batch() {
             .expect("the stream ends once the process server is gone")
             .unwrap();
         assert!(acked >= next, "round {round}: nothing was acknowledged");
+        if round == ROUNDS - 1 {
+            tear_newest_segment(&c.cache);
+        }
         eprintln!("round {round}: resumed at seq {next}, acknowledged up to {acked} when killed");
         c.start_process_server().unwrap();
     }
 
-    // The last restart still holds every ack; the master target then applies all of it.
+    // The last restart still holds every ack; appends go on after the cut; the master
+    // target then applies all of it.
     let s = rt.block_on(connect(&c));
-    let cached = s.welcome.cached_seq;
-    assert!(cached >= acked, "{cached} < {acked}\n{}", c.log_tails());
+    assert!(
+        s.welcome.cached_seq >= acked,
+        "{} < {acked}\n{}",
+        s.welcome.cached_seq,
+        c.log_tails()
+    );
+    let recovered = std::fs::read_to_string(
+        dir.path()
+            .join("logs")
+            .join(format!("process-server-{}.log", ROUNDS + 2)),
+    )
+    .unwrap();
+    assert!(
+        recovered.contains("truncating the torn tail of the newest cache segment"),
+        "{recovered}"
+    );
+    let cached = s.welcome.cached_seq + 20;
+    for seq in s.welcome.cached_seq + 1..=cached {
+        let m = AgentMessage {
+            body: Some(agent_message::Body::Batch(batch(seq))),
+        };
+        rt.block_on(s.tx.send(m)).unwrap();
+    }
     c.start_master_target().unwrap();
     let deadline = std::time::Instant::now() + TIMEOUT;
     let mut s = s;
