@@ -130,7 +130,10 @@ fn a_full_cache_volume_pauses_the_agent_until_draining_frees_space() {
     });
     // The volume was full, not broken: the cache never went into its failed state.
     let log = read(&dir.path().join("logs").join("process-server-2.log"));
-    assert!(log.contains("pausing agents: cache volume is full (ENOSPC)"), "{log}");
+    assert!(
+        log.contains("pausing agents: cache volume is full (ENOSPC)"),
+        "{log}"
+    );
     assert!(
         !log.contains("until the process server is restarted"),
         "{log}"
