@@ -290,10 +290,9 @@ impl Session {
         let (ev_tx, events) = mpsc::channel(1024);
         ctx.disks.clear_failures();
         // All at once: over a 100 ms path, one after another would cost 2 RTTs each.
-        let conns = try_join_all(
-            (0..cfg.connections).map(|i| open_conn(cfg, ctx, i, ev_tx.clone())),
-        )
-        .await?;
+        let conns =
+            try_join_all((0..cfg.connections).map(|i| open_conn(cfg, ctx, i, ev_tx.clone())))
+                .await?;
         Ok(Session {
             conns,
             events,
