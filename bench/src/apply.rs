@@ -1,9 +1,12 @@
 //! `bench apply`: how fast a real master target applies a disk's batches with its retention
-//! volume on, against `qemu-img convert -O vmdk` of the same raw data onto the same
-//! filesystem; and how fast `master-target recover --out` writes the disk as of an earlier
-//! point, against a plain sequential write + fsync of the disk's size.
+//! volume on, through each of its data paths (`serve --data-io mmap|pwrite`), against
+//! `qemu-img convert -O vmdk` of the same raw data onto the same filesystem; and how fast
+//! `master-target recover --out` writes the disk as of an earlier point, against a plain
+//! sequential write + fsync of the disk's size.
 //!
-//! One repeat:
+//! One repeat runs steps 1-4 once per data path of `--data-io` (in that order, each on a
+//! fresh cluster: `serve --data-io PATH`), then steps 5 (on the first path's retention
+//! volume) and 6:
 //! 1. a fresh master target and process server (`Cluster`); one simulated agent stream
 //!    (`crate::streams`) opens its connection, which registers the disk with the master
 //!    target, and the master target is then SIGKILLed;
@@ -30,8 +33,10 @@
 //!    written to a new file in one sequential pass of 1 MiB writes plus one fsync (dd
 //!    `conv=fsync`).
 //!
-//! Reported: medians over the repeats of MB/s and 4 KiB blocks/s, the ratios apply / qemu-img
-//! (target >= 1.0) and recover / sequential write (target >= 0.5).
+//! Reported: medians over the repeats of MB/s and 4 KiB blocks/s per data path, the master
+//! target's CPU seconds per GiB of the churn pass, the ratios apply / qemu-img per path (the
+//! target >= 1.0 is judged on the first path), pwrite / mmap, and recover / sequential
+//! write (target >= 0.5).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -83,11 +88,18 @@ pub struct ApplyArgs {
     /// Give up on one repeat's apply or recover after this many seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout_secs: u64,
+    /// The master target's data paths to measure, in order, each on a fresh cluster
+    /// (`serve --data-io PATH`); the first one is judged against the target and used for
+    /// the recover measurement.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "mmap,pwrite")]
+    pub data_io: Vec<master_target::vmdk::DataIo>,
 }
 
-/// One repeat's figures.
+/// One data path's figures in one repeat.
 #[derive(Debug, Clone, Serialize)]
-pub struct ApplyRun {
+pub struct PathRun {
+    /// The master target's `--data-io`.
+    pub data_io: &'static str,
     /// The base written onto the empty disk (process server start-up included).
     pub fresh_seconds: f64,
     pub fresh_mb_per_sec: f64,
@@ -97,11 +109,28 @@ pub struct ApplyRun {
     pub apply_blocks_per_sec: f64,
     /// Until the process server listened (inside `fresh_seconds`).
     pub process_server_start_seconds: f64,
+    /// CPU seconds (user + system) of the master target during the fresh pass (from the
+    /// clock's start: its own start-up is before it).
+    pub master_target_fresh_cpu_secs: f64,
     /// CPU seconds (user + system) of the master target during the churn pass.
     pub master_target_cpu_secs: f64,
+    /// The same per GiB of disk churned.
+    pub master_target_cpu_secs_per_gib: f64,
+    /// CPU seconds of the process server (reading its cache, forwarding) in the churn pass.
+    pub process_server_cpu_secs: f64,
     pub master_target_peak_rss_bytes: u64,
     /// Size of the retention volume after both passes (undo journal and metadata).
     pub retention_bytes: u64,
+}
+
+/// One repeat's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApplyRun {
+    /// The first data path's figures (also at the top level, as before `--data-io`).
+    #[serde(flatten)]
+    pub first: PathRun,
+    /// The other data paths, in `--data-io` order.
+    pub other_paths: Vec<PathRun>,
     pub qemu_seconds: f64,
     pub qemu_mb_per_sec: f64,
     pub qemu_blocks_per_sec: f64,
@@ -112,6 +141,28 @@ pub struct ApplyRun {
     pub recover_mb_per_sec: f64,
     pub seq_write_seconds: f64,
     pub seq_write_mb_per_sec: f64,
+}
+
+impl ApplyRun {
+    fn paths(&self) -> impl Iterator<Item = &PathRun> {
+        std::iter::once(&self.first).chain(&self.other_paths)
+    }
+}
+
+/// Medians of one data path over the repeats.
+#[derive(Debug, Clone, Serialize)]
+pub struct PathSummary {
+    pub data_io: &'static str,
+    pub fresh_mb_per_sec: f64,
+    pub apply_mb_per_sec: f64,
+    pub apply_blocks_per_sec: f64,
+    pub master_target_cpu_secs_per_gib: f64,
+    /// The master target's CPU seconds per GiB of the fresh pass.
+    pub master_target_fresh_cpu_secs_per_gib: f64,
+    /// apply (churn pass) / qemu-img MB/s.
+    pub apply_ratio: f64,
+    /// fresh / qemu-img MB/s.
+    pub fresh_ratio: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -130,6 +181,11 @@ pub struct ApplyReport {
     pub repeat: usize,
     pub method: &'static str,
     pub runs: Vec<ApplyRun>,
+    /// Per data path, in `--data-io` order; the top-level apply and fresh figures below
+    /// are the first path's.
+    pub paths: Vec<PathSummary>,
+    /// pwrite apply MB/s / mmap apply MB/s (medians), when both were measured.
+    pub pwrite_vs_mmap_apply: Option<f64>,
     pub fresh_mb_per_sec: f64,
     pub apply_mb_per_sec: f64,
     pub apply_blocks_per_sec: f64,
@@ -146,19 +202,24 @@ pub struct ApplyReport {
     pub targets: Vec<Target>,
 }
 
-const METHOD: &str = "two passes cached in a stopped process server first (not timed): a \
-     base disk written onto the new disk, then the source as ordinary writes over all of it; master \
-     target restarted with its retention volume, clock started, process server started; its \
-     status polled every 10 ms: fresh = until the base's last seq is applied (start-up \
-     included), apply = from then until the source's last seq is applied (durable, undo \
-     journaled); replica verified byte for byte; recover = `master-target recover --out` to \
-     the point 10 % of the churn back, process start to exit, verified; baselines in the \
-     same directory: qemu-img convert -f raw -O vmdk -o subformat=monolithicFlat + fsync, \
-     verified; sequential 1 MiB writes of the disk's size + one fsync";
+const METHOD: &str = "per data path (serve --data-io, each on a fresh cluster): two passes \
+     cached in a stopped process server first (not timed): a base disk written onto the new \
+     disk, then the source as ordinary writes over all of it; master target restarted with its \
+     retention volume, clock started, process server started (its forwarder reads the cache \
+     and sends over 4 connections: inside the time); its status polled every 10 ms: fresh = \
+     until the base's last seq is applied (start-up included), apply = from then until the \
+     source's last seq is applied (durable, undo journaled); replica verified byte for byte; \
+     recover (first path's retention) = `master-target recover --out` to the point 10 % of \
+     the churn back, process start to exit, verified; baselines in the same directory: \
+     qemu-img convert -f raw -O vmdk -o subformat=monolithicFlat + fsync, verified; \
+     sequential 1 MiB writes of the disk's size + one fsync";
 
 pub fn run(args: &ApplyArgs, exe: &Path) -> Result<ApplyReport> {
     if args.repeat == 0 {
         bail!("--repeat must be at least 1");
+    }
+    if args.data_io.is_empty() {
+        bail!("--data-io needs at least one of mmap, pwrite");
     }
     if args.batch_size == 0
         || args.batch_size > MAX_BATCH_DATA as u64
@@ -190,12 +251,14 @@ pub fn run(args: &ApplyArgs, exe: &Path) -> Result<ApplyReport> {
         .workload
         .build(&base.source, args.size, args.seed + 1000)?;
     let description = args.workload.build(&source.source, args.size, args.seed)?;
+    let path_names: Vec<&str> = args.data_io.iter().map(|d| d.name()).collect();
     println!(
         "bench apply: {} MiB {} disk ({description}) over a base of the same kind, {} KiB \
-         batches, {} repeat(s), in {}",
+         batches, data paths {}, {} repeat(s), in {}",
         args.size >> 20,
         args.workload.name(),
         args.batch_size >> 10,
+        path_names.join(", "),
         args.repeat,
         dir.display()
     );
@@ -212,12 +275,14 @@ pub fn run(args: &ApplyArgs, exe: &Path) -> Result<ApplyReport> {
     )?);
     let rt = tokio::runtime::Runtime::new()?;
     println!(
-        "  {:>6} {:>10} {:>10} {:>11} {:>8} {:>9} {:>7} {:>9} {:>9} {:>7}",
+        "  {:>6} {:>6} {:>10} {:>10} {:>11} {:>9} {:>9} {:>9} {:>7} {:>10} {:>9} {:>7}",
         "repeat",
+        "path",
         "fresh MB/s",
         "apply MB/s",
         "apply blk/s",
         "MT CPU s",
+        "CPU s/GiB",
         "qemu MB/s",
         "ratio",
         "recov MB/s",
@@ -237,29 +302,67 @@ pub fn run(args: &ApplyArgs, exe: &Path) -> Result<ApplyReport> {
                 return Err(e.context(format!("repeat {i} (files in {})", scratch.display())));
             }
         };
-        println!(
-            "  {i:>6} {:>10.1} {:>10.1} {:>11.0} {:>8.2} {:>9.1} {:>7.2} {:>9.1} {:>9.1} {:>7.2}",
-            r.fresh_mb_per_sec,
-            r.apply_mb_per_sec,
-            r.apply_blocks_per_sec,
-            r.master_target_cpu_secs,
-            r.qemu_mb_per_sec,
-            r.apply_mb_per_sec / r.qemu_mb_per_sec,
-            r.recover_mb_per_sec,
-            r.seq_write_mb_per_sec,
-            r.recover_mb_per_sec / r.seq_write_mb_per_sec,
-        );
+        for (k, p) in r.paths().enumerate() {
+            // Recover and the baselines are measured once per repeat: on the first line.
+            let once = |v: f64| {
+                if k == 0 {
+                    format!("{v:.1}")
+                } else {
+                    String::new()
+                }
+            };
+            println!(
+                "  {i:>6} {:>6} {:>10.1} {:>10.1} {:>11.0} {:>9.2} {:>9.2} {:>9.1} {:>7.2} {:>10} {:>9} {:>7}",
+                p.data_io,
+                p.fresh_mb_per_sec,
+                p.apply_mb_per_sec,
+                p.apply_blocks_per_sec,
+                p.master_target_cpu_secs,
+                p.master_target_cpu_secs_per_gib,
+                r.qemu_mb_per_sec,
+                p.apply_mb_per_sec / r.qemu_mb_per_sec,
+                once(r.recover_mb_per_sec),
+                once(r.seq_write_mb_per_sec),
+                if k == 0 {
+                    format!("{:.2}", r.recover_mb_per_sec / r.seq_write_mb_per_sec)
+                } else {
+                    String::new()
+                },
+            );
+        }
         runs.push(r);
     }
-    let med = |f: fn(&ApplyRun) -> f64| median(runs.iter().map(f).collect());
-    let (fresh, apply, qemu) = (
-        med(|r| r.fresh_mb_per_sec),
-        med(|r| r.apply_mb_per_sec),
-        med(|r| r.qemu_mb_per_sec),
-    );
+    let med = |f: &dyn Fn(&ApplyRun) -> f64| median(runs.iter().map(f).collect());
+    let qemu = med(&|r| r.qemu_mb_per_sec);
+    let paths: Vec<PathSummary> = (0..args.data_io.len())
+        .map(|k| {
+            let path = |r: &ApplyRun| r.paths().nth(k).cloned().expect("one per path");
+            let (fresh, apply) = (
+                med(&|r| path(r).fresh_mb_per_sec),
+                med(&|r| path(r).apply_mb_per_sec),
+            );
+            PathSummary {
+                data_io: args.data_io[k].name(),
+                fresh_mb_per_sec: fresh,
+                apply_mb_per_sec: apply,
+                apply_blocks_per_sec: med(&|r| path(r).apply_blocks_per_sec),
+                master_target_cpu_secs_per_gib: med(&|r| path(r).master_target_cpu_secs_per_gib),
+                master_target_fresh_cpu_secs_per_gib: med(&|r| {
+                    path(r).master_target_fresh_cpu_secs / (args.size as f64 / GIB)
+                }),
+                apply_ratio: apply / qemu,
+                fresh_ratio: fresh / qemu,
+            }
+        })
+        .collect();
+    let by_name = |name: &str| paths.iter().find(|p| p.data_io == name);
+    let pwrite_vs_mmap_apply = by_name("pwrite")
+        .zip(by_name("mmap"))
+        .map(|(p, m)| p.apply_mb_per_sec / m.apply_mb_per_sec);
+    let first = paths[0].clone();
     let (recover, seq_write) = (
-        med(|r| r.recover_mb_per_sec),
-        med(|r| r.seq_write_mb_per_sec),
+        med(&|r| r.recover_mb_per_sec),
+        med(&|r| r.seq_write_mb_per_sec),
     );
     let report = ApplyReport {
         started_unix,
@@ -274,21 +377,29 @@ pub fn run(args: &ApplyArgs, exe: &Path) -> Result<ApplyReport> {
         batches: n as usize,
         repeat: args.repeat,
         method: METHOD,
-        fresh_mb_per_sec: fresh,
-        apply_mb_per_sec: apply,
-        apply_blocks_per_sec: med(|r| r.apply_blocks_per_sec),
+        fresh_mb_per_sec: first.fresh_mb_per_sec,
+        apply_mb_per_sec: first.apply_mb_per_sec,
+        apply_blocks_per_sec: first.apply_blocks_per_sec,
         qemu_mb_per_sec: qemu,
-        qemu_blocks_per_sec: med(|r| r.qemu_blocks_per_sec),
+        qemu_blocks_per_sec: med(&|r| r.qemu_blocks_per_sec),
         recover_mb_per_sec: recover,
         seq_write_mb_per_sec: seq_write,
-        apply_ratio: apply / qemu,
-        fresh_ratio: fresh / qemu,
+        apply_ratio: first.apply_ratio,
+        fresh_ratio: first.fresh_ratio,
         recover_ratio: recover / seq_write,
         runs,
+        paths: paths.clone(),
+        pwrite_vs_mmap_apply,
         targets: vec![
             Target::check(
-                "master target apply, retention on (churn pass) / qemu-img convert -O vmdk",
-                Some(apply / qemu),
+                // `Target` holds a static description; one small string per run.
+                format!(
+                    "master target apply (--data-io {}), retention on (churn pass) / qemu-img \
+                     convert -O vmdk",
+                    first.data_io
+                )
+                .leak(),
+                Some(first.apply_ratio),
                 Cmp::AtLeast,
                 1.0,
             ),
@@ -303,11 +414,27 @@ pub fn run(args: &ApplyArgs, exe: &Path) -> Result<ApplyReport> {
     let json = args.out.join(format!("apply-{started_unix}.json"));
     fs::write(&json, serde_json::to_string_pretty(&report)? + "\n")
         .with_context(|| format!("writing {}", json.display()))?;
+    println!("median:");
+    for p in &paths {
+        println!(
+            "  {:>6}: fresh {:.1} MB/s ({:.2} MT CPU s/GiB), apply {:.1} MB/s ({:.0} blocks/s, \
+             {:.2} MT CPU s/GiB), apply / qemu-img {:.2}",
+            p.data_io,
+            p.fresh_mb_per_sec,
+            p.master_target_fresh_cpu_secs_per_gib,
+            p.apply_mb_per_sec,
+            p.apply_blocks_per_sec,
+            p.master_target_cpu_secs_per_gib,
+            p.apply_ratio
+        );
+    }
+    if let Some(r) = pwrite_vs_mmap_apply {
+        println!("  pwrite / mmap apply: {r:.2}");
+    }
     println!(
-        "median: fresh {fresh:.1} MB/s, apply {apply:.1} MB/s ({:.0} blocks/s), qemu-img \
-         {qemu:.1} MB/s ({:.0} blocks/s); recover {recover:.1} MB/s, sequential write \
-         {seq_write:.1} MB/s\ntargets (reported, not asserted):",
-        report.apply_blocks_per_sec, report.qemu_blocks_per_sec,
+        "  qemu-img {qemu:.1} MB/s ({:.0} blocks/s); recover {recover:.1} MB/s, sequential \
+         write {seq_write:.1} MB/s\ntargets (reported, not asserted):",
+        report.qemu_blocks_per_sec,
     );
     for t in &report.targets {
         println!("{}", t.line());
@@ -316,6 +443,8 @@ pub fn run(args: &ApplyArgs, exe: &Path) -> Result<ApplyReport> {
     drop(tmp);
     Ok(report)
 }
+
+const GIB: f64 = (1u64 << 30) as f64;
 
 fn mb_per_sec(bytes: u64, seconds: f64) -> f64 {
     bytes as f64 / 1e6 / seconds
@@ -336,7 +465,7 @@ fn dir_bytes(dir: &Path) -> Result<u64> {
     Ok(total)
 }
 
-/// One repeat (module docs).
+/// One repeat (module docs): every data path, then recover and the baselines.
 fn repeat_once(
     rt: &tokio::runtime::Runtime,
     args: &ApplyArgs,
@@ -346,96 +475,24 @@ fn repeat_once(
     source: &Disk,
     batches: &[Batch],
 ) -> Result<ApplyRun> {
-    let mut cluster = Cluster::new(exe, scratch)?;
-    cluster.process_server_flags = vec![
-        "--cache-quota".into(),
-        (3 * args.size + (1 << 30)).to_string(),
-        "--high-water".into(),
-        "80".into(),
-    ];
-    cluster.start().with_context(|| cluster.log_tails())?;
-    let timeout = Duration::from_secs(args.timeout_secs);
-    let ready = rt
-        .block_on(streams::open_all(
-            &cluster,
-            std::slice::from_ref(source),
-            &[batches.to_vec()],
-            false,
-        ))
-        .with_context(|| cluster.log_tails())?;
-    cluster.kill_master_target();
-    rt.block_on(streams::drive_all(ready, timeout))
-        .with_context(|| cluster.log_tails())?;
-    let codes = cluster.stop(Duration::from_secs(20));
-    if codes.iter().any(|c| *c != Some(0)) {
-        bail!(
-            "the process server did not stop cleanly: {codes:?}\n{}",
-            cluster.log_tails()
-        );
-    }
-    cluster
-        .start_master_target()
-        .with_context(|| cluster.log_tails())?;
-    let mt = cluster
-        .master_target_pid()
-        .context("master target not running")?;
-    let auth = ClientAuth::new(
-        Passphrase::load(Some(&cluster.passphrase_file))?,
-        "bench-apply",
-    );
-    let (n, last) = (batches.len() as u64 / 2, batches.len() as u64);
-    let start = Instant::now();
-    cluster
-        .start_process_server()
-        .with_context(|| cluster.log_tails())?;
-    let listening = start.elapsed();
-    let mut base_done: Option<(Duration, usage::Usage)> = None;
-    loop {
-        let status = rt
-            .block_on(process_server::status::fetch(
-                &cluster.ps_url(),
-                &TlsFiles::default(),
-                &auth,
-            ))
-            .context("process server status")?;
-        let seen = start.elapsed();
-        let applied = status
-            .disks
-            .iter()
-            .find(|d| d.disk_id == source.disk_id)
-            .map_or(0, |d| d.applied_seq);
-        if applied >= n && base_done.is_none() {
-            if applied >= last {
-                bail!(
-                    "both passes were applied within one status poll: too small a --size to time them apart"
-                );
+    let mut measured = Vec::new();
+    let mut first_cluster = None;
+    for (k, &io) in args.data_io.iter().enumerate() {
+        let (path, cluster) =
+            apply_pass(rt, args, exe, &scratch.join(io.name()), source, batches, io)?;
+        measured.push(path);
+        if k == 0 {
+            first_cluster = Some(cluster);
+        } else {
+            // Only the first path's disk is recovered: the others' data goes now.
+            for d in [&cluster.datastore, &cluster.retention, &cluster.cache] {
+                fs::remove_dir_all(d)?;
             }
-            base_done = Some((seen, usage::sample(mt)?));
         }
-        if applied >= last {
-            break;
-        }
-        if seen > timeout {
-            bail!(
-                "applied seq {applied} of {last} after {timeout:?}\n{}",
-                cluster.log_tails()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
     }
-    let end = start.elapsed();
-    let (fresh, cpu_before) = base_done.expect("set before the last seq");
-    let used = usage::sample(mt)?.since(cpu_before);
-    let codes = cluster.stop(Duration::from_secs(20));
-    if codes.iter().any(|c| *c != Some(0)) {
-        bail!(
-            "the servers did not stop cleanly: {codes:?}\n{}",
-            cluster.log_tails()
-        );
-    }
-    verify::files_equal(&cluster.flat_path(&source.name), &source.source)
-        .context("the replica differs from the source")?;
-    let retention_bytes = dir_bytes(&cluster.retention)?;
+    let cluster = first_cluster.expect("at least one data path");
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let (n, last) = (batches.len() as u64 / 2, batches.len() as u64);
 
     // Recover 10 % of the churn back: the batches after `seq` are rolled back.
     let back = (n / 10).max(1);
@@ -476,17 +533,10 @@ fn repeat_once(
     let seq_file = scratch.join("seq-write.bin");
     let seq_write_seconds = sequential_write(&source.source, &seq_file)?;
     fs::remove_file(&seq_file)?;
-    let apply_seconds = (end - fresh).as_secs_f64();
+    let mut measured = measured.into_iter();
     Ok(ApplyRun {
-        fresh_seconds: fresh.as_secs_f64(),
-        fresh_mb_per_sec: mb_per_sec(args.size, fresh.as_secs_f64()),
-        apply_seconds,
-        apply_mb_per_sec: mb_per_sec(args.size, apply_seconds),
-        apply_blocks_per_sec: args.size as f64 / 4096.0 / apply_seconds,
-        process_server_start_seconds: listening.as_secs_f64(),
-        master_target_cpu_secs: used.cpu_secs,
-        master_target_peak_rss_bytes: used.peak_rss_bytes,
-        retention_bytes,
+        first: measured.next().expect("at least one data path"),
+        other_paths: measured.collect(),
         qemu_seconds,
         qemu_mb_per_sec: mb_per_sec(args.size, qemu_seconds),
         qemu_blocks_per_sec: args.size as f64 / 4096.0 / qemu_seconds,
@@ -497,6 +547,136 @@ fn repeat_once(
         seq_write_seconds,
         seq_write_mb_per_sec: mb_per_sec(args.size, seq_write_seconds),
     })
+}
+
+/// Steps 1-4 of the module docs with the master target on data path `io`: returns the
+/// figures and the stopped cluster, its datastore and retention volume as left.
+fn apply_pass(
+    rt: &tokio::runtime::Runtime,
+    args: &ApplyArgs,
+    exe: &Path,
+    scratch: &Path,
+    source: &Disk,
+    batches: &[Batch],
+    io: master_target::vmdk::DataIo,
+) -> Result<(PathRun, Cluster)> {
+    let mut cluster = Cluster::new(exe, scratch)?;
+    cluster.process_server_flags = vec![
+        "--cache-quota".into(),
+        (3 * args.size + (1 << 30)).to_string(),
+        "--high-water".into(),
+        "80".into(),
+    ];
+    cluster.master_target_flags = vec!["--data-io".into(), io.name().into()];
+    cluster.start().with_context(|| cluster.log_tails())?;
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let ready = rt
+        .block_on(streams::open_all(
+            &cluster,
+            std::slice::from_ref(source),
+            &[batches.to_vec()],
+            false,
+        ))
+        .with_context(|| cluster.log_tails())?;
+    cluster.kill_master_target();
+    rt.block_on(streams::drive_all(ready, timeout))
+        .with_context(|| cluster.log_tails())?;
+    let codes = cluster.stop(Duration::from_secs(20));
+    if codes.iter().any(|c| *c != Some(0)) {
+        bail!(
+            "the process server did not stop cleanly: {codes:?}\n{}",
+            cluster.log_tails()
+        );
+    }
+    cluster
+        .start_master_target()
+        .with_context(|| cluster.log_tails())?;
+    let mt = cluster
+        .master_target_pid()
+        .context("master target not running")?;
+    let auth = ClientAuth::new(
+        Passphrase::load(Some(&cluster.passphrase_file))?,
+        "bench-apply",
+    );
+    let (n, last) = (batches.len() as u64 / 2, batches.len() as u64);
+    let mt_at_start = usage::sample(mt)?;
+    let start = Instant::now();
+    cluster
+        .start_process_server()
+        .with_context(|| cluster.log_tails())?;
+    let listening = start.elapsed();
+    let ps = cluster
+        .process_server_pid()
+        .context("process server not running")?;
+    let mut base_done: Option<(Duration, usage::Usage, usage::Usage)> = None;
+    loop {
+        let status = rt
+            .block_on(process_server::status::fetch(
+                &cluster.ps_url(),
+                &TlsFiles::default(),
+                &auth,
+            ))
+            .context("process server status")?;
+        let seen = start.elapsed();
+        let applied = status
+            .disks
+            .iter()
+            .find(|d| d.disk_id == source.disk_id)
+            .map_or(0, |d| d.applied_seq);
+        if applied >= n && base_done.is_none() {
+            if applied >= last {
+                bail!(
+                    "both passes were applied within one status poll: too small a --size to time them apart"
+                );
+            }
+            base_done = Some((seen, usage::sample(mt)?, usage::sample(ps)?));
+        }
+        if applied >= last {
+            break;
+        }
+        if seen > timeout {
+            bail!(
+                "applied seq {applied} of {last} after {timeout:?}\n{}",
+                cluster.log_tails()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let end = start.elapsed();
+    let (fresh, mt_before, ps_before) = base_done.expect("set before the last seq");
+    let used = usage::sample(mt)?.since(mt_before);
+    let ps_used = usage::sample(ps)?.since(ps_before);
+    let codes = cluster.stop(Duration::from_secs(20));
+    if codes.iter().any(|c| *c != Some(0)) {
+        bail!(
+            "the servers did not stop cleanly: {codes:?}\n{}",
+            cluster.log_tails()
+        );
+    }
+    verify::files_equal(&cluster.flat_path(&source.name), &source.source).with_context(|| {
+        format!(
+            "the replica differs from the source (--data-io {})",
+            io.name()
+        )
+    })?;
+    let retention_bytes = dir_bytes(&cluster.retention)?;
+    let apply_seconds = (end - fresh).as_secs_f64();
+    let path = PathRun {
+        data_io: io.name(),
+        fresh_seconds: fresh.as_secs_f64(),
+        fresh_mb_per_sec: mb_per_sec(args.size, fresh.as_secs_f64()),
+        apply_seconds,
+        apply_mb_per_sec: mb_per_sec(args.size, apply_seconds),
+        apply_blocks_per_sec: args.size as f64 / 4096.0 / apply_seconds,
+        process_server_start_seconds: listening.as_secs_f64(),
+        master_target_fresh_cpu_secs: mt_before.since(mt_at_start).cpu_secs,
+        master_target_cpu_secs: used.cpu_secs,
+        master_target_cpu_secs_per_gib: used.cpu_secs / (args.size as f64 / GIB),
+        process_server_cpu_secs: ps_used.cpu_secs,
+        master_target_peak_rss_bytes: used.peak_rss_bytes,
+        retention_bytes,
+    };
+    Ok((path, cluster))
 }
 
 /// Writes at `path` the disk as of a point in the churn pass: the source's first `upto`

@@ -15,6 +15,7 @@ use protocol::error::Refusal;
 use serde::{Deserialize, Serialize};
 
 use crate::server::{ServeOptions, serve};
+use crate::vmdk::DataIo;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -30,7 +31,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve MasterTarget.Apply for process servers.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Show the disks of a running master target.
     Status(StatusArgs),
     /// List the recovery points recorded for a disk, or common to a replication group.
@@ -78,6 +79,21 @@ struct ServeArgs {
     /// oldest points go first, with a warning [default: no quota].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     retention_quota: Option<u64>,
+    /// Recovery points whose batch is at most this much (source time) older than the
+    /// newest are all kept; older ones are thinned to one per --thin-every, and the undo
+    /// data between the remaining points compacted, e.g. 30m, 2h, 1d [default: 2h].
+    #[arg(long, value_name = "DURATION")]
+    thin_after: Option<String>,
+    /// Older than --thin-after, one recovery point is kept per this much source time
+    /// (periods aligned on the Unix epoch); at most --retention-window [default: 1h].
+    #[arg(long, value_name = "DURATION")]
+    thin_every: Option<String>,
+    /// How the data of flat disks (vmfs, monolithicFlat, twoGbMaxExtentFlat) is written:
+    /// mmap (stores through a shared map, msync) or pwrite (pwrite/pread, fdatasync; no
+    /// map). Durability and commit order are the same; monolithicSparse disks always use
+    /// pwrite [default: mmap].
+    #[arg(long, value_enum, value_name = "MODE")]
+    data_io: Option<DataIo>,
     #[command(flatten)]
     security: SecurityArgs,
     #[command(flatten)]
@@ -106,6 +122,12 @@ struct ServeFile {
     #[serde(skip_serializing_if = "Option::is_none")]
     retention_quota: Option<Size>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    thin_after: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    thin_every: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_io: Option<DataIo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     passphrase_file: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tls_cert: Option<PathBuf>,
@@ -132,6 +154,7 @@ struct ServeConfig {
     security: SecurityArgs,
     wan: WanArgs,
     retention_policy: crate::retention::journal::RetentionPolicy,
+    data_io: DataIo,
 }
 
 impl ServeArgs {
@@ -169,11 +192,16 @@ impl ServeArgs {
             .or(file.retention_window)
             .unwrap_or_else(|| DEFAULT_RETENTION_WINDOW.into());
         let quota = self.retention_quota.or(file.retention_quota.map(|s| s.0));
-        let mut retention_policy = crate::retention::journal::RetentionPolicy {
-            window_ms: parse_duration_ms(&window)?,
-            ..Default::default()
-        };
-        retention_policy.quota_bytes = quota.unwrap_or(0);
+        let thin_after = self
+            .thin_after
+            .or(file.thin_after)
+            .unwrap_or_else(|| DEFAULT_THIN_AFTER.into());
+        let thin_every = self
+            .thin_every
+            .or(file.thin_every)
+            .unwrap_or_else(|| DEFAULT_THIN_EVERY.into());
+        let data_io = self.data_io.or(file.data_io).unwrap_or_default();
+        let retention_policy = retention_policy(&window, quota, &thin_after, &thin_every)?;
         let tuning = wan.tuning();
         let file = ServeFile {
             listen: Some(listen.clone()),
@@ -184,6 +212,9 @@ impl ServeArgs {
             metrics_listen,
             retention_window: Some(window),
             retention_quota: quota.filter(|&q| q > 0).map(Size),
+            thin_after: Some(thin_after),
+            thin_every: Some(thin_every),
+            data_io: Some(data_io),
             passphrase_file: security.passphrase_file.clone(),
             tls_cert: security.tls_cert.clone(),
             tls_key: security.tls_key.clone(),
@@ -202,8 +233,39 @@ impl ServeArgs {
             security,
             wan,
             retention_policy,
+            data_io,
         })
     }
+}
+
+/// The retention policy of `serve`'s settings, each checked: durations above zero, and a
+/// thinning period no longer than the window (it would keep less than one point per
+/// window, so the older part of the window would offer nothing to thin to).
+fn retention_policy(
+    window: &str,
+    quota: Option<u64>,
+    thin_after: &str,
+    thin_every: &str,
+) -> anyhow::Result<crate::retention::journal::RetentionPolicy> {
+    let window_ms =
+        parse_duration_ms(window).with_context(|| format!("--retention-window {window}"))?;
+    let thin_after_ms =
+        parse_duration_ms(thin_after).with_context(|| format!("--thin-after {thin_after}"))?;
+    let thin_every_ms =
+        parse_duration_ms(thin_every).with_context(|| format!("--thin-every {thin_every}"))?;
+    if thin_every_ms > window_ms {
+        bail!(
+            "--thin-every {thin_every} is longer than --retention-window {window}: at most \
+             one point per period would be kept, fewer than one per window; choose a period \
+             up to the window"
+        );
+    }
+    Ok(crate::retention::journal::RetentionPolicy {
+        window_ms,
+        quota_bytes: quota.unwrap_or(0),
+        thin_after_ms,
+        thin_every_ms,
+    })
 }
 
 #[derive(Args, Debug)]
@@ -311,6 +373,10 @@ enum OutFormat {
 const DEFAULT_RETENTION: &str = "/mnt/retention";
 /// `--retention-window` when neither the flag nor the config file sets it.
 const DEFAULT_RETENTION_WINDOW: &str = "24h";
+/// `--thin-after` / `--thin-every` defaults: the service's policy (all points for the
+/// newest 2 h, then one per hour); equal to `RetentionPolicy::default()`.
+const DEFAULT_THIN_AFTER: &str = "2h";
+const DEFAULT_THIN_EVERY: &str = "1h";
 
 /// A duration such as `90s`, `30m`, `24h`, `7d` (a bare number is seconds), in ms.
 fn parse_duration_ms(s: &str) -> anyhow::Result<i64> {
@@ -347,7 +413,7 @@ pub fn run() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Serve(a) => run_serve(a).await,
+            Command::Serve(a) => run_serve(*a).await,
             Command::Status(a) => run_status(a).await,
             Command::RecoveryPoints(a) => run_recovery_points(a),
             Command::Recover(a) => tokio::task::spawn_blocking(move || run_recover(a)).await?,
@@ -419,6 +485,7 @@ async fn run_serve(a: ServeArgs) -> anyhow::Result<()> {
         identity: cfg.identity,
         metrics,
         retention_policy: cfg.retention_policy,
+        data_io: cfg.data_io,
     };
     serve(opts, listener, signal)
         .await
@@ -711,6 +778,75 @@ mod tests {
             !bare.contains("retention_quota"),
             "no quota by default:\n{bare}"
         );
+    }
+
+    #[test]
+    fn thinning_and_data_io_default_to_the_service_policy_and_mmap() {
+        let bare = printed(&[
+            "--listen",
+            "127.0.0.1:1",
+            "--datastore",
+            "/ds",
+            "--print-config",
+        ]);
+        for line in [
+            "thin_after = \"2h\"",
+            "thin_every = \"1h\"",
+            "data_io = \"mmap\"",
+        ] {
+            assert!(bare.lines().any(|l| l == line), "{line} in\n{bare}");
+        }
+        let resolve = |args: &[&str]| {
+            let base = [
+                "master-target",
+                "serve",
+                "--listen",
+                "h:1",
+                "--datastore",
+                "/d",
+            ];
+            let cli = Cli::try_parse_from([&base[..], args].concat()).unwrap();
+            let Command::Serve(a) = cli.command else {
+                panic!("{cli:?}")
+            };
+            a.resolve()
+        };
+        let cfg = resolve(&[]).unwrap();
+        assert_eq!(
+            cfg.retention_policy,
+            crate::retention::journal::RetentionPolicy::default()
+        );
+        assert_eq!(cfg.data_io, DataIo::Mmap);
+        let cfg = resolve(&[
+            "--thin-after",
+            "30m",
+            "--thin-every",
+            "10m",
+            "--data-io",
+            "pwrite",
+        ])
+        .unwrap();
+        assert_eq!(cfg.retention_policy.thin_after_ms, 30 * 60_000);
+        assert_eq!(cfg.retention_policy.thin_every_ms, 10 * 60_000);
+        assert_eq!(cfg.data_io, DataIo::Pwrite);
+        for (bad, says) in [
+            (&["--thin-after", "0s"][..], "--thin-after 0s"),
+            (&["--thin-every=-1h"], "--thin-every -1h"),
+            (&["--thin-every", "1y"], "--thin-every 1y"),
+            (
+                &["--thin-every", "2d", "--retention-window", "1d"],
+                "longer than --retention-window",
+            ),
+        ] {
+            let e = format!("{:#}", resolve(bad).err().expect("refused"));
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+        let f: ServeFile =
+            toml::from_str("thin_after = \"3h\"\nthin_every = \"15m\"\ndata_io = \"pwrite\"\n")
+                .unwrap();
+        assert_eq!(f.data_io, Some(DataIo::Pwrite));
+        assert_eq!(f.thin_every.as_deref(), Some("15m"));
+        assert!(toml::from_str::<ServeFile>("data_io = \"direct\"").is_err());
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::retention::CommitLock;
 use crate::retention::journal::{Journal, RetentionPolicy};
 use crate::state::{self, DiskState};
 use crate::vmdk::extent::DataRef;
-use crate::vmdk::{self, Claim, Disk, DiskSpec, VmdkError};
+use crate::vmdk::{self, Claim, DataIo, Disk, DiskSpec, VmdkError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -72,6 +72,8 @@ pub struct Registry {
     datastore: PathBuf,
     retention: PathBuf,
     policy: RetentionPolicy,
+    /// How flat disks' data is written (`serve --data-io`).
+    data_io: DataIo,
     inner: Mutex<Inner>,
     /// States of known disks that are not open, for `Status` (disk id -> state).
     idle: SyncMutex<HashMap<String, DiskState>>,
@@ -102,10 +104,17 @@ impl Registry {
             datastore: datastore.to_path_buf(),
             retention: retention.to_path_buf(),
             policy,
+            data_io: DataIo::default(),
             inner: Mutex::new(inner),
             idle: SyncMutex::new(idle),
             _lock: lock,
         })
+    }
+
+    /// Writes the data of flat disks opened from now on with `io`.
+    pub fn with_data_io(mut self, io: DataIo) -> Registry {
+        self.data_io = io;
+        self
     }
 
     pub fn datastore(&self) -> &Path {
@@ -130,13 +139,12 @@ impl Registry {
         }
         let (datastore, retention, info_owned) =
             (self.datastore.clone(), self.retention.clone(), info.clone());
-        let policy = self.policy;
-        let opened =
-            tokio::task::spawn_blocking(move || open(&datastore, &retention, policy, &info_owned))
-                .await
-                .map_err(|e| {
-                    Refusal::for_disk(Code::Internal, id, format!("open task failed: {e}"))
-                })??;
+        let (policy, data_io) = (self.policy, self.data_io);
+        let opened = tokio::task::spawn_blocking(move || {
+            open(&datastore, &retention, policy, data_io, &info_owned)
+        })
+        .await
+        .map_err(|e| Refusal::for_disk(Code::Internal, id, format!("open task failed: {e}")))??;
         let (entry, thread) = opened;
         inner.threads.push(thread);
         inner
@@ -346,6 +354,7 @@ fn open(
     datastore: &Path,
     retention: &Path,
     policy: RetentionPolicy,
+    data_io: DataIo,
     info: &DiskInfo,
 ) -> Result<(Arc<DiskEntry>, std::thread::JoinHandle<()>), Refusal> {
     let id = info.disk_id.as_str();
@@ -386,6 +395,9 @@ fn open(
     };
     let mut disk =
         Disk::open_or_create(datastore, &spec, claim).map_err(|e| unclaim(e.refusal(id)))?;
+    // Before the journal opens: rolling back an uncommitted group writes the target too.
+    disk.set_data_io(data_io)
+        .map_err(|e| unclaim(e.refusal(id)))?;
     let data = disk.extent().data_ref();
     let journal =
         open_journal(retention, id, policy, &mut disk, &mut state).map_err(|e| unclaim(io(&e)))?;
@@ -401,7 +413,11 @@ fn open(
         state: SyncMutex::new(state.clone()),
         stopped: SyncMutex::new(None),
     });
-    tracing::info!(disk = id, name = %info.name, applied_seq = state.applied_seq, "disk open");
+    let data_io = disk
+        .extent()
+        .data_io()
+        .map_or("pwrite (sparse)", DataIo::name);
+    tracing::info!(disk = id, name = %info.name, applied_seq = state.applied_seq, data_io, "disk open");
     let applier = Applier::new(
         disk,
         journal,

@@ -81,6 +81,8 @@ pub struct ServeOptions {
     pub metrics: Option<TcpListener>,
     /// How long and how much undo data the retention volume keeps per disk.
     pub retention_policy: crate::retention::journal::RetentionPolicy,
+    /// How flat disks' data is written (mmap or pwrite).
+    pub data_io: crate::vmdk::DataIo,
 }
 
 /// The service state shared by every stream.
@@ -102,17 +104,20 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     // Start-up checks touch the disks: keep them off the async workers too.
-    let (ds, rt, policy) = (
+    let (ds, rt, policy, data_io) = (
         opts.datastore.clone(),
         opts.retention.clone(),
         opts.retention_policy,
+        opts.data_io,
     );
-    let registry = tokio::task::spawn_blocking(move || Registry::new(&ds, &rt, policy))
-        .await
-        .map_err(|e| SetupError::Retention {
-            path: opts.retention.clone(),
-            reason: format!("start-up task failed: {e}"),
-        })??;
+    let registry = tokio::task::spawn_blocking(move || {
+        Registry::new(&ds, &rt, policy).map(|r| r.with_data_io(data_io))
+    })
+    .await
+    .map_err(|e| SetupError::Retention {
+        path: opts.retention.clone(),
+        reason: format!("start-up task failed: {e}"),
+    })??;
     let registry = Arc::new(registry);
     let (stop_tx, stop_rx) = watch::channel(false);
     let counters = Arc::new(Counters::default());

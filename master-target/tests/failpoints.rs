@@ -5,6 +5,9 @@
 //! Also a failed sync (`fsync-eio`): the disk stops at once, is never synced again, and
 //! after a restart the uncommitted group is rolled back.
 //!
+//! Each runs with the default data path (`--data-io mmap`); the data-path-dependent ones
+//! (a crash once the data is written, a failed data sync) also with `--data-io pwrite`.
+//!
 //! Needs the `failpoints` feature: `cargo test -p master-target --features failpoints`.
 
 mod common;
@@ -17,8 +20,9 @@ const N: u64 = 7;
 /// The batch during whose commit the process dies (it carries a marker).
 const FAIL_AT: u64 = 5;
 
-/// `data_written`: whether the batch's data is on the target when the process dies.
-async fn crash_at(point: &str, data_written: bool, committed: bool) {
+/// `data_written`: whether the batch's data is on the target when the process dies;
+/// `io`: the `--data-io` of both runs.
+async fn crash_at(point: &str, data_written: bool, committed: bool, io: &str) {
     let t = dirs();
     let dir = t.path();
     let s = script(CAP, N, &[FAIL_AT]);
@@ -26,7 +30,8 @@ async fn crash_at(point: &str, data_written: bool, committed: bool) {
         ("FAILBACK_FAILPOINT", point.to_string()),
         ("FAILBACK_FAILPOINT_SEQ", FAIL_AT.to_string()),
     ];
-    let (mut child, url) = start(dir, &env);
+    let flags = ["--data-io", io];
+    let (mut child, url, _) = start_logged_with(dir, &env, &flags);
     let mut c = hello(&url, CAP).await;
     for b in &s.batches[..FAIL_AT as usize - 1] {
         c.send(b).await;
@@ -46,7 +51,7 @@ async fn crash_at(point: &str, data_written: bool, committed: bool) {
         "before the restart",
     );
 
-    let (child, url) = start(dir, &[]);
+    let (child, url, _) = start_logged_with(dir, &[], &flags);
     let mut c = hello(&url, CAP).await;
     let expect = if committed { FAIL_AT } else { FAIL_AT - 1 };
     assert_eq!(c.applied, expect, "{point}");
@@ -76,22 +81,33 @@ async fn crash_at(point: &str, data_written: bool, committed: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_after_undo_leaves_the_disk_before_the_batch() {
-    crash_at("after-undo", false, false).await;
+    crash_at("after-undo", false, false, "mmap").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_after_data_is_rolled_back_to_before_the_batch() {
-    crash_at("after-data", true, false).await;
+    crash_at("after-data", true, false, "mmap").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_pwrite_a_crash_after_data_is_rolled_back_to_before_the_batch() {
+    crash_at("after-data", true, false, "pwrite").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_after_commit_keeps_the_batch() {
-    crash_at("after-commit", true, true).await;
+    crash_at("after-commit", true, true, "mmap").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_pwrite_a_crash_after_commit_keeps_the_batch() {
+    crash_at("after-commit", true, true, "pwrite").await;
 }
 
 /// `FAILBACK_FAILPOINT=fsync-eio` fails the sync of `what` (`journal` or `extent`) in the
-/// group of batch [`FAIL_AT`]; `data_written`: whether its data reached the map first.
-async fn sync_fails(what: &str, data_written: bool) {
+/// group of batch [`FAIL_AT`]; `data_written`: whether its data reached the target first;
+/// `io`: the `--data-io` of both runs.
+async fn sync_fails(what: &str, data_written: bool, io: &str) {
     let t = dirs();
     let dir = t.path();
     let s = script(CAP, N, &[FAIL_AT]);
@@ -100,7 +116,8 @@ async fn sync_fails(what: &str, data_written: bool) {
         ("FAILBACK_FAILPOINT_SEQ", FAIL_AT.to_string()),
         ("FAILBACK_FAILPOINT_SYNC", what.to_string()),
     ];
-    let (child, url, log) = start_logged(dir, &env);
+    let flags = ["--data-io", io];
+    let (child, url, log) = start_logged_with(dir, &env, &flags);
     let mut c = hello(&url, CAP).await;
     for b in &s.batches[..FAIL_AT as usize - 1] {
         c.send(b).await;
@@ -115,10 +132,10 @@ async fn sync_fails(what: &str, data_written: bool) {
                 for words in ["never retried", "needs a resync", "Input/output error"] {
                     assert!(e.message.contains(words), "{what}: {}", e.message);
                 }
-                let op = if what == "journal" {
-                    "fdatasync"
-                } else {
+                let op = if what == "extent" && io == "mmap" {
                     "msync"
+                } else {
+                    "fdatasync"
                 };
                 assert!(e.message.starts_with(op), "{what}: {}", e.message);
             }
@@ -140,7 +157,7 @@ async fn sync_fails(what: &str, data_written: bool) {
         "before the restart",
     );
 
-    let (child, url, log) = start_logged(dir, &[]);
+    let (child, url, log) = start_logged_with(dir, &[], &flags);
     let mut c = hello(&url, CAP).await;
     assert_eq!(
         c.applied,
@@ -166,10 +183,15 @@ async fn sync_fails(what: &str, data_written: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_undo_sync_stops_the_disk_and_is_never_retried() {
-    sync_fails("journal", false).await;
+    sync_fails("journal", false, "mmap").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_data_sync_stops_the_disk_and_the_group_is_rolled_back_on_restart() {
-    sync_fails("extent", true).await;
+    sync_fails("extent", true, "mmap").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_pwrite_a_failed_data_sync_stops_the_disk_and_the_group_is_rolled_back() {
+    sync_fails("extent", true, "pwrite").await;
 }

@@ -44,6 +44,7 @@ async fn start(ds: &Path, ret: &Path) -> Running {
         identity: "test".into(),
         metrics: Some(metrics),
         retention_policy: Default::default(),
+        data_io: Default::default(),
     };
     let task = tokio::spawn(async move {
         serve(opts, listener, async {

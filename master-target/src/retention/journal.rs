@@ -356,7 +356,14 @@ fn decode_undo_head(p: &[u8]) -> Option<(u64, i64, Vec<Piece>, usize)> {
 
 /// An UNDO payload (see the module docs).
 pub(super) fn undo_payload(seq: u64, ms: i64, pieces: &[Piece], data: &[u8]) -> Vec<u8> {
-    let mut p = Vec::with_capacity(20 + pieces.len() * 13 + data.len());
+    let mut p = undo_prefix(seq, ms, pieces, data.len());
+    p.extend_from_slice(data);
+    p
+}
+
+/// An UNDO payload up to its old bytes (seq, time, piece table), with room for `data` more.
+fn undo_prefix(seq: u64, ms: i64, pieces: &[Piece], data: usize) -> Vec<u8> {
+    let mut p = Vec::with_capacity(20 + pieces.len() * 13 + data);
     p.extend_from_slice(&seq.to_le_bytes());
     p.extend_from_slice(&ms.to_le_bytes());
     p.extend_from_slice(&(pieces.len() as u32).to_le_bytes());
@@ -365,7 +372,6 @@ pub(super) fn undo_payload(seq: u64, ms: i64, pieces: &[Piece], data: &[u8]) -> 
         p.extend_from_slice(&piece.len.to_le_bytes());
         p.push(u8::from(piece.zero));
     }
-    p.extend_from_slice(data);
     p
 }
 
@@ -384,9 +390,16 @@ pub(super) fn segment_tmp_path(dir: &Path, no: u64) -> PathBuf {
 }
 
 fn record_crc(segment: u64, head: &[u8], payload: &[u8]) -> u32 {
+    record_crc_parts(segment, head, &[payload])
+}
+
+/// [`record_crc`] of a payload given as consecutive parts.
+fn record_crc_parts(segment: u64, head: &[u8], parts: &[&[u8]]) -> u32 {
     let mut h = crc32fast::Hasher::new_with_initial(segment as u32 ^ (segment >> 32) as u32);
     h.update(head);
-    h.update(payload);
+    for p in parts {
+        h.update(p);
+    }
     h.finalize()
 }
 
@@ -776,6 +789,9 @@ pub struct Journal {
     segments: VecDeque<SegMeta>,
     policy: RetentionPolicy,
     buf: Vec<u8>,
+    /// The old bytes of the UNDO record being built, kept between batches: a fresh
+    /// buffer of up to 4 MiB per batch costs a page fault per 4 KiB on first touch.
+    undo_data: Vec<u8>,
     /// End of the last finished group's COMMIT record in the active segment: what a
     /// failed group is cut back to ([`Self::abort_group`]).
     committed: u64,
@@ -867,6 +883,7 @@ impl Journal {
             segments,
             policy,
             buf: Vec::new(),
+            undo_data: Vec::new(),
             committed,
             warned_reach_seq: 0,
             thinned_through: i64::MIN,
@@ -912,15 +929,41 @@ impl Journal {
     }
 
     fn write_record(&mut self, kind: u8, payload: &[u8]) -> Result<(), JournalError> {
+        self.write_record_parts(kind, payload, &[])
+    }
+
+    /// Appends a record whose payload is `payload` followed by `bulk`: the same bytes as
+    /// [`encode_record`] of the whole, but `bulk` (the old bytes of an UNDO record, up to
+    /// 4 MiB) goes to the file as it is instead of being copied into the record first.
+    /// Not atomic either way: a record cut short by a failure or a crash is a torn tail,
+    /// which the CRC catches and the next open (or `abort_group`) truncates.
+    fn write_record_parts(
+        &mut self,
+        kind: u8,
+        payload: &[u8],
+        bulk: &[u8],
+    ) -> Result<(), JournalError> {
         let no = self.active_meta().no;
+        let len = payload.len() + bulk.len();
+        let mut head = [0u8; 8];
+        head[0] = kind;
+        head[4..8].copy_from_slice(&(len as u32).to_le_bytes());
         self.buf.clear();
-        encode_record(no, kind, payload, &mut self.buf);
+        self.buf.extend_from_slice(&head);
+        self.buf
+            .extend_from_slice(&record_crc_parts(no, &head, &[payload, bulk]).to_le_bytes());
+        self.buf.extend_from_slice(payload);
         let at = self.active_meta().len;
         let path = segment_path(&self.dir, no);
         self.active
             .write_all_at(&self.buf, at)
             .map_err(io_err("write", &path))?;
-        self.active_meta().len += self.buf.len() as u64;
+        if !bulk.is_empty() {
+            self.active
+                .write_all_at(bulk, at + self.buf.len() as u64)
+                .map_err(io_err("write", &path))?;
+        }
+        self.active_meta().len += (self.buf.len() + bulk.len()) as u64;
         Ok(())
     }
 
@@ -934,19 +977,22 @@ impl Journal {
         mut read: impl FnMut(u64, &mut [u8]) -> io::Result<()>,
     ) -> Result<u64, JournalError> {
         let mut pieces: Vec<Piece> = Vec::new();
-        let mut data: Vec<u8> = Vec::new();
+        let mut data = std::mem::take(&mut self.undo_data);
+        data.clear();
         let mut total = 0u64;
-        let mut piece = vec![0u8; UNDO_PIECE];
         for (offset, len) in extents {
             let mut at = offset;
             let end = offset + len;
             while at < end {
                 let n = ((end - at) as usize).min(UNDO_PIECE);
-                let old = &mut piece[..n];
-                read(at, old).map_err(JournalError::ReadTarget)?;
-                let zero = is_zero(old);
-                if !zero {
-                    data.extend_from_slice(old);
+                // Read straight into the record's data (one copy from the target); an
+                // all-zero piece is taken back out.
+                let start = data.len();
+                data.resize(start + n, 0);
+                read(at, &mut data[start..]).map_err(JournalError::ReadTarget)?;
+                let zero = is_zero(&data[start..]);
+                if zero {
+                    data.truncate(start);
                 }
                 pieces.push(Piece {
                     offset: at,
@@ -965,6 +1011,7 @@ impl Journal {
         if !pieces.is_empty() {
             self.undo_record(seq, batch_unix_ms, &pieces, &data)?;
         }
+        self.undo_data = data;
         Ok(total)
     }
 
@@ -975,7 +1022,7 @@ impl Journal {
         pieces: &[Piece],
         data: &[u8],
     ) -> Result<(), JournalError> {
-        self.write_record(KIND_UNDO, &undo_payload(seq, ms, pieces, data))
+        self.write_record_parts(KIND_UNDO, &undo_prefix(seq, ms, pieces, 0), data)
     }
 
     /// Makes every record appended so far durable. An error is fatal (never retried).

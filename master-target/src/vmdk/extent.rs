@@ -16,7 +16,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::VmdkError;
-use super::flat::FlatExtent;
+use super::flat::{DataIo, FlatExtent};
 use super::sparse::{SparseExtent, SparseReader};
 use super::two_gb_flat::{SplitFlat, SplitReader};
 use crate::retention::journal::UndoTarget;
@@ -122,30 +122,38 @@ impl Extent {
     /// Reads the current bytes at `offset` (the caller keeps the range inside the disk).
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), VmdkError> {
         match self {
-            Extent::Flat(f) => {
-                buf.copy_from_slice(f.read(offset, buf.len()));
-                Ok(())
-            }
+            Extent::Flat(f) => Ok(f.read_into(offset, buf)?),
             Extent::Sparse(s) => Ok(s.read_at(offset, buf)?),
-            Extent::Split(s) => {
-                s.read(offset, buf);
-                Ok(())
-            }
+            Extent::Split(s) => Ok(s.read(offset, buf)?),
         }
     }
 
     /// Writes `data` at `offset` (not durable until [`Self::sync`]).
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), VmdkError> {
         match self {
-            Extent::Flat(f) => {
-                f.write(offset, data);
-                Ok(())
-            }
+            Extent::Flat(f) => Ok(f.write(offset, data)?),
             Extent::Sparse(s) => Ok(s.write(offset, data)?),
-            Extent::Split(s) => {
-                s.write(offset, data);
-                Ok(())
-            }
+            Extent::Split(s) => Ok(s.write(offset, data)?),
+        }
+    }
+
+    /// Selects how a flat layout's data is written ([`DataIo`]); a monolithicSparse disk
+    /// always uses pwrite (its grains are appended and its tables updated with pwrite
+    /// already), so the setting does not apply to it.
+    pub fn set_data_io(&mut self, io: DataIo) -> Result<(), VmdkError> {
+        match self {
+            Extent::Flat(f) => Ok(f.set_data_io(io)?),
+            Extent::Sparse(_) => Ok(()),
+            Extent::Split(s) => Ok(s.set_data_io(io)?),
+        }
+    }
+
+    /// How the data is written: `None` for a sparse disk (always pwrite).
+    pub fn data_io(&self) -> Option<DataIo> {
+        match self {
+            Extent::Flat(f) => Some(f.data_io()),
+            Extent::Sparse(_) => None,
+            Extent::Split(s) => Some(s.data_io()),
         }
     }
 

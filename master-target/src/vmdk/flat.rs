@@ -1,18 +1,30 @@
-//! A flat extent (`NAME-flat.vmdk`): raw disk bytes, written through a shared memory map.
+//! A flat extent (`NAME-flat.vmdk`): raw disk bytes, written either through a shared memory
+//! map (the default, [`DataIo::Mmap`]) or with `pwrite`/`pread` on the file
+//! ([`DataIo::Pwrite`], `master-target serve --data-io pwrite`).
 //!
 //! Invariants while a [`FlatExtent`] exists (PITFALLS.md §3, VMDK-NOTES.md (g)):
 //! * the file holds an exclusive `flock`, so no cooperating process maps or truncates it;
 //! * its length was checked to be at least the mapped capacity before mapping, and every
 //!   byte of the mapped range is allocated (`fallocate`), so a store through the map can
 //!   neither touch a page beyond EOF nor fill a hole on a full filesystem: both would be a
-//!   SIGBUS, not an error;
+//!   SIGBUS, not an error. In pwrite mode there is no map at all: a full filesystem or a
+//!   file truncated underneath gives an ordinary `ENOSPC`/short read, reported as an error;
 //! * zero-fill never punches holes (`FALLOC_FL_ZERO_RANGE` keeps the blocks allocated);
-//! * nothing written is durable until [`FlatExtent::sync`] returns: it msyncs the dirty span
-//!   (an fdatasync of that range) and, if zero ranges changed extent metadata, fdatasyncs.
-
+//! * nothing written is durable until [`FlatExtent::sync`] returns: in mmap mode it msyncs
+//!   the dirty span (an fdatasync of that range) and, if zero ranges changed extent
+//!   metadata, fdatasyncs; in pwrite mode it fdatasyncs once. Either way the applier calls
+//!   it after the undo records are durable and before the commit record is written, so the
+//!   commit order is the same for both modes.
+//!
+//! Why two modes: a store into a mapped page that was synced (clean, write-protected) takes
+//! a write fault (`page_mkwrite`) per 4 KiB page, and a store into a page not cached makes
+//! the kernel read (or, on a never-written extent, zero) the page first; `pwrite` of whole
+//! pages does neither, with one system call per write. (Prefaulting the map with
+//! `madvise(MADV_POPULATE_WRITE)` was tried and cost more CPU per GiB in `bench apply`.)
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use memmap2::MmapMut;
@@ -22,6 +34,39 @@ use crate::storage::sync_failed;
 /// Zero ranges smaller than this are memset: a syscall costs more than the stores.
 const ZERO_RANGE_MIN: u64 = 64 * 1024;
 const PAGE: u64 = 4096;
+/// Zeros for pwrite-mode zero-fill of the unaligned edges (and of ranges where the
+/// filesystem lacks `FALLOC_FL_ZERO_RANGE`).
+static ZEROS: [u8; ZERO_RANGE_MIN as usize] = [0; ZERO_RANGE_MIN as usize];
+
+/// How a flat extent's data is written and read (`master-target serve --data-io`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum DataIo {
+    /// Stores through a shared memory map, made durable by msync of the dirty span.
+    #[default]
+    Mmap,
+    /// `pwrite`/`pread` on the file, made durable by fdatasync; nothing is mapped.
+    Pwrite,
+}
+
+impl DataIo {
+    pub fn name(self) -> &'static str {
+        match self {
+            DataIo::Mmap => "mmap",
+            DataIo::Pwrite => "pwrite",
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum FlatError {
@@ -59,12 +104,14 @@ impl FlatError {
     }
 }
 
-/// An open, locked, fully allocated and mapped flat extent.
+/// An open, locked, fully allocated flat extent, mapped in mmap mode.
 pub struct FlatExtent {
     path: PathBuf,
     file: File,
-    map: MmapMut,
-    /// Byte span written through the map since the last sync: [start, end).
+    capacity: u64,
+    /// The map in [`DataIo::Mmap`] mode; `None` in pwrite mode.
+    map: Option<MmapMut>,
+    /// Byte span written (through the map or with pwrite) since the last sync: [start, end).
     dirty: Option<(u64, u64)>,
     /// Whether a `FALLOC_FL_ZERO_RANGE` ran since the last sync (extent metadata changed).
     metadata_dirty: bool,
@@ -74,9 +121,10 @@ impl std::fmt::Debug for FlatExtent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "FlatExtent({}, {} bytes)",
+            "FlatExtent({}, {} bytes, {})",
             self.path.display(),
-            self.map.len()
+            self.capacity,
+            self.data_io().name()
         )
     }
 }
@@ -184,7 +232,8 @@ impl FlatExtent {
         Ok(FlatExtent {
             path,
             file,
-            map,
+            capacity,
+            map: Some(map),
             dirty: None,
             metadata_dirty: false,
         })
@@ -195,7 +244,55 @@ impl FlatExtent {
     }
 
     pub fn capacity(&self) -> u64 {
-        self.map.len() as u64
+        self.capacity
+    }
+
+    pub fn data_io(&self) -> DataIo {
+        if self.map.is_some() {
+            DataIo::Mmap
+        } else {
+            DataIo::Pwrite
+        }
+    }
+
+    /// Switches how the data is written. Whatever is pending is synced first, so that
+    /// each mode's [`Self::sync`] only has its own writes to make durable.
+    pub fn set_data_io(&mut self, io: DataIo) -> Result<(), FlatError> {
+        if io == self.data_io() {
+            return Ok(());
+        }
+        self.sync()?;
+        match io {
+            DataIo::Pwrite => self.map = None,
+            DataIo::Mmap => {
+                // The file stayed locked and allocated; check its length again before
+                // mapping anyway, as `open` does (a map past EOF would SIGBUS).
+                let actual = self
+                    .file
+                    .metadata()
+                    .map_err(|e| FlatError::io("stat", &self.path, e))?
+                    .len();
+                if actual != self.capacity {
+                    return Err(FlatError::WrongSize {
+                        path: self.path.clone(),
+                        expected: self.capacity,
+                        actual,
+                    });
+                }
+                let len = usize::try_from(self.capacity).map_err(|_| {
+                    FlatError::io(
+                        "map",
+                        &self.path,
+                        io::Error::from(io::ErrorKind::InvalidInput),
+                    )
+                })?;
+                // SAFETY: as in `map`: locked, length checked, every byte allocated.
+                let map = unsafe { memmap2::MmapOptions::new().len(len).map_mut(&self.file) }
+                    .map_err(|e| FlatError::io("mmap", &self.path, e))?;
+                self.map = Some(map);
+            }
+        }
+        Ok(())
     }
 
     fn mark(&mut self, start: u64, end: u64) {
@@ -206,17 +303,76 @@ impl FlatExtent {
     }
 
     /// Copies `data` to `offset`. The caller guarantees the range is inside the disk
-    /// (`protocol::batch::check` did); out of range panics rather than corrupting memory.
-    pub fn write(&mut self, offset: u64, data: &[u8]) {
-        let at = offset as usize;
-        self.map[at..at + data.len()].copy_from_slice(data);
-        self.mark(offset, offset + data.len() as u64);
+    /// (`protocol::batch::check` did); out of range panics rather than corrupting memory
+    /// (or, in pwrite mode, growing the file).
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), FlatError> {
+        let end = offset + data.len() as u64;
+        assert!(end <= self.capacity, "write beyond the extent");
+        match &mut self.map {
+            Some(map) => {
+                let at = offset as usize;
+                map[at..at + data.len()].copy_from_slice(data);
+            }
+            None => self
+                .file
+                .write_all_at(data, offset)
+                .map_err(|e| FlatError::io("pwrite", &self.path, e))?,
+        }
+        self.mark(offset, end);
+        Ok(())
     }
 
-    /// The current bytes of `[offset, offset + len)` (as mapped: what the disk holds once
-    /// synced). The caller guarantees the range is inside the disk.
-    pub fn read(&self, offset: u64, len: usize) -> &[u8] {
-        &self.map[offset as usize..offset as usize + len]
+    /// Fills `buf` with the current bytes at `offset` (what the disk holds once synced).
+    /// The caller guarantees the range is inside the disk.
+    ///
+    /// A range the filesystem reports as a hole is filled with zeros without being read:
+    /// on a fallocated, never-written extent (a new disk), reading would make the kernel
+    /// allocate and zero a page-cache page per 4 KiB just to read zeros, which was most of
+    /// the CPU of a full sync onto a new disk (the undo journal reads every old byte).
+    pub fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<(), FlatError> {
+        if self.is_hole(offset, buf.len() as u64) {
+            buf.fill(0);
+            return Ok(());
+        }
+        match &self.map {
+            Some(map) => {
+                buf.copy_from_slice(&map[offset as usize..offset as usize + buf.len()]);
+                Ok(())
+            }
+            // A short read (the file was truncated underneath) is an error here, where
+            // the map would have raised SIGBUS.
+            None => self
+                .file
+                .read_exact_at(buf, offset)
+                .map_err(|e| FlatError::io("pread", &self.path, e)),
+        }
+    }
+
+    /// Whether `[offset, offset + len)` holds no data by `lseek(SEEK_DATA)`: a hole (or an
+    /// unwritten, fallocated extent with no page cached) reads as zeros by definition, and
+    /// the filesystem counts dirty or cached pages (our own unsynced stores) as data.
+    /// `false` whenever it cannot tell (no SEEK_DATA support, any error): then the range
+    /// is simply read. `lseek` moves the file offset, which nothing here uses (all I/O is
+    /// positional or through the map).
+    fn is_hole(&self, offset: u64, len: u64) -> bool {
+        if len == 0 {
+            return false;
+        }
+        let Ok(at) = libc::off_t::try_from(offset) else {
+            return false;
+        };
+        // SAFETY: lseek on a descriptor we own; no memory is passed.
+        let next = unsafe { libc::lseek(self.file.as_raw_fd(), at, libc::SEEK_DATA) };
+        if next < 0 {
+            // ENXIO: no data at or after `offset`, or `offset` is past EOF (a file cut
+            // short underneath): only the first is a hole, the second must fail the read.
+            return io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO)
+                && self
+                    .file
+                    .metadata()
+                    .is_ok_and(|m| m.len() >= offset.saturating_add(len));
+        }
+        next as u64 >= offset.saturating_add(len)
     }
 
     /// Zero-fills `[offset, offset + len)`, keeping the blocks allocated.
@@ -225,8 +381,7 @@ impl FlatExtent {
         let inner_start = offset.next_multiple_of(PAGE);
         let inner_end = end / PAGE * PAGE;
         if len < ZERO_RANGE_MIN || inner_end <= inner_start {
-            self.memset(offset, end);
-            return Ok(());
+            return self.memset(offset, end);
         }
         // SAFETY: fallocate on a valid descriptor over a range inside the file; the kernel
         // drops the page-cache pages of the range, so the map reads the zeros.
@@ -245,33 +400,54 @@ impl FlatExtent {
                 Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
             ) {
                 // tmpfs and some others lack ZERO_RANGE: plain stores are equivalent.
-                self.memset(offset, end);
-                return Ok(());
+                return self.memset(offset, end);
             }
             return Err(FlatError::io("fallocate(ZERO_RANGE)", &self.path, e));
         }
         self.metadata_dirty = true;
-        self.memset(offset, inner_start);
-        self.memset(inner_end, end);
+        self.memset(offset, inner_start)?;
+        self.memset(inner_end, end)
+    }
+
+    /// Stores zeros over `[start, end)`.
+    fn memset(&mut self, start: u64, end: u64) -> Result<(), FlatError> {
+        if end <= start {
+            return Ok(());
+        }
+        match &mut self.map {
+            Some(map) => map[start as usize..end as usize].fill(0),
+            None => {
+                let mut at = start;
+                while at < end {
+                    let n = (end - at).min(ZEROS.len() as u64);
+                    self.file
+                        .write_all_at(&ZEROS[..n as usize], at)
+                        .map_err(|e| FlatError::io("pwrite", &self.path, e))?;
+                    at += n;
+                }
+            }
+        }
+        self.mark(start, end);
         Ok(())
     }
 
-    fn memset(&mut self, start: u64, end: u64) {
-        if end > start {
-            self.map[start as usize..end as usize].fill(0);
-            self.mark(start, end);
-        }
-    }
-
-    /// Makes every write and zero-fill since the last sync durable: msync of the dirty
-    /// span first (PITFALLS.md §3), then fdatasync if extent metadata changed. An error is
-    /// fatal for the disk: a failed sync cannot be retried (the kernel marks pages clean).
+    /// Makes every write and zero-fill since the last sync durable: in mmap mode msync of
+    /// the dirty span first (PITFALLS.md §3), then fdatasync if extent metadata changed; in
+    /// pwrite mode one fdatasync (it covers both). An error is fatal for the disk: a failed
+    /// sync cannot be retried (the kernel marks pages clean).
     pub fn sync(&mut self) -> Result<(), FlatError> {
-        if let Some((start, end)) = self.dirty.take() {
+        let dirty = self.dirty.take();
+        if let (Some((start, end)), Some(map)) = (dirty, &self.map) {
             let page_start = start / PAGE * PAGE;
-            self.map
-                .flush_range(page_start as usize, (end - page_start) as usize)
+            map.flush_range(page_start as usize, (end - page_start) as usize)
                 .map_err(|e| FlatError::io("msync", &self.path, sync_failed(e)))?;
+        } else if dirty.is_some() {
+            // pwrite mode: the written pages are ordinary dirty page-cache pages.
+            self.metadata_dirty = false;
+            return self
+                .file
+                .sync_data()
+                .map_err(|e| FlatError::io("fdatasync", &self.path, sync_failed(e)));
         }
         if std::mem::take(&mut self.metadata_dirty) {
             self.file
@@ -291,7 +467,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("d-flat.vmdk");
         let mut f = FlatExtent::create(&p, 1 << 20).unwrap();
-        f.write(4096, b"hello");
+        f.write(4096, b"hello").unwrap();
         f.zero(0, 512).unwrap();
         f.zero(8192, 512 * 1024).unwrap();
         f.sync().unwrap();
@@ -309,7 +485,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("z-flat.vmdk");
         let mut f = FlatExtent::create(&p, 1 << 20).unwrap();
-        f.write(0, &[0xff; 1 << 20]);
+        f.write(0, &[0xff; 1 << 20]).unwrap();
         f.sync().unwrap();
         let blocks = std::fs::metadata(&p).unwrap().blocks();
         f.zero(1000, 300_000).unwrap();
@@ -325,6 +501,75 @@ mod tests {
             blocks,
             "no hole punched"
         );
+    }
+
+    /// Reads see every store at once, synced or not, in both modes and across a switch:
+    /// the hole shortcut of `read_into` must never hide an unsynced write.
+    #[test]
+    fn reads_see_unsynced_stores_holes_read_as_zeros_in_both_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        for io in [DataIo::Mmap, DataIo::Pwrite] {
+            let p = dir.path().join(format!("{}-flat.vmdk", io.name()));
+            let mut f = FlatExtent::create(&p, 4 << 20).unwrap();
+            f.set_data_io(io).unwrap();
+            assert_eq!(f.data_io(), io);
+            let mut buf = vec![0xeeu8; 256 << 10];
+            f.read_into(1 << 20, &mut buf).unwrap();
+            assert!(buf.iter().all(|&b| b == 0), "a new extent reads zeros");
+            f.write((1 << 20) + 4097, &[7u8; 100_000]).unwrap();
+            f.read_into(1 << 20, &mut buf).unwrap();
+            assert!(buf[..4097].iter().all(|&b| b == 0));
+            assert!(
+                buf[4097..104_097].iter().all(|&b| b == 7),
+                "unsynced store seen"
+            );
+            assert!(buf[104_097..].iter().all(|&b| b == 0));
+            f.sync().unwrap();
+            f.zero(1 << 20, 256 << 10).unwrap();
+            f.read_into(1 << 20, &mut buf).unwrap();
+            assert!(buf.iter().all(|&b| b == 0), "zeroed");
+            f.write(3 << 20, &[9u8; 8192]).unwrap();
+            // Switching syncs what is pending and keeps every byte.
+            let other = match io {
+                DataIo::Mmap => DataIo::Pwrite,
+                DataIo::Pwrite => DataIo::Mmap,
+            };
+            f.set_data_io(other).unwrap();
+            let mut got = [0u8; 8192];
+            f.read_into(3 << 20, &mut got).unwrap();
+            assert_eq!(got, [9u8; 8192]);
+            f.write(2 << 20, &[5u8; 512]).unwrap();
+            f.sync().unwrap();
+            drop(f);
+            let bytes = std::fs::read(&p).unwrap();
+            assert_eq!(bytes[3 << 20], 9);
+            assert_eq!(bytes[2 << 20], 5);
+            assert_eq!(bytes[(1 << 20) + 5000], 0);
+        }
+    }
+
+    /// In pwrite mode a file cut short underneath (by a process ignoring the lock) gives
+    /// an error, where a map would have raised SIGBUS.
+    #[test]
+    fn pwrite_mode_reports_a_truncated_file_as_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t-flat.vmdk");
+        let mut f = FlatExtent::create(&p, 1 << 20).unwrap();
+        f.set_data_io(DataIo::Pwrite).unwrap();
+        f.write(900_000, &[3u8; 4096]).unwrap();
+        f.sync().unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        assert!(f.read_into(900_000, &mut buf).is_err());
+        assert!(matches!(
+            f.set_data_io(DataIo::Mmap),
+            Err(FlatError::WrongSize { .. })
+        ));
     }
 
     #[test]

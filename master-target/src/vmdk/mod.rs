@@ -42,6 +42,7 @@ use sha2::{Digest, Sha256};
 
 use self::descriptor::{CreateType, Descriptor, DescriptorError, ExtentSpec};
 use self::extent::{DataRef, Extent};
+pub use self::flat::DataIo;
 use self::flat::{FlatError, FlatExtent};
 use self::sparse::{SparseError, SparseExtent};
 use self::two_gb_flat::SplitFlat;
@@ -395,6 +396,12 @@ impl Disk {
 
     pub fn capacity(&self) -> u64 {
         self.extent.capacity()
+    }
+
+    /// Selects how the data of a flat layout is written (see [`flat::DataIo`]); call it
+    /// right after opening. A sparse disk always writes with pwrite.
+    pub fn set_data_io(&mut self, io: DataIo) -> Result<(), VmdkError> {
+        self.extent.set_data_io(io)
     }
 
     pub fn extent(&mut self) -> &mut Extent {

@@ -22,7 +22,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::descriptor::ExtentSpec;
-use super::flat::{FlatError, FlatExtent};
+use super::flat::{DataIo, FlatError, FlatExtent};
 
 /// Most bytes of one extent of a disk we create, as VMware and qemu cut them.
 pub const EXTENT_BYTES: u64 = 2 << 30;
@@ -132,19 +132,30 @@ impl SplitFlat {
         self.bounds.capacity()
     }
 
+    /// How the extents' data is written (all alike, set by [`Self::set_data_io`]).
+    pub fn data_io(&self) -> DataIo {
+        self.extents[0].data_io()
+    }
+
+    /// How the extents' data is written (all alike).
+    pub fn set_data_io(&mut self, io: DataIo) -> Result<(), FlatError> {
+        self.extents.iter_mut().try_for_each(|e| e.set_data_io(io))
+    }
+
     /// Copies `data` to `offset` (inside the disk), across extent boundaries.
-    pub fn write(&mut self, offset: u64, data: &[u8]) {
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), FlatError> {
         for (i, at, r) in self.bounds.pieces(offset, data.len() as u64) {
-            self.extents[i].write(at, &data[r]);
+            self.extents[i].write(at, &data[r])?;
         }
+        Ok(())
     }
 
     /// Fills `buf` with the current bytes at `offset` (inside the disk).
-    pub fn read(&self, offset: u64, buf: &mut [u8]) {
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), FlatError> {
         for (i, at, r) in self.bounds.pieces(offset, buf.len() as u64) {
-            let n = r.len();
-            buf[r].copy_from_slice(self.extents[i].read(at, n));
+            self.extents[i].read_into(at, &mut buf[r])?;
         }
+        Ok(())
     }
 
     /// Zero-fills `[offset, offset + len)`, keeping the blocks allocated.
@@ -250,13 +261,17 @@ mod tests {
         /// reopen, and each extent file holds its slice of the plain file.
         #[test]
         fn random_writes_across_extents_read_back_like_a_plain_file(
-            ops in prop::collection::vec((0u64..(3 << 20) - 1, 1u64..700_000, any::<u8>(), any::<bool>()), 1..24)
+            ops in prop::collection::vec((0u64..(3 << 20) - 1, 1u64..700_000, any::<u8>(), any::<bool>()), 1..24),
+            pwrite in any::<bool>(),
         ) {
             let extent = 1u64 << 20;
             let cap = 3 * extent - 64 * 1024;
             let dir = tempfile::tempdir().unwrap();
             let specs = layout("p", cap, extent);
             let mut e = SplitFlat::create(dir.path(), &specs).unwrap();
+            if pwrite {
+                e.set_data_io(DataIo::Pwrite).unwrap();
+            }
             let mut plain = vec![0u8; cap as usize];
             for (off, len, v, zero) in ops {
                 let off = off.min(cap - 1);
@@ -266,12 +281,12 @@ mod tests {
                     e.zero(off, len).unwrap();
                     r.fill(0);
                 } else {
-                    e.write(off, &vec![v; len as usize]);
+                    e.write(off, &vec![v; len as usize]).unwrap();
                     r.fill(v);
                 }
             }
             let mut got = vec![0u8; cap as usize];
-            e.read(0, &mut got);
+            e.read(0, &mut got).unwrap();
             prop_assert!(got == plain);
             e.sync().unwrap();
             let files = e.files();

@@ -66,12 +66,22 @@ pub fn start_logged(
     dir: &Path,
     env: &[(&str, String)],
 ) -> (Child, String, std::thread::JoinHandle<Vec<String>>) {
-    blocking(|| start_logged_blocking(dir, env))
+    start_logged_with(dir, env, &[])
+}
+
+/// Like [`start_logged`], with more `serve` flags.
+pub fn start_logged_with(
+    dir: &Path,
+    env: &[(&str, String)],
+    flags: &[&str],
+) -> (Child, String, std::thread::JoinHandle<Vec<String>>) {
+    blocking(|| start_logged_blocking(dir, env, flags))
 }
 
 fn start_logged_blocking(
     dir: &Path,
     env: &[(&str, String)],
+    flags: &[&str],
 ) -> (Child, String, std::thread::JoinHandle<Vec<String>>) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_master-target"));
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--datastore"])
@@ -80,6 +90,7 @@ fn start_logged_blocking(
         .arg(dir.join("ret"))
         .arg("--passphrase-file")
         .arg(dir.join("pass"))
+        .args(flags)
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
