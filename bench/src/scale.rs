@@ -7,7 +7,9 @@
 //! Reported: the total MB/s (all data / time until the last stream completed), each agent's
 //! MB/s (its data / its own time from the common start), their min, median, max and max/min
 //! (issue target: equal agents within 20 %, i.e. max/min <= 1.2), and the peak resident set
-//! (`VmHWM`) of the process server and of the master target. Every target disk is then
+//! (`VmHWM`) of the process server and of the master target, the process server's next to
+//! its configured memory budget and to what its configuration bounds the batches it holds
+//! at (budget + agents x (stream window + largest message)). Every target disk is then
 //! compared with its source byte for byte; any difference fails the run.
 
 use std::fs;
@@ -47,11 +49,17 @@ pub struct ScaleArgs {
     #[arg(long, default_value_t = 900)]
     pub timeout_secs: u64,
     /// HTTP/2 stream window the process server grants each agent stream (its
-    /// `--h2-stream-window`): with the append-queue budget, what bounds its memory.
-    /// Default: the process server's own (32M).
+    /// `--h2-stream-window`): unread data each stream may add to its memory budget.
+    /// Default: the process server's own (1M).
     #[arg(long, value_parser = protocol::cli::parse_size)]
     pub ps_stream_window: Option<u64>,
+    /// The process server's `--memory-budget` (batches held for ingest plus the forward
+    /// window). Default: the process server's own (256M).
+    #[arg(long, value_parser = protocol::cli::parse_size)]
+    pub ps_memory_budget: Option<u64>,
 }
+
+const MIB: f64 = (1 << 20) as f64;
 
 /// Min, median and max of the agents' MB/s.
 #[derive(Debug, Clone, Serialize)]
@@ -70,8 +78,10 @@ pub struct ScaleReport {
     pub agents: usize,
     pub per_agent_bytes: u64,
     pub batch_bytes: u64,
-    /// The process server's `--h2-stream-window`, when set.
-    pub ps_stream_window: Option<u64>,
+    /// The process server's `--h2-stream-window` (its default when not set).
+    pub ps_stream_window: u64,
+    /// The process server's `--memory-budget` (its default when not set).
+    pub ps_memory_budget: u64,
     /// Until the last agent completed.
     pub seconds: f64,
     pub total_mb_per_sec: f64,
@@ -79,6 +89,13 @@ pub struct ScaleReport {
     /// Each agent's time from the common start to its completion, in agent order.
     pub per_agent_seconds: Vec<f64>,
     pub process_server_peak_rss_bytes: u64,
+    /// The process server's peak RSS once every stream was open, before the push.
+    pub process_server_rss_before_push_bytes: u64,
+    /// What the configuration bounds the batch bytes the process server holds at: the
+    /// memory budget, plus per agent stream its HTTP/2 stream window (unread) and two
+    /// messages (one read and waiting for budget, the next partly read behind it; the
+    /// largest the bench sends), plus the cache writer's group buffer.
+    pub process_server_held_bound_bytes: u64,
     pub master_target_peak_rss_bytes: u64,
     /// CPU seconds (user + system) during the push.
     pub process_server_cpu_secs: f64,
@@ -121,9 +138,28 @@ pub fn run(args: &ScaleArgs, exe: &Path) -> Result<ScaleReport> {
         .collect::<Result<Vec<_>>>()?;
     let rt = tokio::runtime::Runtime::new()?;
     let mut cluster = Cluster::new(exe, &dir.join("cluster"))?;
-    if let Some(w) = args.ps_stream_window {
-        cluster.process_server_flags = vec!["--h2-stream-window".into(), w.to_string()];
-    }
+    let window = args
+        .ps_stream_window
+        .unwrap_or(process_server::cli::DEFAULT_AGENT_STREAM_WINDOW);
+    let budget = args
+        .ps_memory_budget
+        .unwrap_or(process_server::cli::DEFAULT_MEMORY_BUDGET);
+    cluster.process_server_flags = vec![
+        "--h2-stream-window".into(),
+        window.to_string(),
+        "--memory-budget".into(),
+        budget.to_string(),
+    ];
+    // A gRPC message is the encoded batch behind a 5-byte header.
+    let largest = batches
+        .iter()
+        .flatten()
+        .map(|b| process_server::cache::Payload::batch(b.clone()).len() as u64 + 5)
+        .max()
+        .unwrap_or(0);
+    let held_bound = budget
+        + args.agents as u64 * (window + 2 * largest)
+        + process_server::cache::log::MAX_GROUP_BYTES as u64;
     let outcome = push_and_verify(&rt, args, &mut cluster, &disks, &batches);
     if outcome.is_err() {
         // Keep the files and logs the error points at.
@@ -131,7 +167,7 @@ pub fn run(args: &ScaleArgs, exe: &Path) -> Result<ScaleReport> {
             let _ = t.keep();
         }
     }
-    let (times, ps, mt) = outcome?;
+    let (times, ps_before, ps, mt) = outcome?;
     let verified = disks.len();
     let seconds: Vec<f64> = times.iter().map(Duration::as_secs_f64).collect();
     let rates: Vec<f64> = seconds
@@ -155,7 +191,8 @@ pub fn run(args: &ScaleArgs, exe: &Path) -> Result<ScaleReport> {
         agents: args.agents,
         per_agent_bytes: args.per_agent,
         batch_bytes: args.batch_size,
-        ps_stream_window: args.ps_stream_window,
+        ps_stream_window: window,
+        ps_memory_budget: budget,
         seconds: last,
         total_mb_per_sec: (args.agents as u64 * args.per_agent) as f64 / 1e6 / last,
         target: Target::check(
@@ -167,6 +204,8 @@ pub fn run(args: &ScaleArgs, exe: &Path) -> Result<ScaleReport> {
         per_agent_mb_per_sec: spread,
         per_agent_seconds: seconds,
         process_server_peak_rss_bytes: ps.peak_rss_bytes,
+        process_server_rss_before_push_bytes: ps_before.peak_rss_bytes,
+        process_server_held_bound_bytes: held_bound,
         master_target_peak_rss_bytes: mt.peak_rss_bytes,
         process_server_cpu_secs: ps.cpu_secs,
         master_target_cpu_secs: mt.cpu_secs,
@@ -188,10 +227,19 @@ pub fn run(args: &ScaleArgs, exe: &Path) -> Result<ScaleReport> {
     );
     println!(
         "  peak RSS: process server {:.1} MiB, master target {:.1} MiB; CPU s: process server {:.1}, master target {:.1}",
-        report.process_server_peak_rss_bytes as f64 / (1 << 20) as f64,
-        report.master_target_peak_rss_bytes as f64 / (1 << 20) as f64,
+        report.process_server_peak_rss_bytes as f64 / MIB,
+        report.master_target_peak_rss_bytes as f64 / MIB,
         report.process_server_cpu_secs,
         report.master_target_cpu_secs
+    );
+    println!(
+        "  process server memory: budget {:.0} MiB, stream window {:.1} MiB; batches held <= {:.0} MiB (budget + {} x (window + 2 messages) + writer buffer); peak RSS {:.1} MiB, {:.1} MiB before the push",
+        report.ps_memory_budget as f64 / MIB,
+        report.ps_stream_window as f64 / MIB,
+        report.process_server_held_bound_bytes as f64 / MIB,
+        report.agents,
+        report.process_server_peak_rss_bytes as f64 / MIB,
+        report.process_server_rss_before_push_bytes as f64 / MIB
     );
     println!("  verified {verified} disks byte for byte");
     println!("target (reported, not asserted):\n{}", report.target.line());
@@ -200,15 +248,15 @@ pub fn run(args: &ScaleArgs, exe: &Path) -> Result<ScaleReport> {
 }
 
 /// Starts the cluster, pushes every agent's pass, stops the cluster and compares every
-/// target disk with its source; returns each agent's time and the process server's and
-/// master target's usage during the push.
+/// target disk with its source; returns each agent's time, the process server's usage
+/// before the push, and the process server's and master target's usage during it.
 fn push_and_verify(
     rt: &tokio::runtime::Runtime,
     args: &ScaleArgs,
     cluster: &mut Cluster,
     disks: &[streams::Disk],
     batches: &[Vec<protocol::pb::Batch>],
-) -> Result<(Vec<Duration>, usage::Usage, usage::Usage)> {
+) -> Result<(Vec<Duration>, usage::Usage, usage::Usage, usage::Usage)> {
     cluster.start().with_context(|| cluster.log_tails())?;
     let ready = rt
         .block_on(streams::open_all(cluster, disks, batches, true))
@@ -239,5 +287,5 @@ fn push_and_verify(
         verify::files_equal(&cluster.flat_path(&d.name), &d.source)
             .with_context(|| format!("verifying disk {} ({})", d.disk_id, cluster.dir.display()))?;
     }
-    Ok((times, ps_used, mt_used))
+    Ok((times, ps_before, ps_used, mt_used))
 }

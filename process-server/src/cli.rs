@@ -13,6 +13,7 @@ use protocol::auth::ClientAuth;
 use protocol::cli::{LogFormat, SecurityArgs, Size, WanArgs, WatchArgs, parse_size};
 use serde::{Deserialize, Serialize};
 
+use crate::budget::MIN_INGEST;
 use crate::cache::CacheConfig;
 use crate::fair::MAX_WEIGHT;
 use crate::forward::ForwardConfig;
@@ -27,6 +28,14 @@ pub const DEFAULT_HIGH_WATER: u8 = 80;
 pub const DEFAULT_CONNECTIONS: usize = 4;
 /// Default bytes in flight to the master target.
 pub const DEFAULT_FORWARD_WINDOW: u64 = 64 << 20;
+/// Default memory budget for batches (ingest and the forward window together): the ingest
+/// part (192M) covers far more than one group commit at disk speed.
+pub const DEFAULT_MEMORY_BUDGET: u64 = 256 << 20;
+/// Default HTTP/2 stream window granted to each agent stream. Agents reach the process
+/// server over a LAN: 1 MiB per stream is 1 GB/s at 1 ms RTT, and every stream may hold this
+/// much unread data beyond the memory budget, so it is kept far below the 32M of the WAN hop
+/// (200 agents x 1 MiB = 200 MiB; x 32 MiB would be 6.4 GiB).
+pub const DEFAULT_AGENT_STREAM_WINDOW: u64 = 1 << 20;
 /// Default size of a cache segment.
 pub const DEFAULT_SEGMENT_SIZE: u64 = 64 << 20;
 /// Bounds of the segment size: a segment holds at least a few batches, and is preallocated
@@ -53,6 +62,11 @@ pub enum Command {
 }
 
 #[derive(Args, Debug)]
+// The shared flag's help gives the WAN default; agent streams get a LAN-sized one here.
+#[command(mut_arg("h2_stream_window", |a| a.help(
+    "HTTP/2 stream window granted to each agent stream; it adds to --memory-budget per \
+     connected stream [default: 1M]"
+)))]
 pub struct ServeArgs {
     /// TOML file with the same keys as the flags (`cache_quota = "10G"`); flags win.
     #[arg(long, value_name = "FILE")]
@@ -86,6 +100,12 @@ pub struct ServeArgs {
     /// [default: 64M].
     #[arg(long, value_name = "SIZE", value_parser = size)]
     pub forward_window: Option<Size>,
+    /// Memory for batches: read from agents and not yet durable in the cache, plus the
+    /// forward window; at least forward window + 16M. Agents wait (HTTP/2 backpressure),
+    /// nothing is refused; each agent stream may add its --h2-stream-window of unread data
+    /// [default: 256M].
+    #[arg(long, value_name = "SIZE", value_parser = size)]
+    pub memory_budget: Option<Size>,
     /// Size at which a cache segment is sealed and a new one started, 1M-1G; each is
     /// preallocated whole [default: 64M].
     #[arg(long, value_name = "SIZE", value_parser = size)]
@@ -163,6 +183,7 @@ pub struct ServeConfig {
     pub high_water: Option<u8>,
     pub connections: Option<u16>,
     pub forward_window: Option<Size>,
+    pub memory_budget: Option<Size>,
     pub segment_size: Option<Size>,
     pub bandwidth_mbit: Option<u64>,
     pub bandwidth_schedule: Option<String>,
@@ -191,6 +212,7 @@ pub struct Effective {
     pub high_water: u8,
     pub connections: u16,
     pub forward_window: Size,
+    pub memory_budget: Size,
     pub segment_size: Size,
     pub bandwidth_mbit: u64,
     #[serde(
@@ -258,13 +280,14 @@ impl ServeArgs {
             tls_ca: file.tls_ca,
             tls_client_ca: file.tls_client_ca,
         });
-        let tuning = self
-            .wan
-            .or(WanArgs {
-                h2_stream_window: file.h2_stream_window.map(|s| s.0),
-                h2_connection_window: file.h2_connection_window.map(|s| s.0),
-            })
-            .tuning();
+        let mut wan = self.wan.or(WanArgs {
+            h2_stream_window: file.h2_stream_window.map(|s| s.0),
+            h2_connection_window: file.h2_connection_window.map(|s| s.0),
+        });
+        // Agent streams get a LAN-sized window unless told otherwise (it adds to memory).
+        wan.h2_stream_window
+            .get_or_insert(DEFAULT_AGENT_STREAM_WINDOW);
+        let tuning = wan.tuning();
         let Some(listen) = self.listen.or(file.listen) else {
             bail!("--listen HOST:PORT is required (flag or config key `listen`)");
         };
@@ -306,6 +329,10 @@ impl ServeArgs {
                 .forward_window
                 .or(file.forward_window)
                 .unwrap_or(Size(DEFAULT_FORWARD_WINDOW)),
+            memory_budget: self
+                .memory_budget
+                .or(file.memory_budget)
+                .unwrap_or(Size(DEFAULT_MEMORY_BUDGET)),
             segment_size: self
                 .segment_size
                 .or(file.segment_size)
@@ -348,6 +375,13 @@ impl Effective {
         }
         if self.forward_window.0 == 0 {
             bail!("forward_window must be at least 1 byte");
+        }
+        let least = self.forward_window.0.saturating_add(MIN_INGEST);
+        if self.memory_budget.0 < least {
+            bail!(
+                "memory_budget must be at least forward_window + 16M = {least} bytes, not {}",
+                self.memory_budget.0
+            );
         }
         if let Some((id, w)) = self
             .priorities
@@ -394,6 +428,7 @@ impl Effective {
                 quota: self.cache_quota.0,
                 high_water_percent: self.high_water,
             },
+            memory_budget: self.memory_budget.0,
             forward: ForwardConfig {
                 url: self.master_target,
                 tuning: tuning.clone(),
@@ -497,6 +532,7 @@ mod tests {
         for line in [
             "cache_quota = \"200G\"",
             "segment_size = \"64M\"",
+            "memory_budget = \"256M\"",
             "high_water = 80",
             "connections = 4",
             "h2_stream_window = \"8M\"",
@@ -524,6 +560,25 @@ mod tests {
     }
 
     #[test]
+    fn agent_streams_get_a_lan_window_and_the_memory_budget_defaults() {
+        let e = effective(&["--listen=a:1", "--cache=/c", "--master-target=http://m:1"]).unwrap();
+        assert_eq!(e.h2_stream_window.0, DEFAULT_AGENT_STREAM_WINDOW);
+        assert_eq!(e.memory_budget.0, DEFAULT_MEMORY_BUDGET);
+        // The help says so, not the WAN default of the shared flag.
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        let help = cmd
+            .find_subcommand_mut("serve")
+            .unwrap()
+            .render_help()
+            .to_string();
+        assert!(
+            help.contains("agent stream; it adds to --memory-budget"),
+            "{help}"
+        );
+        assert!(!help.contains("[default: 32M]"), "{help}");
+    }
+
+    #[test]
     fn config_values_out_of_bounds_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("ps.toml");
@@ -534,6 +589,7 @@ mod tests {
             ("segment_size = \"64K\"", "segment_size"),
             ("segment_size = \"2G\"", "segment_size"),
             ("forward_window = 0", "forward_window"),
+            ("memory_budget = \"64M\"", "memory_budget"),
             ("bandwidth_mbit = 1000001", "bandwidth_mbit"),
             ("[priorities]\nd = 0", "priority of disk d"),
             ("[priorities]\nd = 101", "priority of disk d"),

@@ -5,6 +5,11 @@
 //! its own tasks. A batch is acknowledged only once its disk's `cached` seq covers it, i.e.
 //! after the group commit's fdatasync (`crate::disks`).
 //!
+//! A batch read off a stream holds its share of the ingest memory budget (`crate::budget`)
+//! until its record is durable; while the budget is spent the reader waits for a share
+//! before it reads on (so HTTP/2 flow control holds the agent back), and waiting streams are
+//! served least-served first: equal agents get equal shares of the cache writer.
+//!
 //! While the cache is above its high-water mark (or the volume is full) the reader tells the
 //! agent `pause { paused: true, reason }` and stops reading; nothing is refused or dropped.
 //!
@@ -14,8 +19,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use prost::Message;
 use protocol::disk::check_disk_info;
 use protocol::error::{Code, Refusal};
 use protocol::limits::{HELLO_TIMEOUT, MAX_DISKS_PER_HELLO};
@@ -26,6 +29,8 @@ use protocol::pb::{
 use tokio::sync::mpsc;
 use tonic::Streaming;
 
+use crate::budget::Lane;
+use crate::cache::{Payload, segment};
 use crate::disks::Reserve;
 use crate::server::Ctx;
 
@@ -279,6 +284,8 @@ async fn read_loop(
     let mut fatal = ctx.cache.flow().fatal();
     // Wakes the reader while it waits for the agent, so a pause is announced at once.
     let mut pause = ctx.cache.flow().pause();
+    // This stream's service from the memory budget, for its fair order.
+    let mut lane = Lane::default();
     loop {
         // Marks the value seen, so that `fatal.changed()` below wakes only on a failure.
         fatal.borrow_and_update();
@@ -301,7 +308,11 @@ async fn read_loop(
             }
         };
         match body {
-            Some(agent_message::Body::Batch(b)) => on_batch(ctx, out, declared, tokens, b).await?,
+            Some(agent_message::Body::Batch(b)) => {
+                if !on_batch(ctx, out, declared, tokens, &mut lane, b).await? {
+                    return Ok(());
+                }
+            }
             Some(agent_message::Body::Heartbeat(_)) => {
                 for id in declared.keys() {
                     ctx.disks.heard(id);
@@ -317,13 +328,15 @@ async fn read_loop(
     }
 }
 
+/// Checks and caches one batch; `Ok(false)` when shutdown began while it waited for budget.
 async fn on_batch(
     ctx: &Arc<Ctx>,
     out: &Out,
     declared: &HashMap<String, u64>,
     tokens: &HashMap<String, u64>,
+    lane: &mut Lane,
     b: Batch,
-) -> Result<(), Refusal> {
+) -> Result<bool, Refusal> {
     let id = b.disk_id.clone();
     let Some(&capacity) = declared.get(&id) else {
         return Err(Refusal::for_disk(
@@ -341,12 +354,20 @@ async fn on_batch(
     if b.seq <= state.appended {
         // A harmless duplicate: drop it and repeat where we stand.
         let _ = out.send(Ok(msg_ack(state.progress()))).await;
-        return Ok(());
+        return Ok(true);
     }
+    // Fully checked before it takes budget or is cached; what is cached is this message.
     protocol::batch::check(&b, capacity).map_err(|e| e.refusal(&id, b.seq))?;
     let seq = b.seq;
     let time = b.time_unix_ms;
-    let bytes = Bytes::from(b.encode_to_vec());
+    let payload = Payload::batch(b);
+    // Backpressure: nothing more is read from this stream until the batch has its share.
+    let need = segment::record_len(&id, payload.len()) as u64;
+    let mut shutdown = ctx.shutdown.clone();
+    let hold = tokio::select! {
+        h = ctx.budget.acquire(lane, need) => h,
+        _ = shutdown.wait_for(|s| *s) => return Ok(false),
+    };
     let order = ctx
         .disks
         .order_lock(&id)
@@ -357,7 +378,7 @@ async fn on_batch(
         Reserve::Duplicate => {
             let p = ctx.disks.get(&id).expect("known").progress();
             let _ = out.send(Ok(msg_ack(p))).await;
-            return Ok(());
+            return Ok(true);
         }
         Reserve::Gap { expected } => {
             return Err(Refusal::for_disk(
@@ -376,12 +397,12 @@ async fn on_batch(
         Reserve::Unknown => return Err(Refusal::for_disk(Code::UnknownDisk, &id, "unknown disk")),
     }
     // The ack comes from the acker once `cached` covers the seq; the receiver is not needed.
-    if let Err(e) = ctx.cache.append(&id, seq, time, bytes).await {
+    if let Err(e) = ctx.cache.append(&id, seq, time, payload, hold).await {
         // The writer stops only on a cache failure (then its refusal) or at shutdown.
         cache_healthy(ctx)?;
         return Err(Refusal::for_disk(Code::Io, &id, e.to_string()));
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Resolves once everything appended for `ids` is durable.

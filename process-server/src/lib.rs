@@ -20,6 +20,7 @@
 #[cfg(test)]
 extern crate self as process_server;
 
+pub mod budget;
 pub mod cache;
 pub mod cli;
 pub mod differential;

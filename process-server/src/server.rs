@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::budget::Budget;
 use crate::cache::log::Damage;
 use crate::cache::{Cache, CacheConfig, CacheError};
 use crate::disks::Disks;
@@ -65,6 +66,9 @@ pub struct Settings {
     /// Where to serve Prometheus `/metrics`, if anywhere.
     pub metrics_listen: Option<String>,
     pub cache: CacheConfig,
+    /// Bytes of batches held in memory, ingest and forwarding together (`--memory-budget`):
+    /// ingest gets what the forward window leaves ([`crate::budget::ingest_share`]).
+    pub memory_budget: u64,
     pub forward: ForwardConfig,
     pub tuning: WanTuning,
     pub tls: TlsFiles,
@@ -76,6 +80,8 @@ pub struct Settings {
 #[derive(Debug)]
 pub struct Ctx {
     pub cache: Cache,
+    /// Memory for batches between an agent stream and the cache (`crate::budget`).
+    pub budget: Arc<Budget>,
     pub disks: Disks,
     pub registry: Registry,
     pub auth: ServerAuth,
@@ -173,9 +179,19 @@ async fn open(
         quota,
         "cache recovered"
     );
+    let ingest = crate::budget::ingest_share(settings.memory_budget, settings.forward.window);
+    tracing::info!(
+        memory_budget = settings.memory_budget,
+        ingest,
+        forward_window = settings.forward.window,
+        stream_window = settings.tuning.stream_window,
+        "memory: batches in memory are bounded by the budget (ingest + forward window); each \
+         agent stream may add up to its HTTP/2 stream window of unread data"
+    );
     let (forwarder, cmds) = ForwarderHandle::new();
     let ctx = Arc::new(Ctx {
         cache,
+        budget: Budget::new(ingest),
         disks,
         registry,
         auth: ServerAuth::new(settings.auth_passphrase.clone()),

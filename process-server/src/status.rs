@@ -316,6 +316,20 @@ pub fn reply(ctx: &Ctx, server_proof: Vec<u8>) -> StatusReply {
     );
     facts.insert("cache_segments".into(), segments.to_string());
     facts.insert("cache_group_commits".into(), ctx.cache.syncs().to_string());
+    // The ingest part of the memory budget: how much of it batches hold, and how many
+    // streams wait for it (a budget always full with streams waiting holds agents back).
+    facts.insert(
+        "ingest_budget_bytes".into(),
+        ctx.budget.capacity().to_string(),
+    );
+    facts.insert(
+        "ingest_budget_used_bytes".into(),
+        ctx.budget.used().to_string(),
+    );
+    facts.insert(
+        "ingest_streams_waiting".into(),
+        ctx.budget.waiting().to_string(),
+    );
     facts.insert("agents_paused".into(), pause.unwrap_or_else(|| "no".into()));
     facts.insert("master_target_url".into(), ctx.master_target_url.clone());
     facts.insert(

@@ -38,6 +38,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
+use prost::Message;
+use protocol::pb::Batch;
 use tokio::sync::{mpsc, oneshot};
 
 use super::index::{Index, Loc};
@@ -45,8 +47,9 @@ use super::segment::{self, Decoded, HEADER_LEN};
 
 /// Most requests one group commit takes from the queue.
 const MAX_GROUP: usize = 1024;
-/// Most record bytes one group commit writes before it syncs.
-const MAX_GROUP_BYTES: usize = 64 << 20;
+/// Most record bytes one group commit writes before it syncs (and so the size of the
+/// writer's buffer, which holds a copy of them: memory beyond the ingest budget).
+pub const MAX_GROUP_BYTES: usize = 64 << 20;
 /// Applied segments kept for reuse rather than deleted: overwriting a file already written
 /// costs about half of writing new blocks (PITFALLS §4), while this bounds the space they
 /// hold beyond the quota to `MAX_FREE x segment_size`.
@@ -585,17 +588,60 @@ pub fn retire_segment(dir: &Path, seq: u64, free: &FreePool, keep: bool) -> Resu
     sync_dir(dir)
 }
 
+/// The batch of a record: the prost encoding of a `protocol::pb::Batch`.
+#[derive(Debug)]
+pub enum Payload {
+    /// Encoded already.
+    Encoded(Bytes),
+    /// The checked message, encoded by the writer straight into its group buffer: ingest
+    /// does not copy a batch into an encoding of its own first (its `payload` still points
+    /// into the buffer it was received in). `len` is its `encoded_len()`.
+    Batch { batch: Box<Batch>, len: usize },
+}
+
+impl Payload {
+    pub fn batch(batch: Batch) -> Self {
+        let len = batch.encoded_len();
+        Payload::Batch {
+            batch: Box::new(batch),
+            len,
+        }
+    }
+
+    /// Bytes of the encoded batch.
+    pub fn len(&self) -> usize {
+        match self {
+            Payload::Encoded(b) => b.len(),
+            Payload::Batch { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn put(&self, out: &mut Vec<u8>) {
+        match self {
+            Payload::Encoded(b) => out.extend_from_slice(b),
+            // A `Vec` grows as needed, so encoding into it cannot run out of room.
+            Payload::Batch { batch, .. } => {
+                batch.encode(out).expect("encoding into a Vec cannot fail")
+            }
+        }
+    }
+}
+
 /// One append request.
 #[derive(Debug)]
 pub struct Append {
     pub disk_id: String,
     pub seq: u64,
     pub time_unix_ms: i64,
-    /// The prost-encoded `Batch`.
-    pub batch: Bytes,
+    pub batch: Payload,
     pub done: oneshot::Sender<Result<Loc, Arc<LogError>>>,
-    /// Its share of the queue's byte budget, released when the request is dropped.
-    pub budget: tokio::sync::OwnedSemaphorePermit,
+    /// Its share of the ingest memory budget (`crate::budget`), given back when the request
+    /// is dropped: after its group commit, or when the writer fails.
+    pub hold: crate::budget::Share,
 }
 
 /// What the writer tells the rest of the cache.
@@ -705,13 +751,14 @@ impl Writer {
                 break;
             }
             let offset = self.active.len + self.buf.len() as u64;
-            segment::encode_record(
+            segment::encode_record_with(
                 &mut self.buf,
                 self.active.seq,
                 &a.disk_id,
                 a.seq,
                 a.time_unix_ms,
-                &a.batch,
+                a.batch.len(),
+                |out| a.batch.put(out),
             );
             locs.push(Loc {
                 segment: self.active.seq,

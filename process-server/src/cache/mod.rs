@@ -29,12 +29,14 @@ use tokio::sync::{mpsc, oneshot};
 
 use self::flow::Flow;
 use self::index::{Index, Loc};
+pub use self::log::Payload;
 use self::log::{Append, Damage, FreePool, LogError, Writer, WriterEvents};
+use crate::budget::Share;
 
 /// Depth of the append queue in front of the writer thread (requests, each up to one batch).
+/// Its bytes are bounded by the ingest memory budget each request holds a share of
+/// (`crate::budget`).
 const APPEND_QUEUE: usize = 1024;
-/// Record bytes the append queue may hold, in KiB (bounds its memory whatever the batch size).
-const QUEUE_BUDGET_KIB: usize = 256 << 10;
 
 /// Called, in log order, for every record once it is durable: `(disk, seq, record bytes)`.
 pub type OnDurable = Arc<dyn Fn(&str, u64, u64) + Send + Sync>;
@@ -75,7 +77,6 @@ pub struct Cache {
     active_seq: Arc<AtomicU64>,
     free: FreePool,
     tx: Mutex<Option<mpsc::Sender<Append>>>,
-    queue_budget: Arc<tokio::sync::Semaphore>,
     /// The writer, until `start` moves it onto its thread.
     pending: Mutex<Option<(log::Active, mpsc::Receiver<Append>)>>,
     segment_size: u64,
@@ -176,7 +177,6 @@ impl Cache {
                 active_seq,
                 free: Arc::new(Mutex::new(rec.free)),
                 tx: Mutex::new(Some(tx)),
-                queue_budget: Arc::new(tokio::sync::Semaphore::new(QUEUE_BUDGET_KIB)),
                 pending: Mutex::new(Some((rec.active, rx))),
                 segment_size: cfg.segment_size,
                 thread: Mutex::new(None),
@@ -226,22 +226,18 @@ impl Cache {
         self.syncs.load(Ordering::Relaxed)
     }
 
-    /// Queues a record; the receiver completes after the group commit that made it durable.
+    /// Queues a record holding `hold` of the memory budget (given back once it is durable);
+    /// the receiver completes after the group commit that made it durable.
     pub async fn append(
         &self,
         disk_id: &str,
         seq: u64,
         time_unix_ms: i64,
-        batch: Bytes,
+        batch: Payload,
+        hold: Share,
     ) -> Result<oneshot::Receiver<Result<Loc, Arc<LogError>>>, LogError> {
         let tx = self.tx.lock().clone().ok_or(LogError::WriterStopped)?;
         let bytes = segment::record_len(disk_id, batch.len());
-        let budget = self
-            .queue_budget
-            .clone()
-            .acquire_many_owned(bytes.div_ceil(1024) as u32)
-            .await
-            .map_err(|_| LogError::WriterStopped)?;
         self.flow.queued(bytes as u64);
         let (done, rx) = oneshot::channel();
         tx.send(Append {
@@ -250,7 +246,7 @@ impl Cache {
             time_unix_ms,
             batch,
             done,
-            budget,
+            hold,
         })
         .await
         .map_err(|_| LogError::WriterStopped)?;

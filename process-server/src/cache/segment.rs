@@ -125,16 +125,44 @@ pub fn encode_record(
     time_unix_ms: i64,
     batch: &[u8],
 ) {
-    debug_assert!(!batch.is_empty() && batch.len() <= MAX_BATCH_BYTES);
+    encode_record_with(
+        out,
+        segment_seq,
+        disk_id,
+        seq,
+        time_unix_ms,
+        batch.len(),
+        |o| o.extend_from_slice(batch),
+    );
+}
+
+/// [`encode_record`] with a batch of `batch_len` bytes that `put` appends to `out` (the
+/// writer encodes a checked `Batch` message straight into its group buffer this way).
+pub fn encode_record_with(
+    out: &mut Vec<u8>,
+    segment_seq: u64,
+    disk_id: &str,
+    seq: u64,
+    time_unix_ms: i64,
+    batch_len: usize,
+    put: impl FnOnce(&mut Vec<u8>),
+) {
+    debug_assert!(batch_len > 0 && batch_len <= MAX_BATCH_BYTES);
     debug_assert!(!disk_id.is_empty() && disk_id.len() <= MAX_NAME_LEN);
     let start = out.len();
-    out.extend_from_slice(&(batch.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(batch_len as u32).to_le_bytes());
     out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(&seq.to_le_bytes());
     out.extend_from_slice(&time_unix_ms.to_le_bytes());
     out.extend_from_slice(&(disk_id.len() as u16).to_le_bytes());
     out.extend_from_slice(disk_id.as_bytes());
-    out.extend_from_slice(batch);
+    put(out);
+    // The length field was written first: what `put` appended must match it exactly.
+    assert_eq!(
+        out.len() - start,
+        record_len(disk_id, batch_len),
+        "record payload length"
+    );
     let crc = record_crc(segment_seq, &out[start..]);
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }

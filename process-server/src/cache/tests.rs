@@ -32,6 +32,10 @@ fn open_started(dir: &Path, segment_size: u64) -> (Cache, Vec<Damage>, Seen) {
     (cache, damage, seen)
 }
 
+fn enc(b: Bytes) -> Payload {
+    Payload::Encoded(b)
+}
+
 fn batch(seq: u64, len: usize) -> Bytes {
     Bytes::from(vec![seq as u8; len])
 }
@@ -41,7 +45,13 @@ async fn append_all(cache: &Cache, disk: &str, seqs: std::ops::RangeInclusive<u6
     for s in seqs {
         rxs.push(
             cache
-                .append(disk, s, 1000 + s as i64, batch(s, len))
+                .append(
+                    disk,
+                    s,
+                    1000 + s as i64,
+                    enc(batch(s, len)),
+                    Share::untracked(),
+                )
                 .await
                 .unwrap(),
         );
@@ -75,7 +85,12 @@ async fn concurrent_appends_share_fsyncs_and_all_complete() {
             let disk = format!("disk-{agent}");
             let mut rxs = Vec::new();
             for s in 1..=25 {
-                rxs.push(cache.append(&disk, s, 0, batch(s, 4096)).await.unwrap());
+                rxs.push(
+                    cache
+                        .append(&disk, s, 0, enc(batch(s, 4096)), Share::untracked())
+                        .await
+                        .unwrap(),
+                );
             }
             for rx in rxs {
                 rx.await.unwrap().unwrap();
@@ -292,7 +307,12 @@ async fn a_full_volume_pauses_with_enospc_and_resumes_when_segments_are_freed() 
     let mut pause = cache.flow().pause();
     let mut rxs = std::collections::VecDeque::new();
     for s in 1..=40 {
-        rxs.push_back(cache.append("a", s, 0, batch(s, 4000)).await.unwrap());
+        rxs.push_back(
+            cache
+                .append("a", s, 0, enc(batch(s, 4000)), Share::untracked())
+                .await
+                .unwrap(),
+        );
     }
     // 40 x 4 KiB do not fit in 64 KiB: the writer reports the full volume and waits.
     tokio::time::timeout(
@@ -421,5 +441,44 @@ async fn a_preallocated_segment_torn_before_its_header_is_rewritten() {
     assert_eq!(cache.with_index(|ix| ix.get("a", 4)).unwrap().segment, 2);
     let header = std::fs::read(seg_path(dir.path(), 2)).unwrap();
     assert_eq!(super::segment::decode_header(&header, 2), Ok(2));
+    cache.close().await;
+}
+
+/// A checked `Batch` handed over as a message is encoded by the writer straight into its
+/// record (no copy of its own in ingest), reads back as the same message, and holds its
+/// share of the memory budget until it is durable.
+#[tokio::test]
+async fn a_batch_message_is_encoded_into_its_record_and_releases_its_budget() {
+    use prost::Message;
+    use protocol::pb::{Batch, Extent};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (cache, _, seen) = open_started(dir.path(), 1 << 20);
+    let b = Batch {
+        disk_id: "a".into(),
+        seq: 1,
+        writes: vec![Extent {
+            offset: 4096,
+            length: 5000,
+        }],
+        payload: Bytes::from(vec![7u8; 5000]),
+        data_len: 5000,
+        time_unix_ms: 42,
+        ..Default::default()
+    };
+    let budget = crate::budget::Budget::new(1 << 20);
+    let payload = Payload::batch(b.clone());
+    assert_eq!(payload.len(), b.encoded_len());
+    let need = segment::record_len("a", payload.len()) as u64;
+    let hold = budget.acquire(&mut Default::default(), need).await;
+    assert_eq!(budget.used(), need);
+    let rx = cache.append("a", 1, 42, payload, hold).await.unwrap();
+    let loc = rx.await.unwrap().unwrap();
+    assert_eq!(budget.used(), 0, "given back once durable");
+    assert_eq!(*seen.lock(), vec![("a".to_string(), 1)]);
+    let got = cache.read(vec![("a".into(), 1, loc)]).await;
+    let bytes = got.into_iter().next().unwrap().unwrap();
+    assert_eq!(bytes, Bytes::from(b.encode_to_vec()));
+    assert_eq!(Batch::decode(bytes).unwrap(), b);
     cache.close().await;
 }

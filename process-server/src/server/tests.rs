@@ -25,6 +25,7 @@ fn settings(cache: &Path, mt_url: &str, quota: u64) -> Settings {
             quota,
             high_water_percent: 50,
         },
+        memory_budget: crate::cli::DEFAULT_MEMORY_BUDGET,
         forward: ForwardConfig {
             url: mt_url.into(),
             tuning: WanTuning::default(),
