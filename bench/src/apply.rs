@@ -46,10 +46,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use protocol::auth::{ClientAuth, Passphrase};
 use protocol::limits::MAX_BATCH_DATA;
 use protocol::pb::Batch;
-use protocol::transport::TlsFiles;
 use serde::Serialize;
 
 use crate::cluster::{Cluster, run_with_timeout};
@@ -594,10 +592,6 @@ fn apply_pass(
     let mt = cluster
         .master_target_pid()
         .context("master target not running")?;
-    let auth = ClientAuth::new(
-        Passphrase::load(Some(&cluster.passphrase_file))?,
-        "bench-apply",
-    );
     let (n, last) = (batches.len() as u64 / 2, batches.len() as u64);
     let mt_at_start = usage::sample(mt)?;
     let start = Instant::now();
@@ -610,13 +604,7 @@ fn apply_pass(
         .context("process server not running")?;
     let mut base_done: Option<(Duration, usage::Usage, usage::Usage)> = None;
     loop {
-        let status = rt
-            .block_on(process_server::status::fetch(
-                &cluster.ps_url(),
-                &TlsFiles::default(),
-                &auth,
-            ))
-            .context("process server status")?;
+        let status = cluster.ps_status(rt)?;
         let seen = start.elapsed();
         let applied = status
             .disks

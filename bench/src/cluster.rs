@@ -21,6 +21,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use protocol::auth::{ClientAuth, Passphrase};
+use protocol::pb::StatusReply;
+use protocol::transport::TlsFiles;
 
 use crate::packet::{self, Netns};
 use crate::tls::{self, TlsPaths};
@@ -276,6 +279,39 @@ impl Cluster {
     /// Process id of the running master target, to sample its CPU time and memory.
     pub fn master_target_pid(&self) -> Option<u32> {
         self.master_target.as_ref().map(Child::id)
+    }
+
+    /// One authenticated Status call to the process server (over TLS when the cluster has
+    /// it).
+    pub fn ps_status(&self, rt: &tokio::runtime::Runtime) -> Result<StatusReply> {
+        let auth = ClientAuth::new(Passphrase::load(Some(&self.passphrase_file))?, "bench");
+        let tls = TlsFiles {
+            ca: self.tls.as_ref().map(|t| t.ca.clone()),
+            ..TlsFiles::default()
+        };
+        rt.block_on(process_server::status::fetch(&self.ps_url(), &tls, &auth))
+            .map_err(|r| anyhow::anyhow!("process server status: {r}"))
+    }
+
+    /// Waits until the process server reports its link to the master target up.
+    pub fn wait_link_up(&self, rt: &tokio::runtime::Runtime, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let link = self
+                .ps_status(rt)
+                .ok()
+                .and_then(|s| s.facts.get("master_target_link").cloned())
+                .unwrap_or_default();
+            if link.starts_with("up") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the process server's link to the master target is not up after {timeout:?} ({link})"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Process id of the running process server.

@@ -31,9 +31,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use protocol::auth::{ClientAuth, Passphrase};
 use protocol::pb::{Batch, StatusReply};
-use protocol::transport::TlsFiles;
 use serde::Serialize;
 
 use crate::cluster::Cluster;
@@ -359,18 +357,7 @@ fn ingest_once(
         .block_on(streams::open_all(&cluster, disks, batches, false))
         .with_context(|| cluster.log_tails())?;
     cluster.kill_master_target();
-    let auth = ClientAuth::new(
-        Passphrase::load(Some(&cluster.passphrase_file))?,
-        "bench-ingest",
-    );
-    let status = || {
-        rt.block_on(process_server::status::fetch(
-            &cluster.ps_url(),
-            &TlsFiles::default(),
-            &auth,
-        ))
-        .context("process server status")
-    };
+    let status = || cluster.ps_status(&rt);
     let pid = cluster
         .process_server_pid()
         .context("process server not running")?;

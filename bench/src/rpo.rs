@@ -25,9 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use protocol::auth::{ClientAuth, Passphrase};
 use protocol::pb::DiskStatus;
-use protocol::transport::TlsFiles;
 use serde::Serialize;
 
 use crate::churn::{self, NbdClient, Pace, Written};
@@ -353,18 +351,8 @@ fn measure(
         .context("starting agent replicate")?;
     let mut agent = Agent(Some(child));
 
-    let auth = ClientAuth::new(
-        Passphrase::load(Some(&cluster.passphrase_file))?,
-        "bench-rpo",
-    );
     let status = || -> Result<Option<DiskStatus>> {
-        let reply = rt
-            .block_on(process_server::status::fetch(
-                &cluster.ps_url(),
-                &TlsFiles::default(),
-                &auth,
-            ))
-            .context("process server status")?;
+        let reply = cluster.ps_status(&rt)?;
         Ok(reply.disks.into_iter().find(|d| d.disk_id == DISK_ID))
     };
     let timeout = Duration::from_secs(args.timeout_secs);

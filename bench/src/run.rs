@@ -963,7 +963,7 @@ fn copy_once(
         timeout: Duration::from_secs(args.timeout_secs),
     };
     let measured = match system {
-        System::Failback => failback_copy(args, exe, &t),
+        System::Failback => failback_copy(rt, args, exe, &t),
         System::Peer(p) => p.transfer(&t),
     };
     let (up, down, connections, dropped) = emulator.finish(rt)?;
@@ -984,7 +984,12 @@ const DISK_NAME: &str = "bench-disk";
 
 /// `agent sync --wait` of the source through a fresh cluster whose process server reaches
 /// the master target through the emulator.
-fn failback_copy(args: &RunArgs, exe: &Path, t: &Transfer) -> Result<Measured> {
+fn failback_copy(
+    rt: &tokio::runtime::Runtime,
+    args: &RunArgs,
+    exe: &Path,
+    t: &Transfer,
+) -> Result<Measured> {
     let mut cluster = Cluster::new(exe, t.dir)?;
     cluster.mt_port = t.listen.port();
     cluster.master_target_host = t.listen.ip();
@@ -1010,6 +1015,11 @@ fn failback_copy(args: &RunArgs, exe: &Path, t: &Transfer) -> Result<Measured> {
         args.forward_window.to_string(),
     ]);
     cluster.start().with_context(|| cluster.log_tails())?;
+    // A process server is a daemon whose link to the master target is up before any sync
+    // starts: setting it up (two RTTs) is not part of the copy.
+    cluster
+        .wait_link_up(rt, Duration::from_secs(30))
+        .with_context(|| cluster.log_tails())?;
     let mut extra = vec!["--wait".to_string()];
     if let Some(base) = t.base {
         // The target disk exists: a full sync of the base, not measured.

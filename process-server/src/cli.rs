@@ -65,7 +65,8 @@ pub enum Command {
 // The shared flag's help gives the WAN default; agent streams get a LAN-sized one here.
 #[command(mut_arg("h2_stream_window", |a| a.help(
     "HTTP/2 stream window granted to each agent stream; it adds to --memory-budget per \
-     connected stream [default: 1M]"
+     connected stream (the connections to the master target keep the WAN default, 32M) \
+     [default: 1M]"
 )))]
 pub struct ServeArgs {
     /// TOML file with the same keys as the flags (`cache_quota = "10G"`); flags win.
@@ -419,6 +420,14 @@ impl Effective {
             h2_connection_window: Some(self.h2_connection_window.0),
         }
         .tuning();
+        // The forward connections cross the WAN: what the master target sends on them (acks,
+        // and a differential sync's chunk hashes) keeps the WAN default stream window, not the
+        // LAN-sized one of agent streams.
+        let forward_tuning = WanArgs {
+            h2_stream_window: None,
+            h2_connection_window: Some(self.h2_connection_window.0),
+        }
+        .tuning();
         Ok(Settings {
             listen: self.listen,
             metrics_listen: self.metrics_listen,
@@ -431,7 +440,7 @@ impl Effective {
             memory_budget: self.memory_budget.0,
             forward: ForwardConfig {
                 url: self.master_target,
-                tuning: tuning.clone(),
+                tuning: forward_tuning,
                 // The CA also trusts the master target; a cert/key pair is our client identity.
                 tls: tls.clone(),
                 auth: ClientAuth::new(passphrase.clone(), self.identity.clone()),
