@@ -112,6 +112,24 @@ pub fn render(ctx: &Ctx) -> String {
         ctx.cache.syncs() as f64,
     );
     e.single(
+        "process_server_ingest_budget_bytes",
+        Kind::Gauge,
+        "Ingest part of --memory-budget: batches read from agents, not yet durable.",
+        ctx.budget.capacity() as f64,
+    );
+    e.single(
+        "process_server_ingest_budget_used_bytes",
+        Kind::Gauge,
+        "Bytes of the ingest budget that batches hold now.",
+        ctx.budget.used() as f64,
+    );
+    e.single(
+        "process_server_ingest_streams_waiting",
+        Kind::Gauge,
+        "Agent streams waiting for the ingest budget (always > 0: memory holds agents back).",
+        ctx.budget.waiting() as f64,
+    );
+    e.single(
         "process_server_agents_paused",
         Kind::Gauge,
         "1 while agents are asked to pause (cache above high water or full).",
