@@ -357,7 +357,7 @@ fn ingest_once(
         .block_on(streams::open_all(&cluster, disks, batches, false))
         .with_context(|| cluster.log_tails())?;
     cluster.kill_master_target();
-    let status = || cluster.ps_status(&rt);
+    let status = || cluster.ps_status(rt);
     let pid = cluster
         .process_server_pid()
         .context("process server not running")?;
