@@ -80,7 +80,7 @@ impl Agent {
 
     /// A user marker `tag`, retried while a resync interval runs, for at most `timeout`.
     fn marker(&self, c: &Cluster, tag: &str, timeout: Duration) {
-        common::user_marker(c, self.control, DISK_ID, tag, timeout, || self.log());
+        common::user_marker(c, self.control, Some(DISK_ID), tag, timeout, || self.log());
     }
 }
 

@@ -13,12 +13,10 @@ mod common;
 use std::time::Duration;
 
 use bench::cluster::Cluster;
-use protocol::auth::{ClientAuth, Passphrase};
 use protocol::batch::BatchBuilder;
 use protocol::pb::{
-    AgentHello, AgentMessage, Batch, DiskInfo, DiskProgress, agent_message, process_server_message,
+    AgentMessage, Batch, DiskInfo, DiskProgress, agent_message, process_server_message,
 };
-use protocol::transport::{TlsFiles, WanTuning};
 use tokio::sync::mpsc;
 
 const DISK_ID: &str = "disk-cache-kill-1";
@@ -70,31 +68,8 @@ struct Stream {
 }
 
 async fn connect(c: &Cluster) -> Stream {
-    let auth = ClientAuth::new(
-        Passphrase::load(Some(&c.passphrase_file)).unwrap(),
-        "cache-kill",
-    );
-    let mut client =
-        protocol::client::process_server(&c.ps_url(), &WanTuning::default(), &TlsFiles::default())
-            .await
-            .unwrap();
-    let pending = protocol::client::begin_auth(&mut client, &auth)
-        .await
-        .unwrap();
-    let (tx, out) = mpsc::channel(64);
-    tx.send(AgentMessage {
-        body: Some(agent_message::Body::Hello(AgentHello {
-            auth: Some(pending.auth.clone()),
-            disks: vec![disk()],
-        })),
-    })
-    .await
-    .unwrap();
-    let mut rx = client
-        .replicate(tokio_stream::wrappers::ReceiverStream::new(out))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, answer) = common::replicate_stream(c, vec![disk()], true).await;
+    let mut rx = answer.unwrap();
     loop {
         let m = rx.message().await.unwrap().expect("a welcome");
         match m.body {

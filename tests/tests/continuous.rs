@@ -62,7 +62,7 @@ fn writes_over_nbd_replicate_in_order_and_a_marker_recovers_exactly() {
     common::user_marker(
         &c,
         control,
-        DISK_ID,
+        Some(DISK_ID),
         "step1",
         Duration::from_secs(120),
         String::new,
@@ -106,12 +106,5 @@ fn writes_over_nbd_replicate_in_order_and_a_marker_recovers_exactly() {
     );
     assert!(recovered != std::fs::read(&source).unwrap());
     // Clean stop on SIGTERM.
-    // SAFETY: kill(2) on the pid of a child we own and have not reaped.
-    unsafe { libc::kill(agent.0.id() as i32, libc::SIGTERM) };
-    common::wait_until(
-        "the agent stops on SIGTERM",
-        &c,
-        Duration::from_secs(20),
-        || agent.0.try_wait().unwrap().is_some(),
-    );
+    common::stop_on_sigterm(&c, &mut agent.0);
 }

@@ -29,34 +29,6 @@ impl Drop for Agent {
     }
 }
 
-/// `agent marker --kind user --tag TAG` without `--disk-id`: one marker on every disk of the
-/// agent at one instant, carrying its group. Retried while the agent says a resync
-/// interval is running (the initial pass, which offers no consistent point), up to [`WAIT`].
-fn group_marker(c: &Cluster, control: u16, tag: &str) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let out = run_with_timeout(
-            c.role("agent")
-                .args(["marker", "--connect", &format!("127.0.0.1:{control}")])
-                .args(["--kind", "user", "--tag", tag])
-                .arg("--passphrase-file")
-                .arg(&c.passphrase_file),
-            Duration::from_secs(30),
-        )
-        .unwrap();
-        if out.status.success() {
-            return;
-        }
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            err.contains("resync interval is running") && Instant::now() < deadline,
-            "agent marker {tag}: {err}\n{}",
-            c.log_tails()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// Runs `master-target ARGS` and panics, with the servers' logs, unless it succeeds.
 fn master_target(c: &Cluster, args: &[&str], more: &[&Path]) -> Output {
     let mut cmd = c.role("master-target");
@@ -205,13 +177,13 @@ fn two_disks_of_a_group_recover_together_to_a_group_marker() {
         nbd[1],
         &["write -P 0x21 1M 512K", "write -z 4M 1M", "flush"],
     );
-    group_marker(&c, control, "step1");
+    common::user_marker(&c, control, None, "step1", WAIT, String::new);
     let at_step1: Vec<Vec<u8>> = sources.iter().map(|s| std::fs::read(s).unwrap()).collect();
 
     // Overwrite part of what step1 holds, on both disks, and cut a second marker.
     common::qemu_io(&c, nbd[0], &["write -P 0x12 512K 1M", "flush"]);
     common::qemu_io(&c, nbd[1], &["write -P 0x22 1M 2M", "flush"]);
-    group_marker(&c, control, "step2");
+    common::user_marker(&c, control, None, "step2", WAIT, String::new);
     let at_step2: Vec<Vec<u8>> = sources.iter().map(|s| std::fs::read(s).unwrap()).collect();
 
     // And more after it, so that neither marker is simply the latest state.
@@ -262,12 +234,5 @@ fn two_disks_of_a_group_recover_together_to_a_group_marker() {
     recover_and_compare(&c, "step2", &dir.path().join("at-step2"), &at_step2);
 
     // Clean stop on SIGTERM.
-    // SAFETY: kill(2) on the pid of a child we own and have not reaped.
-    unsafe { libc::kill(agent.0.id() as i32, libc::SIGTERM) };
-    common::wait_until(
-        "the agent stops on SIGTERM",
-        &c,
-        Duration::from_secs(20),
-        || agent.0.try_wait().unwrap().is_some(),
-    );
+    common::stop_on_sigterm(&c, &mut agent.0);
 }

@@ -8,12 +8,8 @@ use std::time::Duration;
 
 use bench::cluster::Cluster;
 use bench::{verify, workload};
-use protocol::auth::{ClientAuth, Passphrase};
 use protocol::batch::{BatchBuilder, header_crc};
-use protocol::pb::{
-    AgentHello, AgentMessage, Batch, DiskInfo, Extent, agent_message, process_server_message,
-};
-use protocol::transport::{TlsFiles, WanTuning};
+use protocol::pb::{AgentMessage, Batch, DiskInfo, Extent, agent_message, process_server_message};
 
 const CAPACITY: u64 = 8 << 20;
 
@@ -53,40 +49,20 @@ async fn send(
     batches: Vec<Batch>,
     with_proof: bool,
 ) -> Option<u32> {
-    let auth = ClientAuth::new(
-        Passphrase::load(Some(&c.passphrase_file)).unwrap(),
-        "hostile",
-    );
-    let mut client =
-        protocol::client::process_server(&c.ps_url(), &WanTuning::default(), &TlsFiles::default())
-            .await
-            .unwrap();
-    let pending = protocol::client::begin_auth(&mut client, &auth)
-        .await
-        .unwrap();
-    let (tx, out) = tokio::sync::mpsc::channel(16);
-    tx.send(AgentMessage {
-        body: Some(agent_message::Body::Hello(AgentHello {
-            auth: with_proof.then(|| pending.auth.clone()),
-            disks: vec![declared],
-        })),
-    })
-    .await
-    .unwrap();
-    for b in batches {
-        tx.send(AgentMessage {
-            body: Some(agent_message::Body::Batch(b)),
-        })
-        .await
-        .unwrap();
-    }
-    let mut rx = match client
-        .replicate(tokio_stream::wrappers::ReceiverStream::new(out))
-        .await
-    {
-        Ok(r) => r.into_inner(),
+    let (tx, answer) = common::replicate_stream(c, vec![declared], with_proof).await;
+    let mut rx = match answer {
+        Ok(rx) => rx,
         Err(s) => return code_of(s.message()),
     };
+    for b in batches {
+        let m = AgentMessage {
+            body: Some(agent_message::Body::Batch(b)),
+        };
+        // A server that refused the stream has stopped reading it: its answer says why.
+        if tx.send(m).await.is_err() {
+            break;
+        }
+    }
     loop {
         let next = tokio::time::timeout(Duration::from_secs(2), rx.message()).await;
         match next {

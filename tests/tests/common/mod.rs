@@ -138,13 +138,65 @@ pub fn wait_until(what: &str, c: &Cluster, timeout: Duration, mut ok: impl FnMut
     }
 }
 
-/// `agent marker --kind user --tag TAG` against the agent's control address, retried while
+/// The sending half of an agent stream, and the process server's answer to it.
+pub type ReplicateStream = (
+    tokio::sync::mpsc::Sender<protocol::pb::AgentMessage>,
+    Result<tonic::Streaming<protocol::pb::ProcessServerMessage>, tonic::Status>,
+);
+
+/// Opens an authenticated `Replicate` stream to the process server whose first message is
+/// a hello declaring `disks` (`with_proof: false` leaves the passphrase proof out); further
+/// messages go into the returned sender.
+pub async fn replicate_stream(
+    c: &Cluster,
+    disks: Vec<protocol::pb::DiskInfo>,
+    with_proof: bool,
+) -> ReplicateStream {
+    use protocol::pb::{AgentHello, AgentMessage, agent_message};
+    let auth = ClientAuth::new(Passphrase::load(Some(&c.passphrase_file)).unwrap(), "e2e");
+    let mut client =
+        protocol::client::process_server(&c.ps_url(), &WanTuning::default(), &TlsFiles::default())
+            .await
+            .unwrap();
+    let pending = protocol::client::begin_auth(&mut client, &auth)
+        .await
+        .unwrap();
+    let (tx, out) = tokio::sync::mpsc::channel(64);
+    tx.send(AgentMessage {
+        body: Some(agent_message::Body::Hello(AgentHello {
+            auth: with_proof.then(|| pending.auth.clone()),
+            disks,
+        })),
+    })
+    .await
+    .unwrap();
+    let answer = client
+        .replicate(tokio_stream::wrappers::ReceiverStream::new(out))
+        .await
+        .map(tonic::Response::into_inner);
+    (tx, answer)
+}
+
+/// Sends SIGTERM to `child` (an agent) and waits until it has exited, at most 20 s.
+pub fn stop_on_sigterm(c: &Cluster, child: &mut std::process::Child) {
+    // SAFETY: kill(2) on the pid of a child we own and have not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    wait_until(
+        "the agent stops on SIGTERM",
+        c,
+        Duration::from_secs(20),
+        || child.try_wait().unwrap().is_some(),
+    );
+}
+
+/// `agent marker --kind user --tag TAG` against the agent's control address, for `disk_id`
+/// or, with None, for every disk of the agent at one instant (a group marker); retried while
 /// the agent says a resync interval is running (no consistent point then), for at most
 /// `timeout`; panics with `context` and the servers' logs on any other failure.
 pub fn user_marker(
     c: &Cluster,
     control: u16,
-    disk_id: &str,
+    disk_id: Option<&str>,
     tag: &str,
     timeout: Duration,
     context: impl Fn() -> String,
@@ -154,7 +206,8 @@ pub fn user_marker(
         let out = bench::cluster::run_with_timeout(
             c.role("agent")
                 .args(["marker", "--connect", &format!("127.0.0.1:{control}")])
-                .args(["--disk-id", disk_id, "--kind", "user", "--tag", tag])
+                .args(disk_id.map_or(vec![], |d| vec!["--disk-id", d]))
+                .args(["--kind", "user", "--tag", tag])
                 .arg("--passphrase-file")
                 .arg(&c.passphrase_file),
             Duration::from_secs(30),
