@@ -216,7 +216,10 @@ impl Flow {
             if cur.is_some() != reason.is_some() {
                 match &reason {
                     Some(r) => tracing::warn!("pausing agents: {r}"),
-                    None => tracing::info!("cache below its high-water mark: resuming agents"),
+                    None => tracing::info!(
+                        "cache has room again (below its high-water mark, the volume no longer \
+                         full): resuming agents"
+                    ),
                 }
                 *cur = reason;
                 true
