@@ -46,12 +46,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use protocol::limits::MAX_BATCH_DATA;
 use protocol::pb::Batch;
 use serde::Serialize;
 
 use crate::cluster::{Cluster, run_with_timeout};
-use crate::run::{Cmp, Host, Start, Target, build_kind, median, start};
+use crate::run::{
+    Cmp, Host, Start, Target, build_kind, check_batch_size, keep_on_err, median, start,
+};
 use crate::streams::{self, Disk};
 use crate::usage;
 use crate::verify;
@@ -219,11 +220,9 @@ pub fn run(args: &ApplyArgs, exe: &Path) -> Result<ApplyReport> {
     if args.data_io.is_empty() {
         bail!("--data-io needs at least one of mmap, pwrite");
     }
-    if args.batch_size == 0
-        || args.batch_size > MAX_BATCH_DATA as u64
-        || !args.batch_size.is_multiple_of(4096)
-    {
-        bail!("--batch-size must be a multiple of 4 KiB up to {MAX_BATCH_DATA} bytes");
+    check_batch_size(args.batch_size)?;
+    if !args.batch_size.is_multiple_of(4096) {
+        bail!("--batch-size must be a multiple of 4 KiB");
     }
     if args.size < 2 * args.batch_size || !args.size.is_multiple_of(4096) {
         bail!("--size must be a multiple of 4 KiB of at least two batches");
@@ -290,16 +289,11 @@ pub fn run(args: &ApplyArgs, exe: &Path) -> Result<ApplyReport> {
     let mut runs = Vec::new();
     for i in 1..=args.repeat {
         let scratch = dir.join(format!("repeat-{i}"));
-        let r = match repeat_once(&rt, args, exe, &scratch, &base, &source, &batches) {
-            Ok(r) => r,
-            Err(e) => {
-                // Keep the logs the error points at.
-                if let Some(t) = tmp.take() {
-                    let _ = t.keep();
-                }
-                return Err(e.context(format!("repeat {i} (files in {})", scratch.display())));
-            }
-        };
+        let r = keep_on_err(
+            &mut tmp,
+            repeat_once(&rt, args, exe, &scratch, &base, &source, &batches),
+        )
+        .with_context(|| format!("repeat {i} (files in {})", scratch.display()))?;
         for (k, p) in r.paths().enumerate() {
             // Recover and the baselines are measured once per repeat: on the first line.
             let once = |v: f64| {
@@ -579,13 +573,7 @@ fn apply_pass(
     cluster.kill_master_target();
     rt.block_on(streams::drive_all(ready, timeout))
         .with_context(|| cluster.log_tails())?;
-    let codes = cluster.stop(Duration::from_secs(20));
-    if codes.iter().any(|c| *c != Some(0)) {
-        bail!(
-            "the process server did not stop cleanly: {codes:?}\n{}",
-            cluster.log_tails()
-        );
-    }
+    cluster.stop_clean(Duration::from_secs(20))?;
     cluster
         .start_master_target()
         .with_context(|| cluster.log_tails())?;
@@ -634,13 +622,7 @@ fn apply_pass(
     let (fresh, mt_before, ps_before) = base_done.expect("set before the last seq");
     let used = usage::sample(mt)?.since(mt_before);
     let ps_used = usage::sample(ps)?.since(ps_before);
-    let codes = cluster.stop(Duration::from_secs(20));
-    if codes.iter().any(|c| *c != Some(0)) {
-        bail!(
-            "the servers did not stop cleanly: {codes:?}\n{}",
-            cluster.log_tails()
-        );
-    }
+    cluster.stop_clean(Duration::from_secs(20))?;
     verify::files_equal(&cluster.flat_path(&source.name), &source.source).with_context(|| {
         format!(
             "the replica differs from the source (--data-io {})",

@@ -31,6 +31,44 @@ use crate::tls::{self, TlsPaths};
 /// How long a role may take to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The process server's memory settings a bench run may override (`bench ingest`, `bench
+/// scale`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct PsMemoryArgs {
+    /// HTTP/2 stream window the process server grants each agent stream (its
+    /// `--h2-stream-window`): unread data each stream may add to its memory budget.
+    /// Default: the process server's own (1M).
+    #[arg(long, value_parser = protocol::cli::parse_size)]
+    pub ps_stream_window: Option<u64>,
+    /// The process server's `--memory-budget` (batches held for ingest plus the forward
+    /// window). Default: the process server's own (256M).
+    #[arg(long, value_parser = protocol::cli::parse_size)]
+    pub ps_memory_budget: Option<u64>,
+}
+
+impl PsMemoryArgs {
+    /// (stream window, memory budget) in force, the process server's defaults filled in.
+    pub fn effective(&self) -> (u64, u64) {
+        (
+            self.ps_stream_window
+                .unwrap_or(process_server::cli::DEFAULT_AGENT_STREAM_WINDOW),
+            self.ps_memory_budget
+                .unwrap_or(process_server::cli::DEFAULT_MEMORY_BUDGET),
+        )
+    }
+
+    /// The process server's flags for [`Self::effective`].
+    pub fn flags(&self) -> Vec<String> {
+        let (window, budget) = self.effective();
+        vec![
+            "--h2-stream-window".into(),
+            window.to_string(),
+            "--memory-budget".into(),
+            budget.to_string(),
+        ]
+    }
+}
+
 /// The master target and process server of one chain, and how to run agents against it.
 #[derive(Debug)]
 pub struct Cluster {
@@ -352,6 +390,19 @@ impl Cluster {
                 }
             })
             .collect()
+    }
+
+    /// [`Self::stop`], and an error with the servers' logs unless each exited with status 0
+    /// (a clean shutdown on SIGTERM).
+    pub fn stop_clean(&mut self, timeout: Duration) -> Result<()> {
+        let codes = self.stop(timeout);
+        if codes.iter().any(|c| *c != Some(0)) {
+            bail!(
+                "a server did not shut down cleanly on SIGTERM: exit codes {codes:?}\n{}",
+                self.log_tails()
+            );
+        }
+        Ok(())
     }
 
     /// `agent sync` of `disk` as `name`, with the cluster's passphrase; extra flags after.

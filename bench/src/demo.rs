@@ -139,12 +139,6 @@ pub fn run(args: &DemoArgs, exe: &Path) -> Result<DemoReport> {
             "  verified    byte for byte (qemu-img not installed: VMDK structure not checked)"
         );
     }
-    let codes = cluster.stop(Duration::from_secs(20));
-    if codes.iter().any(|c| *c != Some(0)) {
-        bail!(
-            "a server did not shut down cleanly on SIGTERM: exit codes {codes:?}\n{}",
-            cluster.log_tails()
-        );
-    }
+    cluster.stop_clean(Duration::from_secs(20))?;
     Ok(report)
 }

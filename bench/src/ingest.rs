@@ -34,8 +34,10 @@ use anyhow::{Context, Result, bail};
 use protocol::pb::{Batch, StatusReply};
 use serde::Serialize;
 
-use crate::cluster::Cluster;
-use crate::run::{Cmp, Host, Start, Target, build_kind, check_batch_size, median, start};
+use crate::cluster::{Cluster, PsMemoryArgs};
+use crate::run::{
+    Cmp, Host, Start, Target, build_kind, check_batch_size, keep_on_err, median, start,
+};
 use crate::streams::{self, Disk};
 use crate::usage;
 
@@ -73,12 +75,8 @@ pub struct IngestArgs {
     /// Give up on one repeat after this many seconds.
     #[arg(long, default_value_t = 600)]
     pub timeout_secs: u64,
-    /// The process server's `--h2-stream-window` (default: its own, 1M).
-    #[arg(long, value_parser = protocol::cli::parse_size)]
-    pub ps_stream_window: Option<u64>,
-    /// The process server's `--memory-budget` (default: its own, 256M).
-    #[arg(long, value_parser = protocol::cli::parse_size)]
-    pub ps_memory_budget: Option<u64>,
+    #[command(flatten)]
+    pub ps_memory: PsMemoryArgs,
 }
 
 /// One repeat's figures.
@@ -198,16 +196,11 @@ pub fn run(args: &IngestArgs, exe: &Path) -> Result<IngestReport> {
             None => None,
         };
         settle();
-        let mut r = match ingest_once(&rt, args, exe, &scratch, &disks, &batches) {
-            Ok(r) => r,
-            Err(e) => {
-                // Keep the logs the error points at.
-                if let Some(t) = tmp.take() {
-                    let _ = t.keep();
-                }
-                return Err(e.context(format!("repeat {i} (files in {})", scratch.display())));
-            }
-        };
+        let mut r = keep_on_err(
+            &mut tmp,
+            ingest_once(&rt, args, exe, &scratch, &disks, &batches),
+        )
+        .with_context(|| format!("repeat {i} (files in {})", scratch.display()))?;
         let (chunk, raw) = match early {
             Some(done) => done,
             None => {
@@ -342,16 +335,7 @@ fn ingest_once(
         "--high-water".into(),
         "80".into(),
     ];
-    if let Some(w) = args.ps_stream_window {
-        cluster
-            .process_server_flags
-            .extend(["--h2-stream-window".into(), w.to_string()]);
-    }
-    if let Some(b) = args.ps_memory_budget {
-        cluster
-            .process_server_flags
-            .extend(["--memory-budget".into(), b.to_string()]);
-    }
+    cluster.process_server_flags.extend(args.ps_memory.flags());
     cluster.start().with_context(|| cluster.log_tails())?;
     let ready = rt
         .block_on(streams::open_all(&cluster, disks, batches, false))
@@ -384,13 +368,7 @@ fn ingest_once(
     if group_commits == 0 {
         bail!("the process server acked every batch without a group commit");
     }
-    let codes = cluster.stop(Duration::from_secs(20));
-    if codes.iter().any(|c| *c != Some(0)) {
-        bail!(
-            "the process server did not stop cleanly: {codes:?}\n{}",
-            cluster.log_tails()
-        );
-    }
+    cluster.stop_clean(Duration::from_secs(20))?;
     Ok(IngestRun {
         raw_first: false,
         ingest_seconds: seconds,

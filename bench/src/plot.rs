@@ -48,20 +48,12 @@ fn draw(path: &Path, title: &str, rows: &[&Row]) -> Result<(), Box<dyn std::erro
     let max_x = rows.iter().map(|r| r.rtt_ms).max().unwrap_or(0).max(1) as f64;
     let max_y = rows.iter().map(|r| r.blocks_per_sec).fold(1.0, f64::max) * 1.1;
     let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 20))
-        .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(80)
-        .build_cartesian_2d(0.0..max_x * 1.05, 0.0..max_y)?;
-    chart
-        .configure_mesh()
-        .x_desc("RTT (ms)")
-        .y_desc("4 KiB blocks/s")
-        .x_label_formatter(&|v| format!("{v:.0}"))
-        .y_label_formatter(&|v| format!("{v:.0}"))
-        .draw()?;
+    let mut chart = axes(
+        &root,
+        title,
+        ("RTT (ms)", max_x * 1.05, 0),
+        ("4 KiB blocks/s", max_y, 0),
+    )?;
     for (i, system) in systems.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         let mut points: Vec<(f64, f64)> = rows
@@ -80,6 +72,31 @@ fn draw(path: &Path, title: &str, rows: &[&Row]) -> Result<(), Box<dyn std::erro
 }
 
 type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// A white chart on `root` with `title` and two axes from 0, each given as (description,
+/// maximum, decimals of its tick labels).
+fn axes<'a, 'b>(
+    root: &'a DrawingArea<SVGBackend<'b>, Shift>,
+    title: &str,
+    (x_desc, x_max, x_decimals): (&str, f64, usize),
+    (y_desc, y_max, y_decimals): (&str, f64, usize),
+) -> Result<Chart<'a, 'b>, Box<dyn std::error::Error>> {
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .x_label_formatter(&|v| format!("{v:.x_decimals$}"))
+        .y_label_formatter(&|v| format!("{v:.y_decimals$}"))
+        .draw()?;
+    Ok(chart)
+}
 
 /// Draws the legend of `chart`, top right, and writes the file.
 fn finish<'a, 'b: 'a>(
@@ -111,20 +128,12 @@ fn draw_rpo(
     let max_x = points.iter().map(|p| p.0).fold(1.0, f64::max);
     let max_y = points.iter().map(|p| p.1).fold(target, f64::max) * 1.1;
     let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 20))
-        .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0.0..max_x * 1.02, 0.0..max_y)?;
-    chart
-        .configure_mesh()
-        .x_desc("time since the churn started (s)")
-        .y_desc("RPO (s)")
-        .x_label_formatter(&|v| format!("{v:.0}"))
-        .y_label_formatter(&|v| format!("{v:.1}"))
-        .draw()?;
+    let mut chart = axes(
+        &root,
+        title,
+        ("time since the churn started (s)", max_x * 1.02, 0),
+        ("RPO (s)", max_y, 1),
+    )?;
     let color = Palette99::pick(0).to_rgba();
     chart
         .draw_series(LineSeries::new(points.to_vec(), color.stroke_width(2)))?

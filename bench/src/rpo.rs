@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use protocol::pb::DiskStatus;
@@ -30,7 +30,7 @@ use serde::Serialize;
 
 use crate::churn::{self, NbdClient, Pace, Written};
 use crate::cluster::{Cluster, free_port};
-use crate::run::{Cmp, Host, Proxy, Target, build_kind, median, work_dir};
+use crate::run::{Cmp, Host, Proxy, Start, Target, build_kind, keep_on_err, median, start};
 use crate::{plot, usage, verify, workload};
 
 /// Options of `bench rpo`.
@@ -67,6 +67,12 @@ pub struct RpoArgs {
         requires = "rtt_ms"
     )]
     pub rate_mbit: Vec<u64>,
+    /// Emulator: router queue beyond the delay line, in ms of the link rate (with --rtt-ms).
+    #[arg(long, default_value_t = 50)]
+    pub buffer_ms: u64,
+    /// Emulator: bytes in flight per connection and direction (with --rtt-ms).
+    #[arg(long, default_value = "4M", value_parser = protocol::cli::parse_size)]
+    pub proxy_window: u64,
     /// Status sampling interval, in ms.
     #[arg(long, default_value_t = 500)]
     pub sample_ms: u64,
@@ -168,7 +174,10 @@ pub fn run(args: &RpoArgs, exe: &Path) -> Result<RpoReport> {
     if args.write_size == 0 || !args.write_size.is_multiple_of(512) {
         bail!("--write-size must be a nonzero multiple of 512");
     }
-    if args.size == 0 || !args.size.is_multiple_of(args.write_size.max(4096)) {
+    if args.size == 0
+        || !args.size.is_multiple_of(args.write_size)
+        || !args.size.is_multiple_of(4096)
+    {
         bail!("--size must be a nonzero multiple of --write-size and of 4 KiB");
     }
     if args.churn_mb <= 0.0 || args.seconds == 0 || args.sample_ms == 0 {
@@ -177,16 +186,9 @@ pub fn run(args: &RpoArgs, exe: &Path) -> Result<RpoReport> {
     if args.rate_mbit.contains(&0) {
         bail!("--rate-mbit must be positive (Mbit/s)");
     }
-    let (dir, mut tmp) = work_dir(args.dir.as_deref(), "failback-rpo-")?;
-    fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    let outcome = measure_grid(args, exe, &dir);
-    if outcome.is_err()
-        && let Some(t) = tmp.take()
-    {
-        // Keep the logs the error points at.
-        let _ = t.keep();
-    }
-    outcome
+    let mut start = start(args.dir.as_deref(), "failback-rpo-", &args.out)?;
+    let outcome = measure_grid(args, exe, &start);
+    keep_on_err(&mut start.tmp, outcome)
 }
 
 /// The grid points: every RTT x rate, or one direct run.
@@ -200,9 +202,8 @@ fn points(args: &RpoArgs) -> Vec<Option<(u64, u64)>> {
         .collect()
 }
 
-fn measure_grid(args: &RpoArgs, exe: &Path, dir: &Path) -> Result<RpoReport> {
-    let started_unix = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-    let host = Host::here();
+fn measure_grid(args: &RpoArgs, exe: &Path, start: &Start) -> Result<RpoReport> {
+    let (dir, started_unix, host) = (&start.dir, start.started_unix, start.host.clone());
     let points = points(args);
     println!(
         "bench rpo: {} MiB disk (the mixed workload), {:?} churn {} MB/s in {} KiB writes for {} s, {} run(s), in {}",
@@ -312,7 +313,14 @@ fn measure(
     let mut cluster = Cluster::new(exe, &dir.join("cluster"))?;
     let proxy = match wan {
         Some((rtt, rate)) => {
-            let proxy = Proxy::start(&rt, cluster.mt_port, rtt, rate, 50, 4 << 20)?;
+            let proxy = Proxy::start(
+                &rt,
+                cluster.mt_port,
+                rtt,
+                rate,
+                args.buffer_ms,
+                args.proxy_window,
+            )?;
             cluster.master_target_via = Some(proxy.port);
             Some(proxy)
         }
@@ -428,10 +436,7 @@ fn measure(
             bail!("agent replicate did not stop cleanly on SIGTERM ({status})");
         }
     }
-    let codes = cluster.stop(Duration::from_secs(20));
-    if codes.iter().any(|c| *c != Some(0)) {
-        bail!("a server did not stop cleanly: {codes:?}");
-    }
+    cluster.stop_clean(Duration::from_secs(20))?;
     let wire_bytes_up = match proxy {
         Some(p) => Some(p.finish(&rt)?.up.load(Ordering::Relaxed)),
         None => None,

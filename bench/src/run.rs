@@ -250,6 +250,9 @@ impl RunArgs {
         if self.workload != [Workload::Mixed] {
             bail!("--scenario continuous replicates the generated mixed disk: --workload mixed");
         }
+        if self.repeat.is_some() {
+            bail!("--scenario continuous runs each grid point once: no --repeat");
+        }
         Ok(RpoArgs {
             size: plan.size,
             churn_mb: self.churn_mb,
@@ -261,6 +264,8 @@ impl RunArgs {
             flush_ms: 1000,
             rtt_ms: plan.rtt_ms,
             rate_mbit: plan.rate_mbit,
+            buffer_ms: self.buffer_ms,
+            proxy_window: self.proxy_window,
             sample_ms: 500,
             out: self.out.clone(),
             dir: self.dir.clone(),
@@ -524,6 +529,17 @@ pub struct Start {
     pub tmp: Option<tempfile::TempDir>,
     pub started_unix: u64,
     pub host: Host,
+}
+
+/// Passes `r` through; if it is an error, keeps the temporary working directory behind
+/// `tmp` (if any) for the logs the error points at.
+pub fn keep_on_err<T>(tmp: &mut Option<tempfile::TempDir>, r: Result<T>) -> Result<T> {
+    if r.is_err()
+        && let Some(t) = tmp.take()
+    {
+        let _ = t.keep();
+    }
+    r
 }
 
 /// The working directory (see [`work_dir`]), the report directory `out` (created), the
@@ -1066,13 +1082,7 @@ fn failback_copy(
         let after = usage::sample(pid.context("server not running")?)?;
         roles.push((role.to_string(), after.since(b)));
     }
-    let codes = cluster.stop(Duration::from_secs(20));
-    if codes.iter().any(|c| *c != Some(0)) {
-        bail!(
-            "a server did not stop cleanly: {codes:?}\n{}",
-            cluster.log_tails()
-        );
-    }
+    cluster.stop_clean(Duration::from_secs(20))?;
     verify::files_equal(&cluster.flat_path(DISK_NAME), t.source)
         .context("verifying the replica")?;
     // The agent falls back to a full pass when it gets no chunk hashes; say so.

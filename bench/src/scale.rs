@@ -19,8 +19,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use crate::cluster::Cluster;
-use crate::run::{Cmp, Host, Start, Target, build_kind, check_batch_size, median, start};
+use crate::cluster::{Cluster, PsMemoryArgs};
+use crate::run::{
+    Cmp, Host, Start, Target, build_kind, check_batch_size, keep_on_err, median, start,
+};
 use crate::{streams, usage, verify};
 
 /// Options of `bench scale`.
@@ -48,15 +50,8 @@ pub struct ScaleArgs {
     /// Give up if the agents are not all done after this many seconds.
     #[arg(long, default_value_t = 900)]
     pub timeout_secs: u64,
-    /// HTTP/2 stream window the process server grants each agent stream (its
-    /// `--h2-stream-window`): unread data each stream may add to its memory budget.
-    /// Default: the process server's own (1M).
-    #[arg(long, value_parser = protocol::cli::parse_size)]
-    pub ps_stream_window: Option<u64>,
-    /// The process server's `--memory-budget` (batches held for ingest plus the forward
-    /// window). Default: the process server's own (256M).
-    #[arg(long, value_parser = protocol::cli::parse_size)]
-    pub ps_memory_budget: Option<u64>,
+    #[command(flatten)]
+    pub ps_memory: PsMemoryArgs,
 }
 
 const MIB: f64 = (1 << 20) as f64;
@@ -138,18 +133,8 @@ pub fn run(args: &ScaleArgs, exe: &Path) -> Result<ScaleReport> {
         .collect::<Result<Vec<_>>>()?;
     let rt = tokio::runtime::Runtime::new()?;
     let mut cluster = Cluster::new(exe, &dir.join("cluster"))?;
-    let window = args
-        .ps_stream_window
-        .unwrap_or(process_server::cli::DEFAULT_AGENT_STREAM_WINDOW);
-    let budget = args
-        .ps_memory_budget
-        .unwrap_or(process_server::cli::DEFAULT_MEMORY_BUDGET);
-    cluster.process_server_flags = vec![
-        "--h2-stream-window".into(),
-        window.to_string(),
-        "--memory-budget".into(),
-        budget.to_string(),
-    ];
+    let (window, budget) = args.ps_memory.effective();
+    cluster.process_server_flags = args.ps_memory.flags();
     // A gRPC message is the encoded batch behind a 5-byte header.
     let largest = batches
         .iter()
@@ -160,15 +145,10 @@ pub fn run(args: &ScaleArgs, exe: &Path) -> Result<ScaleReport> {
     let held_bound = budget
         + args.agents as u64 * (window + 2 * largest)
         + process_server::cache::log::MAX_GROUP_BYTES as u64;
-    let outcome = push_and_verify(&rt, args, &mut cluster, &disks, &batches);
-    if outcome.is_err() {
-        // Keep the files and logs the error points at.
-        if let Some(t) = tmp.take() {
-            let _ = t.keep();
-        }
-    }
-    let (times, ps_before, ps, mt) = outcome?;
-    let verified = disks.len();
+    let (times, ps_before, ps, mt, verified) = keep_on_err(
+        &mut tmp,
+        push_and_verify(&rt, args, &mut cluster, &disks, &batches),
+    )?;
     let seconds: Vec<f64> = times.iter().map(Duration::as_secs_f64).collect();
     let rates: Vec<f64> = seconds
         .iter()
@@ -249,14 +229,21 @@ pub fn run(args: &ScaleArgs, exe: &Path) -> Result<ScaleReport> {
 
 /// Starts the cluster, pushes every agent's pass, stops the cluster and compares every
 /// target disk with its source; returns each agent's time, the process server's usage
-/// before the push, and the process server's and master target's usage during it.
+/// before the push, the process server's and master target's usage during it, and how
+/// many disks were compared equal with their source.
 fn push_and_verify(
     rt: &tokio::runtime::Runtime,
     args: &ScaleArgs,
     cluster: &mut Cluster,
     disks: &[streams::Disk],
     batches: &[Vec<protocol::pb::Batch>],
-) -> Result<(Vec<Duration>, usage::Usage, usage::Usage, usage::Usage)> {
+) -> Result<(
+    Vec<Duration>,
+    usage::Usage,
+    usage::Usage,
+    usage::Usage,
+    usize,
+)> {
     cluster.start().with_context(|| cluster.log_tails())?;
     let ready = rt
         .block_on(streams::open_all(cluster, disks, batches, true))
@@ -276,16 +263,12 @@ fn push_and_verify(
         usage::sample(ps)?.since(ps_before),
         usage::sample(mt)?.since(mt_before),
     );
-    let codes = cluster.stop(Duration::from_secs(30));
-    if codes.iter().any(|c| *c != Some(0)) {
-        bail!(
-            "a server did not stop cleanly: {codes:?}\n{}",
-            cluster.log_tails()
-        );
-    }
+    cluster.stop_clean(Duration::from_secs(30))?;
+    let mut verified = 0;
     for d in disks {
         verify::files_equal(&cluster.flat_path(&d.name), &d.source)
             .with_context(|| format!("verifying disk {} ({})", d.disk_id, cluster.dir.display()))?;
+        verified += 1;
     }
-    Ok((times, ps_before, ps_used, mt_used))
+    Ok((times, ps_before, ps_used, mt_used, verified))
 }

@@ -99,6 +99,26 @@ impl Drop for Share {
     }
 }
 
+/// A waiter's receiver; dropped before its share arrives (the stream went away), it gives
+/// up its place at once, so that the waiters behind it are not held up until the next
+/// release.
+struct Waiting<'a> {
+    budget: &'a Arc<Budget>,
+    rx: Option<oneshot::Receiver<Share>>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(rx) = self.rx.take() {
+            // First the receiver (and any share already sent to it, which releases itself),
+            // then the queue without it.
+            drop(rx);
+            let mut s = self.budget.state.lock();
+            self.budget.grant(&mut s);
+        }
+    }
+}
+
 impl Budget {
     /// A budget of `capacity` bytes (at least 1).
     pub fn new(capacity: u64) -> Arc<Self> {
@@ -157,9 +177,17 @@ impl Budget {
             self.grant(&mut s);
             rx
         };
-        let share = rx
+        let mut waiting = Waiting {
+            budget: self,
+            rx: Some(rx),
+        };
+        let share = waiting
+            .rx
+            .as_mut()
+            .expect("set above")
             .await
             .expect("a waiter is removed only by granting it or once its receiver is gone");
+        waiting.rx = None;
         lane.served += share.bytes;
         share
     }
@@ -285,6 +313,31 @@ mod tests {
         drop(b.acquire(&mut late, MIB).await);
         assert_eq!(late.served, 1000 * MIB - MAX_CATCH_UP + MIB);
         assert_eq!(busy.served, 1001 * MIB);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_first_waiter_lets_the_next_one_in_at_once() {
+        let b = Budget::new(4 * MIB);
+        let _holder = b.acquire(&mut Lane::default(), 3 * MIB).await;
+        // First in line: 2 MiB, which does not fit; behind it, 1 MiB, which would.
+        let (b1, b2) = (b.clone(), b.clone());
+        let first = tokio::spawn(async move { b1.acquire(&mut Lane::default(), 2 * MIB).await });
+        settle().await;
+        let next = tokio::spawn(async move {
+            let mut lane = Lane { served: 10 * MIB };
+            b2.acquire(&mut lane, MIB).await
+        });
+        settle().await;
+        assert!(!next.is_finished());
+        // The first stream goes away; nothing is released, yet the next one is granted.
+        first.abort();
+        let _ = first.await;
+        let next = tokio::time::timeout(std::time::Duration::from_secs(10), next)
+            .await
+            .expect("granted without a release")
+            .unwrap();
+        assert_eq!(next.bytes(), MIB);
+        assert_eq!(b.waiting(), 0);
     }
 
     #[tokio::test]

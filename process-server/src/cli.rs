@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use protocol::auth::ClientAuth;
 use protocol::cli::{LogFormat, SecurityArgs, Size, WanArgs, WatchArgs, parse_size};
+use protocol::transport::WanTuning;
 use serde::{Deserialize, Serialize};
 
 use crate::budget::MIN_INGEST;
@@ -423,11 +424,10 @@ impl Effective {
         // The forward connections cross the WAN: what the master target sends on them (acks,
         // and a differential sync's chunk hashes) keeps the WAN default stream window, not the
         // LAN-sized one of agent streams.
-        let forward_tuning = WanArgs {
-            h2_stream_window: None,
-            h2_connection_window: Some(self.h2_connection_window.0),
-        }
-        .tuning();
+        let forward_tuning = WanTuning {
+            stream_window: WanTuning::default().stream_window,
+            ..tuning.clone()
+        };
         Ok(Settings {
             listen: self.listen,
             metrics_listen: self.metrics_listen,

@@ -364,10 +364,35 @@ async fn on_batch(
     // Backpressure: nothing more is read from this stream until the batch has its share.
     let need = segment::record_len(&id, payload.len()) as u64;
     let mut shutdown = ctx.shutdown.clone();
-    let hold = tokio::select! {
-        h = ctx.budget.acquire(lane, need) => h,
-        _ = shutdown.wait_for(|s| *s) => return Ok(false),
+    // The budget is also what a stuck cache writer holds (a full volume): a pause of the
+    // cache is announced from here too, so the agent learns why it is held.
+    let mut pause = ctx.cache.flow().pause();
+    let mut announced = false;
+    let acquire = ctx.budget.acquire(lane, need);
+    tokio::pin!(acquire);
+    let hold = loop {
+        let changed = tokio::select! {
+            h = &mut acquire => break h,
+            _ = shutdown.wait_for(|s| *s) => return Ok(false),
+            r = pause.changed(), if !announced => r,
+        };
+        let reason = pause.borrow_and_update().clone();
+        if changed.is_err() {
+            return Ok(false);
+        }
+        if let Some(reason) = reason {
+            announced = true;
+            if out.send(Ok(msg_pause(true, reason))).await.is_err() {
+                return Ok(false);
+            }
+        }
     };
+    // Still paused: the read loop holds the stream and announces the resume; cleared
+    // meanwhile: say so here.
+    let cleared = pause.borrow().is_none();
+    if announced && cleared && out.send(Ok(msg_pause(false, String::new()))).await.is_err() {
+        return Ok(false);
+    }
     let order = ctx
         .disks
         .order_lock(&id)

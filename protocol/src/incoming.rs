@@ -26,6 +26,17 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 /// Pause after a failed accept (EMFILE, ENFILE, ENOBUFS...): retrying at once would spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// How long to wait before accepting again after `e`: out of descriptors or memory, the
+/// next accept would fail the same way at once (a spin), so wait [`ACCEPT_BACKOFF`]; a
+/// failure of one connection (ECONNABORTED...) concerns only it, so go on at once.
+pub(crate) fn accept_backoff(e: &io::Error) -> Option<Duration> {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+    .then_some(ACCEPT_BACKOFF)
+}
+
 /// Bytes a new connection must send within the handshake timeout: the length of the HTTP/2
 /// client preface (a TLS ClientHello is longer).
 pub const HANDSHAKE_BYTES: usize = 24;
@@ -83,8 +94,12 @@ impl Stream for Incoming {
                 Ok(accepted) => accepted,
                 // Failures (ECONNABORTED, EMFILE...) must not end the server, nor spin it.
                 Err(e) => {
-                    tracing::warn!("accept failed: {e}; retrying in {ACCEPT_BACKOFF:?}");
-                    this.backoff = Some(Box::pin(tokio::time::sleep(ACCEPT_BACKOFF)));
+                    let wait = accept_backoff(&e);
+                    tracing::warn!(
+                        "accept failed: {e}; retrying in {:?}",
+                        wait.unwrap_or_default()
+                    );
+                    this.backoff = wait.map(|w| Box::pin(tokio::time::sleep(w)) as _);
                     continue;
                 }
             };

@@ -114,10 +114,11 @@ where
         };
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
-            // EMFILE and the like: retrying at once would spin.
-            Err(_) => {
+            Err(e) => {
                 drop(permit);
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                if let Some(wait) = crate::incoming::accept_backoff(&e) {
+                    tokio::time::sleep(wait).await;
+                }
                 continue;
             }
         };

@@ -310,24 +310,7 @@ fn the_agent_rides_out_a_process_server_outage_and_the_marker_before_it_recovers
 
     // The marker cut before the outage recovers exactly the disk as it was then.
     let out_vmdk = dir.path().join("recovered.vmdk");
-    let rec = run_with_timeout(
-        c.role("master-target")
-            .args(["recover", "--datastore"])
-            .arg(&c.datastore)
-            .arg("--retention")
-            .arg(&c.retention)
-            .args(["--disk", DISK_ID, "--point", TAG, "--out"])
-            .arg(&out_vmdk),
-        Duration::from_secs(60),
-    )
-    .unwrap();
-    assert!(
-        rec.status.success(),
-        "master-target recover --point {TAG}: {}{}\n{}",
-        String::from_utf8_lossy(&rec.stdout),
-        String::from_utf8_lossy(&rec.stderr),
-        c.log_tails()
-    );
+    common::recover(&c, DISK_ID, TAG, &out_vmdk);
     let recovered = std::fs::read(dir.path().join("recovered-flat.vmdk")).unwrap();
     assert_eq!(recovered.len(), at_marker.len());
     if let Some(at) = recovered.iter().zip(&at_marker).position(|(x, y)| x != y) {

@@ -17,7 +17,7 @@ use protocol::batch::BatchBuilder;
 use protocol::pb::{
     AgentMessage, Batch, DiskInfo, DiskProgress, agent_message, process_server_message,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 const DISK_ID: &str = "disk-cache-kill-1";
 const NAME: &str = "cachekill";
@@ -83,9 +83,10 @@ async fn connect(c: &Cluster) -> Stream {
     }
 }
 
-/// Sends seqs from `next` on until the stream breaks (the process server was killed);
-/// returns the highest cached seq it acknowledged.
-async fn stream_until_killed(s: Stream, next: u64) -> u64 {
+/// Sends seqs from `next` on until the stream breaks (the process server was killed); says
+/// on `first_ack` when the first of them is acknowledged; returns the highest cached seq
+/// acknowledged.
+async fn stream_until_killed(s: Stream, next: u64, first_ack: oneshot::Sender<()>) -> u64 {
     let Stream {
         tx,
         mut rx,
@@ -105,9 +106,15 @@ async fn stream_until_killed(s: Stream, next: u64) -> u64 {
         }
     });
     let mut acked = welcome.cached_seq;
+    let mut first_ack = Some(first_ack);
     while let Ok(Some(m)) = rx.message().await {
         if let Some(process_server_message::Body::Ack(p)) = m.body {
             acked = acked.max(p.cached_seq);
+            if acked >= next
+                && let Some(tx) = first_ack.take()
+            {
+                let _ = tx.send(());
+            }
         }
     }
     sender.abort();
@@ -173,9 +180,13 @@ fn sigkill_during_group_commits_loses_no_acknowledged_batch() {
             c.log_tails()
         );
         let next = s.welcome.cached_seq + 1;
-        let streaming = rt.spawn(stream_until_killed(s, next));
-        // Kill at a different point of the stream each round.
-        std::thread::sleep(Duration::from_millis(150 + 110 * round));
+        let (first_ack, acking) = oneshot::channel();
+        let streaming = rt.spawn(stream_until_killed(s, next, first_ack));
+        // Once batches are being acknowledged, kill at a different point each round.
+        rt.block_on(tokio::time::timeout(TIMEOUT, acking))
+            .expect("a first ack")
+            .expect("the stream is still up");
+        std::thread::sleep(Duration::from_millis(50 + 110 * round));
         c.kill_process_server();
         acked = rt
             .block_on(tokio::time::timeout(TIMEOUT, streaming))

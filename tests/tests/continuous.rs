@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use bench::cluster::{free_port, run_with_timeout};
+use bench::cluster::free_port;
 use bench::workload;
 
 const DISK_ID: &str = "disk-cont-1";
@@ -82,23 +82,7 @@ fn writes_over_nbd_replicate_in_order_and_a_marker_recovers_exactly() {
 
     // Recover to the marker while everything keeps running.
     let out_vmdk = dir.path().join("datastore").join("step1.vmdk");
-    let rec = run_with_timeout(
-        c.role("master-target")
-            .args(["recover", "--datastore"])
-            .arg(&c.datastore)
-            .arg("--retention")
-            .arg(&c.retention)
-            .args(["--disk", DISK_ID, "--point", "step1", "--out"])
-            .arg(&out_vmdk),
-        Duration::from_secs(60),
-    )
-    .unwrap();
-    assert!(
-        rec.status.success(),
-        "recover: {}\n{}",
-        String::from_utf8_lossy(&rec.stderr),
-        c.log_tails()
-    );
+    common::recover(&c, DISK_ID, "step1", &out_vmdk);
     let recovered = std::fs::read(dir.path().join("datastore").join("step1-flat.vmdk")).unwrap();
     assert!(
         recovered == at_marker,

@@ -171,6 +171,24 @@ fn hostile_batches_get_precise_codes_and_change_nothing() {
         replayed, None,
         "a replay is dropped as a duplicate, not an error"
     );
+    // Nothing was taken in: the process server holds no seq past `last`, and everything it
+    // holds is applied before the disk is compared (a cached replay could not hide).
+    let good_progress = || {
+        common::status(&c, common::Server::ProcessServer)
+            .and_then(|s| s.disks.into_iter().find(|d| d.disk_id == "disk-good"))
+            .map(|d| (d.cached_seq, d.applied_seq))
+    };
+    common::wait_until(
+        "the honest disk fully applied",
+        &c,
+        Duration::from_secs(60),
+        || good_progress().is_some_and(|(cached, applied)| applied == cached),
+    );
+    assert_eq!(
+        good_progress().map(|p| p.0),
+        Some(last),
+        "a replayed seq was cached"
+    );
 
     // Nothing hostile was stored: the hostile disk has no data (at most an empty, freshly
     // created image), and the honest disk is untouched.

@@ -115,6 +115,17 @@ pub struct FlatExtent {
     dirty: Option<(u64, u64)>,
     /// Whether a `FALLOC_FL_ZERO_RANGE` ran since the last sync (extent metadata changed).
     metadata_dirty: bool,
+    /// Whether this file's filesystem is one whose `SEEK_DATA` is known to count dirty
+    /// page-cache pages as data ([`seek_data_trusted`]); elsewhere holes are read.
+    holes_trusted: bool,
+}
+
+/// statfs magics of the filesystems whose `SEEK_DATA` reports every byte written (even
+/// unsynced, even through a map) as data: ext4 (also ext2/3), XFS, Btrfs, tmpfs. Others
+/// (OpenZFS before 2.2.2, for one) have reported dirty ranges as holes; trusting them would
+/// journal zeros as the old bytes of a block, and a rollback would then write zeros.
+fn seek_data_trusted(fs_type: i64) -> bool {
+    matches!(fs_type, 0xEF53 | 0x5846_5342 | 0x9123_683E | 0x0102_1994)
 }
 
 impl std::fmt::Debug for FlatExtent {
@@ -230,6 +241,7 @@ impl FlatExtent {
         let map = unsafe { memmap2::MmapOptions::new().len(len).map_mut(&file) }
             .map_err(|e| FlatError::io("mmap", &path, e))?;
         Ok(FlatExtent {
+            holes_trusted: super::fs_type(&path).is_some_and(seek_data_trusted),
             path,
             file,
             capacity,
@@ -355,7 +367,7 @@ impl FlatExtent {
     /// is simply read. `lseek` moves the file offset, which nothing here uses (all I/O is
     /// positional or through the map).
     fn is_hole(&self, offset: u64, len: u64) -> bool {
-        if len == 0 {
+        if len == 0 || !self.holes_trusted {
             return false;
         }
         let Ok(at) = libc::off_t::try_from(offset) else {

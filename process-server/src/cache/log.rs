@@ -901,6 +901,8 @@ impl Writer {
         if let Some(id) = reused {
             match reuse_segment(&self.dir, id, seq, self.segment_size) {
                 Ok(a) => return Ok(a),
+                // A failed sync is fatal for the volume, never worked around (module doc).
+                Err(e @ LogError::Syncing { .. }) => return Err(e),
                 Err(e) => {
                     // The free file is dropped; a new one serves instead.
                     tracing::warn!("cannot reuse free cache segment {id}: {e}");

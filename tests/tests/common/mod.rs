@@ -177,6 +177,30 @@ pub async fn replicate_stream(
     (tx, answer)
 }
 
+/// `master-target recover --disk DISK_ID --point POINT --out OUT` against the cluster's
+/// datastore and retention volume (as a new monolithic VMDK); panics, with the servers'
+/// logs, unless it succeeds.
+pub fn recover(c: &Cluster, disk_id: &str, point: &str, out: &Path) {
+    let rec = bench::cluster::run_with_timeout(
+        c.role("master-target")
+            .args(["recover", "--datastore"])
+            .arg(&c.datastore)
+            .arg("--retention")
+            .arg(&c.retention)
+            .args(["--disk", disk_id, "--point", point, "--out"])
+            .arg(out),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    assert!(
+        rec.status.success(),
+        "master-target recover --point {point}: {}{}\n{}",
+        String::from_utf8_lossy(&rec.stdout),
+        String::from_utf8_lossy(&rec.stderr),
+        c.log_tails()
+    );
+}
+
 /// Sends SIGTERM to `child` (an agent) and waits until it has exited, at most 20 s.
 pub fn stop_on_sigterm(c: &Cluster, child: &mut std::process::Child) {
     // SAFETY: kill(2) on the pid of a child we own and have not reaped.
