@@ -17,13 +17,16 @@
 //!    `RESYNC_END`, which ends the agent's transfer). The process server is then stopped
 //!    (SIGTERM):
 //!    its cache holds every batch durably;
-//! 3. the master target is started again (its datastore and retention volume as left), the
-//!    clock starts and the process server is started: its forwarder opens a fresh session at
-//!    once (no reconnect backoff) and sends the cached batches. Its status is polled every
-//!    10 ms: *fresh* = start until seq n is seen applied (the whole disk written onto an
-//!    empty one, the process server's start-up included); *apply* = from then until seq 2n is seen applied
-//!    (every byte overwrites data, so the undo journal takes the old bytes of the whole
-//!    disk). The master target acks a batch once its undo, data and commit are durable;
+//! 3. the master target is started again (its datastore and retention volume as left), then
+//!    the process server: it recovers its cache volume, and its forwarder opens a fresh
+//!    session at once (no reconnect backoff) and sends the cached batches. The clock starts
+//!    when its status (polled every 2 ms) shows the link up, as a daemon's link is up before
+//!    any sync (the batches applied by then, at most a tenth, are left out of the fresh
+//!    figure). Its status is then polled every 10 ms: *fresh* = start until seq n is seen
+//!    applied (the whole disk written onto an empty one); *apply* = from then until seq 2n
+//!    is seen applied (every byte overwrites data, so the undo journal takes the old bytes
+//!    of the whole disk). The master target acks a batch once its undo, data and commit are
+//!    durable;
 //! 4. the replica's flat extent is compared byte for byte with the source (not timed);
 //! 5. recover: `master-target recover --point T --out NEW.vmdk` to the point 10 % of the
 //!    churn back (seq 2n - n/10), timed from the command's start to its exit; its flat
@@ -57,6 +60,7 @@ use crate::streams::{self, Disk};
 use crate::usage;
 use crate::verify;
 use crate::workload::Workload;
+use protocol::pb::StatusReply;
 
 /// Options of `bench apply`.
 #[derive(clap::Args, Debug, Clone)]
@@ -99,15 +103,18 @@ pub struct ApplyArgs {
 pub struct PathRun {
     /// The master target's `--data-io`.
     pub data_io: &'static str,
-    /// The base written onto the empty disk (process server start-up included).
+    /// The base written onto the empty disk, from the clock's start (the process server's
+    /// link up); MB/s of what was left of it then.
     pub fresh_seconds: f64,
     pub fresh_mb_per_sec: f64,
     /// The churn pass over written data (undo of the whole disk journaled).
     pub apply_seconds: f64,
     pub apply_mb_per_sec: f64,
     pub apply_blocks_per_sec: f64,
-    /// Until the process server listened (inside `fresh_seconds`).
-    pub process_server_start_seconds: f64,
+    /// From starting the process server until its link was up (before the clock).
+    pub process_server_ready_seconds: f64,
+    /// Batches of the base applied before the clock started (at most a tenth).
+    pub applied_before_start: u64,
     /// CPU seconds (user + system) of the master target during the fresh pass (from the
     /// clock's start: its own start-up is before it).
     pub master_target_fresh_cpu_secs: f64,
@@ -162,6 +169,10 @@ pub struct PathSummary {
     pub apply_ratio: f64,
     /// fresh / qemu-img MB/s.
     pub fresh_ratio: f64,
+    /// The most apply / qemu-img could be on this host given the CPU the churn pass took:
+    /// qemu-img's seconds x CPUs / (master target + process server CPU seconds of the
+    /// pass), as if every core did nothing but that work, perfectly overlapped.
+    pub cpu_ceiling_ratio: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -204,9 +215,10 @@ pub struct ApplyReport {
 const METHOD: &str = "per data path (serve --data-io, each on a fresh cluster): two passes \
      cached in a stopped process server first (not timed): a base disk written onto the new \
      disk, then the source as ordinary writes over all of it; master target restarted with its \
-     retention volume, clock started, process server started (its forwarder reads the cache \
-     and sends over 4 connections: inside the time); its status polled every 10 ms: fresh = \
-     until the base's last seq is applied (start-up included), apply = from then until the \
+     retention volume, process server started, clock started once its link to the master \
+     target is up (its forwarder reads the cache and sends over 4 connections: inside the \
+     time); its status polled every 10 ms: fresh = until the base's last seq is applied (MB/s \
+     of what was left of it at the start), apply = from then until the \
      source's last seq is applied (durable, undo journaled); replica verified byte for byte; \
      recover (first path's retention) = `master-target recover --out` to the point 10 % of \
      the churn back, process start to exit, verified; baselines in the same directory: \
@@ -344,6 +356,11 @@ pub fn run(args: &ApplyArgs, exe: &Path) -> Result<ApplyReport> {
                 }),
                 apply_ratio: apply / qemu,
                 fresh_ratio: fresh / qemu,
+                cpu_ceiling_ratio: med(&|r| {
+                    let p = path(r);
+                    host.cpus as f64 * r.qemu_seconds
+                        / (p.master_target_cpu_secs + p.process_server_cpu_secs)
+                }),
             }
         })
         .collect();
@@ -410,14 +427,17 @@ pub fn run(args: &ApplyArgs, exe: &Path) -> Result<ApplyReport> {
     for p in &paths {
         println!(
             "  {:>6}: fresh {:.1} MB/s ({:.2} MT CPU s/GiB), apply {:.1} MB/s ({:.0} blocks/s, \
-             {:.2} MT CPU s/GiB), apply / qemu-img {:.2}",
+             {:.2} MT CPU s/GiB), apply / qemu-img {:.2} (CPU ceiling {:.2}), fresh / qemu-img \
+             {:.2}",
             p.data_io,
             p.fresh_mb_per_sec,
             p.master_target_fresh_cpu_secs_per_gib,
             p.apply_mb_per_sec,
             p.apply_blocks_per_sec,
             p.master_target_cpu_secs_per_gib,
-            p.apply_ratio
+            p.apply_ratio,
+            p.cpu_ceiling_ratio,
+            p.fresh_ratio
         );
     }
     if let Some(r) = pwrite_vs_mmap_apply {
@@ -581,12 +601,27 @@ fn apply_pass(
         .master_target_pid()
         .context("master target not running")?;
     let (n, last) = (batches.len() as u64 / 2, batches.len() as u64);
-    let mt_at_start = usage::sample(mt)?;
-    let start = Instant::now();
+    let spawned = Instant::now();
     cluster
         .start_process_server()
         .with_context(|| cluster.log_tails())?;
-    let listening = start.elapsed();
+    // Its start-up (recovering its cache volume) is not the master target's apply: the
+    // clock starts once its link is up, when its forwarder starts sending.
+    let at_start = cluster
+        .wait_link_up(rt, timeout)
+        .with_context(|| cluster.log_tails())?;
+    let start = Instant::now();
+    let mt_at_start = usage::sample(mt)?;
+    let ready = spawned.elapsed();
+    let applied_before = applied_seq(&at_start, &source.disk_id);
+    if applied_before >= n / 10 {
+        bail!(
+            "{applied_before} of {n} batches were applied before the process server reported its link up: \
+             too small a --size to time the passes"
+        );
+    }
+    // Bytes of the base pass still to apply when the clock started.
+    let fresh_bytes = args.size * (n - applied_before) / n;
     let ps = cluster
         .process_server_pid()
         .context("process server not running")?;
@@ -594,11 +629,7 @@ fn apply_pass(
     loop {
         let status = cluster.ps_status(rt)?;
         let seen = start.elapsed();
-        let applied = status
-            .disks
-            .iter()
-            .find(|d| d.disk_id == source.disk_id)
-            .map_or(0, |d| d.applied_seq);
+        let applied = applied_seq(&status, &source.disk_id);
         if applied >= n && base_done.is_none() {
             if applied >= last {
                 bail!(
@@ -634,11 +665,12 @@ fn apply_pass(
     let path = PathRun {
         data_io: io.name(),
         fresh_seconds: fresh.as_secs_f64(),
-        fresh_mb_per_sec: mb_per_sec(args.size, fresh.as_secs_f64()),
+        fresh_mb_per_sec: mb_per_sec(fresh_bytes, fresh.as_secs_f64()),
         apply_seconds,
         apply_mb_per_sec: mb_per_sec(args.size, apply_seconds),
         apply_blocks_per_sec: args.size as f64 / 4096.0 / apply_seconds,
-        process_server_start_seconds: listening.as_secs_f64(),
+        process_server_ready_seconds: ready.as_secs_f64(),
+        applied_before_start: applied_before,
         master_target_fresh_cpu_secs: mt_before.since(mt_at_start).cpu_secs,
         master_target_cpu_secs: used.cpu_secs,
         master_target_cpu_secs_per_gib: used.cpu_secs / (args.size as f64 / GIB),
@@ -647,6 +679,15 @@ fn apply_pass(
         retention_bytes,
     };
     Ok((path, cluster))
+}
+
+/// The applied seq of `disk_id` in a process server's status (0 if it is not listed).
+fn applied_seq(status: &StatusReply, disk_id: &str) -> u64 {
+    status
+        .disks
+        .iter()
+        .find(|d| d.disk_id == disk_id)
+        .map_or(0, |d| d.applied_seq)
 }
 
 /// Writes at `path` the disk as of a point in the churn pass: the source's first `upto`

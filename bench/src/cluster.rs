@@ -331,24 +331,29 @@ impl Cluster {
             .map_err(|r| anyhow::anyhow!("process server status: {r}"))
     }
 
-    /// Waits until the process server reports its link to the master target up.
-    pub fn wait_link_up(&self, rt: &tokio::runtime::Runtime, timeout: Duration) -> Result<()> {
+    /// Waits until the process server reports its link to the master target up (polled
+    /// every 2 ms: its forwarder starts sending at once); returns that status.
+    pub fn wait_link_up(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        timeout: Duration,
+    ) -> Result<StatusReply> {
         let deadline = Instant::now() + timeout;
         loop {
-            let link = self
-                .ps_status(rt)
-                .ok()
+            let status = self.ps_status(rt).ok();
+            let link = status
+                .as_ref()
                 .and_then(|s| s.facts.get("master_target_link").cloned())
                 .unwrap_or_default();
             if link.starts_with("up") {
-                return Ok(());
+                return Ok(status.expect("the link came from it"));
             }
             if Instant::now() > deadline {
                 bail!(
                     "the process server's link to the master target is not up after {timeout:?} ({link})"
                 );
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(2));
         }
     }
 

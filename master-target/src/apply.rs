@@ -11,10 +11,11 @@
 //!   once durable), `admitted + 1` is admitted, anything higher waits in a reorder buffer
 //!   bounded in batches ([`MAX_REORDER_BATCHES`]) and bytes ([`MAX_REORDER_BYTES`]);
 //!   overflow is refused with `OutOfSequence` and the process server re-sends.
-//! * A batch is fully checked and decompressed (`protocol::batch::decode_into`) when it is
-//!   admitted, before any of its bytes is written: a bad batch changes nothing, is refused
-//!   with `BadBatch`, and stops the disk at its durable seq until a connection declares the
-//!   disk again.
+//! * A batch is fully checked and decompressed ([`Checked::new`]) by the connection that
+//!   received it, before it is queued here (so that several connections decode in parallel
+//!   while the applier writes), and so before any of its bytes is written: a bad batch
+//!   changes nothing; when its turn comes it is refused with `BadBatch` and stops the disk
+//!   at its durable seq until a connection declares the disk again.
 //! * Group commit (up to [`GROUP_MAX_BATCHES`] / [`GROUP_MAX_BYTES`]), under the disk's
 //!   commit lock: undo records of every batch (old bytes read from the target) are
 //!   fdatasynced -> the data goes to the target (into the map, or pwrite with `--data-io
@@ -55,18 +56,49 @@ use crate::vmdk::Disk;
 pub const QUEUE_DEPTH: usize = 64;
 /// Early batches held per disk.
 pub const MAX_REORDER_BATCHES: usize = 512;
-/// Compressed bytes held per disk in the reorder buffer.
+/// Decompressed bytes held per disk in the reorder buffer.
 pub const MAX_REORDER_BYTES: usize = 256 << 20;
 /// Most batches made durable by one commit.
 pub const GROUP_MAX_BATCHES: usize = 64;
 /// Most uncompressed bytes made durable by one commit.
 pub const GROUP_MAX_BYTES: usize = 64 << 20;
 
+/// A batch as the applier takes it: checked and decompressed, or the refusal it earned.
+#[derive(Debug)]
+pub struct Checked {
+    /// The batch, its compressed payload dropped.
+    batch: Batch,
+    data: Result<Vec<u8>, Refusal>,
+}
+
+impl Checked {
+    /// Checks `batch` against a disk of `capacity` bytes and decompresses it
+    /// (`protocol::batch::decode_into`). CPU work of about a millisecond per MiB: run it off
+    /// the async workers.
+    pub fn new(mut batch: Batch, capacity: u64) -> Checked {
+        let mut data = Vec::new();
+        let data = match decode_into(&batch, capacity, &mut data) {
+            Ok(_) => Ok(data),
+            Err(e) => Err(e.refusal(&batch.disk_id, batch.seq)),
+        };
+        batch.payload = Default::default();
+        Checked { batch, data }
+    }
+
+    /// Bytes it holds in memory.
+    fn size(&self) -> usize {
+        self.data.as_ref().map_or(0, Vec::len)
+    }
+}
+
 /// A command for a disk's applier.
 #[derive(Debug)]
 pub enum ApplyCmd {
     /// A batch and the connection that delivered it.
-    Batch { batch: Batch, from: Arc<Outbox> },
+    Batch {
+        batch: Box<Checked>,
+        from: Arc<Outbox>,
+    },
     /// A connection declared the disk again: a disk stopped by a bad batch may go on.
     Resume,
     /// Commit what is admitted and stop.
@@ -192,7 +224,7 @@ pub struct Applier {
     /// until a commit.
     state: DiskState,
     durable_seq: u64,
-    reorder: BTreeMap<u64, (Batch, Vec<Arc<Outbox>>)>,
+    reorder: BTreeMap<u64, (Checked, Vec<Arc<Outbox>>)>,
     reorder_bytes: usize,
     stopped: Option<Refusal>,
     /// A sync failed: the disk stays stopped until the process restarts.
@@ -262,13 +294,13 @@ impl Applier {
                     tracing::info!(disk = %self.shared.disk_id, "disk resumed");
                 }
             }
-            ApplyCmd::Batch { batch, from } => self.offer(batch, from, group),
+            ApplyCmd::Batch { batch, from } => self.offer(*batch, from, group),
         }
         false
     }
 
-    fn offer(&mut self, batch: Batch, from: Arc<Outbox>, group: &mut Group) {
-        let seq = batch.seq;
+    fn offer(&mut self, batch: Checked, from: Arc<Outbox>, group: &mut Group) {
+        let seq = batch.batch.seq;
         if seq <= self.durable_seq {
             from.ack(&self.shared.disk_id, self.durable_seq);
             return;
@@ -287,7 +319,7 @@ impl Applier {
         }
         self.admit(batch, from, group);
         while let Some((batch, froms)) = self.reorder.remove(&(self.state.applied_seq + 1)) {
-            self.reorder_bytes -= batch.payload.len();
+            self.reorder_bytes -= batch.size();
             let mut froms = froms.into_iter();
             let first = froms.next().expect("a held batch has a sender");
             group.acks.extend(froms);
@@ -298,12 +330,12 @@ impl Applier {
         }
     }
 
-    fn hold(&mut self, batch: Batch, from: Arc<Outbox>) {
-        if let Some((_, froms)) = self.reorder.get_mut(&batch.seq) {
+    fn hold(&mut self, batch: Checked, from: Arc<Outbox>) {
+        if let Some((_, froms)) = self.reorder.get_mut(&batch.batch.seq) {
             froms.push(from);
             return;
         }
-        let size = batch.payload.len();
+        let size = batch.size();
         if self.reorder.len() >= MAX_REORDER_BATCHES
             || self.reorder_bytes + size > MAX_REORDER_BYTES
         {
@@ -313,7 +345,7 @@ impl Applier {
                 format!(
                     "batch seq {} arrived while waiting for seq {} and the reorder buffer is full \
                      ({} batches, {} bytes); re-send from seq {}",
-                    batch.seq,
+                    batch.batch.seq,
                     self.state.applied_seq + 1,
                     self.reorder.len(),
                     self.reorder_bytes,
@@ -323,19 +355,21 @@ impl Applier {
             return;
         }
         self.reorder_bytes += size;
-        self.reorder.insert(batch.seq, (batch, vec![from]));
+        self.reorder.insert(batch.batch.seq, (batch, vec![from]));
     }
 
-    /// Checks and decompresses the next batch and adds it to the group (nothing written).
-    fn admit(&mut self, batch: Batch, from: Arc<Outbox>, group: &mut Group) {
-        let mut data = Vec::new();
-        if let Err(e) = decode_into(&batch, self.shared.capacity, &mut data) {
-            let r = e.refusal(&self.shared.disk_id, batch.seq);
-            tracing::error!(disk = %self.shared.disk_id, seq = batch.seq, "refusing batch: {e}; disk stopped");
-            self.stop(r.clone());
-            from.error(r);
-            return;
-        }
+    /// Adds the next batch to the group (nothing written), or stops the disk if it is bad.
+    fn admit(&mut self, checked: Checked, from: Arc<Outbox>, group: &mut Group) {
+        let Checked { batch, data } = checked;
+        let data = match data {
+            Ok(data) => data,
+            Err(r) => {
+                tracing::error!(disk = %self.shared.disk_id, seq = batch.seq, "refusing batch: {r}; disk stopped");
+                self.stop(r.clone());
+                from.error(r);
+                return;
+            }
+        };
         if extents(&batch).any(|(o, l)| group.overlaps(o, o + l)) {
             let full = std::mem::replace(group, Group::new());
             if let Some(r) = self.commit(full) {
@@ -659,9 +693,10 @@ mod tests {
     fn run(a: &mut Applier, batches: Vec<Batch>, from: &Arc<Outbox>) {
         let mut g = Group::new();
         for b in batches {
+            let capacity = a.shared.capacity;
             a.handle(
                 ApplyCmd::Batch {
-                    batch: b,
+                    batch: Box::new(Checked::new(b, capacity)),
                     from: from.clone(),
                 },
                 &mut g,
@@ -875,6 +910,33 @@ mod tests {
         f.applier.handle(ApplyCmd::Resume, &mut g);
         run(&mut f.applier, vec![batch(1, 1)], &o);
         assert_eq!(f.applier.durable_seq, 1);
+    }
+
+    /// Checked on arrival, a bad batch that arrives early waits for its turn: the batches
+    /// before it apply, then it stops the disk.
+    #[test]
+    fn a_bad_batch_that_arrives_early_is_refused_in_its_turn() {
+        let mut f = fixture();
+        let o = Arc::new(Outbox::new());
+        let mut bad = batch(3, 7);
+        bad.data_crc ^= 1;
+        bad.header_crc = protocol::batch::header_crc(&bad);
+        run(&mut f.applier, vec![bad], &o);
+        assert!(drain(&o).is_empty(), "held until seqs 1 and 2 arrive");
+        assert!(f.applier.stopped.is_none());
+        run(&mut f.applier, vec![batch(1, 1), batch(2, 2)], &o);
+        let msgs = drain(&o);
+        assert!(
+            msgs.iter().any(
+                |m| matches!(m, Body::Error(e) if e.code == Code::BadBatch.value()
+                    && e.message.contains("seq 3"))
+            ),
+            "{msgs:?}"
+        );
+        assert_eq!(f.applier.durable_seq, 2);
+        assert!(f.applier.stopped.is_some());
+        let flat = std::fs::read(f.dir.path().join("ds/d1-flat.vmdk")).unwrap();
+        assert_eq!((flat[4096], flat[8192], flat[12288]), (1, 2, 0));
     }
 
     #[test]

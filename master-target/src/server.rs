@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::apply::ApplyCmd;
+use crate::apply::{ApplyCmd, Checked};
 use crate::hashes;
 use crate::metrics::{self, Counters};
 use crate::outbox::Outbox;
@@ -495,8 +495,24 @@ impl Connection {
             self.outbox.error(r);
             return;
         };
+        // Decoded here, on the blocking pool, so that the batches of every connection are
+        // checked and decompressed in parallel while the disk's applier writes.
+        let capacity = entry.shared.capacity;
+        let checked = match tokio::task::spawn_blocking(move || Checked::new(batch, capacity)).await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                let r = Refusal::for_disk(
+                    Code::Unavailable,
+                    &entry.shared.disk_id,
+                    format!("checking a batch failed ({e}); retry later"),
+                );
+                self.outbox.error(r);
+                return;
+            }
+        };
         let cmd = ApplyCmd::Batch {
-            batch,
+            batch: Box::new(checked),
             from: self.outbox.clone(),
         };
         if entry.tx.send(cmd).await.is_err() {

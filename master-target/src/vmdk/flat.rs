@@ -1,6 +1,6 @@
 //! A flat extent (`NAME-flat.vmdk`): raw disk bytes, written either through a shared memory
-//! map (the default, [`DataIo::Mmap`]) or with `pwrite`/`pread` on the file
-//! ([`DataIo::Pwrite`], `master-target serve --data-io pwrite`).
+//! map (the default, [`DataIo::Mmap`]) or with `pwrite` on the file ([`DataIo::Pwrite`],
+//! `master-target serve --data-io pwrite`), and read with `pread` in both modes.
 //!
 //! Invariants while a [`FlatExtent`] exists (PITFALLS.md §3, VMDK-NOTES.md (g)):
 //! * the file holds an exclusive `flock`, so no cooperating process maps or truncates it;
@@ -107,10 +107,11 @@ impl FlatError {
 /// An open, locked, fully allocated flat extent, mapped in mmap mode.
 pub struct FlatExtent {
     path: PathBuf,
+    /// The map in [`DataIo::Mmap`] mode; `None` in pwrite mode. Declared before `file`, so
+    /// that it is unmapped before the file (and its lock) is closed.
+    map: Option<MmapMut>,
     file: File,
     capacity: u64,
-    /// The map in [`DataIo::Mmap`] mode; `None` in pwrite mode.
-    map: Option<MmapMut>,
     /// Byte span written (through the map or with pwrite) since the last sync: [start, end).
     dirty: Option<(u64, u64)>,
     /// Whether a `FALLOC_FL_ZERO_RANGE` ran since the last sync (extent metadata changed).
@@ -186,6 +187,20 @@ fn reserve(file: &File, path: &Path, len: u64) -> Result<(), FlatError> {
     }
 }
 
+/// Maps the first `capacity` bytes of `file` for writing.
+///
+/// The caller holds the file's exclusive flock for the map's lifetime, has checked (or set)
+/// its length to `capacity` and reserved every byte, so the mapping stays backed. Other
+/// processes that ignore the lock could still truncate it: that is the documented limit of
+/// mapped files, which the lock exists to prevent.
+fn map_file(file: &File, path: &Path, capacity: u64) -> Result<MmapMut, FlatError> {
+    let len = usize::try_from(capacity)
+        .map_err(|_| FlatError::io("map", path, io::Error::from(io::ErrorKind::InvalidInput)))?;
+    // SAFETY: see above: locked, length checked, every byte allocated.
+    unsafe { memmap2::MmapOptions::new().len(len).map_mut(file) }
+        .map_err(|e| FlatError::io("mmap", path, e))
+}
+
 impl FlatExtent {
     /// Creates `path` (which must not exist) with `capacity` bytes reserved, synced, and
     /// mapped. On failure the partial file is removed.
@@ -230,16 +245,7 @@ impl FlatExtent {
     }
 
     fn map(path: PathBuf, file: File, capacity: u64) -> Result<FlatExtent, FlatError> {
-        let len = usize::try_from(capacity).map_err(|_| {
-            FlatError::io("map", &path, io::Error::from(io::ErrorKind::InvalidInput))
-        })?;
-        // SAFETY: the file is exclusively flocked for the map's lifetime (the lock lives in
-        // `file`, dropped after `map` by field order), its length was checked or set to
-        // `capacity` and every byte is allocated, so the mapping stays backed. Other
-        // processes that ignore the lock could still truncate it: that is the documented
-        // limit of mapped files, which the lock exists to prevent.
-        let map = unsafe { memmap2::MmapOptions::new().len(len).map_mut(&file) }
-            .map_err(|e| FlatError::io("mmap", &path, e))?;
+        let map = map_file(&file, &path, capacity)?;
         Ok(FlatExtent {
             holes_trusted: super::fs_type(&path).is_some_and(seek_data_trusted),
             path,
@@ -291,17 +297,7 @@ impl FlatExtent {
                         actual,
                     });
                 }
-                let len = usize::try_from(self.capacity).map_err(|_| {
-                    FlatError::io(
-                        "map",
-                        &self.path,
-                        io::Error::from(io::ErrorKind::InvalidInput),
-                    )
-                })?;
-                // SAFETY: as in `map`: locked, length checked, every byte allocated.
-                let map = unsafe { memmap2::MmapOptions::new().len(len).map_mut(&self.file) }
-                    .map_err(|e| FlatError::io("mmap", &self.path, e))?;
-                self.map = Some(map);
+                self.map = Some(map_file(&self.file, &self.path, self.capacity)?);
             }
         }
         Ok(())
@@ -346,18 +342,12 @@ impl FlatExtent {
             buf.fill(0);
             return Ok(());
         }
-        match &self.map {
-            Some(map) => {
-                buf.copy_from_slice(&map[offset as usize..offset as usize + buf.len()]);
-                Ok(())
-            }
-            // A short read (the file was truncated underneath) is an error here, where
-            // the map would have raised SIGBUS.
-            None => self
-                .file
-                .read_exact_at(buf, offset)
-                .map_err(|e| FlatError::io("pread", &self.path, e)),
-        }
+        // pread in both modes (the map's stores are in the same page cache): it reads ahead
+        // for itself and maps nothing, where reading through the map faults every page in.
+        // A short read (the file was truncated underneath) is an error, not a SIGBUS.
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| FlatError::io("pread", &self.path, e))
     }
 
     /// Whether `[offset, offset + len)` holds no data by `lseek(SEEK_DATA)`: a hole (or an
