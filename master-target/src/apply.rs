@@ -959,42 +959,45 @@ mod tests {
     }
 
     /// A tmpfs mounted for one test (the tests run as root here), lazily unmounted on drop.
-    struct Tmpfs(PathBuf);
+    ///
+    /// With mount(2) and umount2(2) themselves: forking mount(8) would give the child, until
+    /// it execs, a copy of every descriptor of this process, and with them the locks of the
+    /// disks other tests are closing and reopening.
+    struct Tmpfs(std::ffi::CString);
 
     impl Tmpfs {
         /// `None` (and a message saying the test is skipped) when mounting is not allowed.
         fn mount(dir: &Path, bytes: u64) -> Option<Tmpfs> {
+            use std::os::unix::ffi::OsStrExt;
             std::fs::create_dir_all(dir).unwrap();
-            let out = std::process::Command::new("mount")
-                .args(["-t", "tmpfs", "-o"])
-                .arg(format!("size={bytes}"))
-                .arg("tmpfs")
-                .arg(dir)
-                .output();
-            match out {
-                Ok(o) if o.status.success() => Some(Tmpfs(dir.to_path_buf())),
-                Ok(o) => {
-                    eprintln!(
-                        "SKIPPED: cannot mount a tmpfs at {} (needs root): {}",
-                        dir.display(),
-                        String::from_utf8_lossy(&o.stderr).trim()
-                    );
-                    None
-                }
-                Err(e) => {
-                    eprintln!("SKIPPED: cannot run mount(8): {e}");
-                    None
-                }
+            let target = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+            let opts = std::ffi::CString::new(format!("size={bytes}")).unwrap();
+            // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+            let rc = unsafe {
+                libc::mount(
+                    c"tmpfs".as_ptr(),
+                    target.as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    0,
+                    opts.as_ptr().cast(),
+                )
+            };
+            if rc != 0 {
+                eprintln!(
+                    "SKIPPED: cannot mount a tmpfs at {} (needs root): {}",
+                    dir.display(),
+                    std::io::Error::last_os_error()
+                );
+                return None;
             }
+            Some(Tmpfs(target))
         }
     }
 
     impl Drop for Tmpfs {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
+            // SAFETY: a NUL-terminated path that outlives the call.
+            unsafe { libc::umount2(self.0.as_ptr(), libc::MNT_DETACH) };
         }
     }
 

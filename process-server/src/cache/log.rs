@@ -570,20 +570,22 @@ pub fn read_record(dir: &Path, loc: Loc, disk: &str, seq: u64) -> Result<Bytes, 
 /// Retires a segment whose records are all applied: with `keep` it joins the free pool for
 /// reuse while the pool holds fewer than [`MAX_FREE`]; otherwise (or while the volume is full
 /// and its space is needed) it is deleted. Durable either way.
+///
+/// Only one caller retires at a time (the janitor), so the pool cannot fill up between the
+/// check and the push; the pool's lock is not held across the rename and directory fsync,
+/// which the writer would otherwise wait for when it rotates.
 pub fn retire_segment(dir: &Path, seq: u64, free: &FreePool, keep: bool) -> Result<(), LogError> {
     let path = segment_path(dir, seq);
-    let mut pool = free.lock();
-    if keep && pool.len() < MAX_FREE {
+    if keep && free.lock().len() < MAX_FREE {
         let to = free_path(dir, seq);
         std::fs::rename(&path, &to).map_err(|source| LogError::DeletingSegment {
             path: shown(&path),
             source,
         })?;
         sync_dir(dir)?;
-        pool.push(seq);
+        free.lock().push(seq);
         return Ok(());
     }
-    drop(pool);
     remove(&path)?;
     sync_dir(dir)
 }
@@ -701,7 +703,11 @@ impl Writer {
                 if !locs.is_empty() {
                     self.events.durable(&group, &locs);
                     for (a, loc) in group.into_iter().zip(locs) {
-                        let _ = a.done.send(Ok(loc));
+                        // The budget share goes back before the ack, so whoever the ack
+                        // wakes finds it free.
+                        let Append { done, hold, .. } = a;
+                        drop(hold);
+                        let _ = done.send(Ok(loc));
                     }
                 }
                 if full && let Err(e) = self.rotate() {

@@ -21,7 +21,18 @@ fn config(dir: &Path, segment_size: u64) -> CacheConfig {
 type Seen = Arc<Mutex<Vec<(String, u64)>>>;
 
 fn open_started(dir: &Path, segment_size: u64) -> (Cache, Vec<Damage>, Seen) {
-    let (cache, damage) = Cache::open(&config(dir, segment_size)).unwrap();
+    // The tests that mount a tmpfs fork `mount`; until the child execs it holds a copy of
+    // every descriptor of this process, the lock file of a cache closed a moment ago
+    // included. A reopen waits for that, as long as a fork and exec can take.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let (cache, damage) = loop {
+        match Cache::open(&config(dir, segment_size)) {
+            Err(CacheError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            r => break r.unwrap(),
+        }
+    };
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s = seen.clone();
     cache
@@ -269,29 +280,41 @@ fn a_second_server_on_the_same_directory_is_refused() {
 }
 
 /// A size-limited tmpfs mounted on a temporary directory (needs root), unmounted on drop.
+///
+/// With mount(2) and umount2(2) themselves: forking mount(8) would give the child, until
+/// it execs, a copy of every descriptor of this process, and with them the locks of the
+/// caches other tests are closing and reopening.
 struct SmallVolume {
     dir: tempfile::TempDir,
 }
 
 impl SmallVolume {
     fn mount(size: &str) -> Option<SmallVolume> {
+        use std::os::unix::ffi::OsStrExt;
         let dir = tempfile::tempdir().ok()?;
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then_some(SmallVolume { dir })
+        let target = std::ffi::CString::new(dir.path().as_os_str().as_bytes()).ok()?;
+        let opts = std::ffi::CString::new(format!("size={size}")).ok()?;
+        // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+        let rc = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                opts.as_ptr().cast(),
+            )
+        };
+        (rc == 0).then_some(SmallVolume { dir })
     }
 }
 
 impl Drop for SmallVolume {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
+        use std::os::unix::ffi::OsStrExt;
+        if let Ok(target) = std::ffi::CString::new(self.dir.path().as_os_str().as_bytes()) {
+            // SAFETY: a NUL-terminated path that outlives the call.
+            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        }
     }
 }
 
