@@ -887,14 +887,19 @@ mod tests {
         assert_eq!(flat[4096], 1, "duplicate not re-applied");
     }
 
+    /// A batch whose data does not match its CRC (its header still checks).
+    fn bad_batch(seq: u64) -> Batch {
+        let mut bad = batch(seq, 7);
+        bad.data_crc ^= 1;
+        bad.header_crc = protocol::batch::header_crc(&bad);
+        bad
+    }
+
     #[test]
     fn a_bad_batch_changes_nothing_and_stops_the_disk() {
         let mut f = fixture();
         let o = Arc::new(Outbox::new());
-        let mut bad = batch(1, 7);
-        bad.data_crc ^= 1;
-        bad.header_crc = protocol::batch::header_crc(&bad);
-        run(&mut f.applier, vec![bad, batch(2, 2)], &o);
+        run(&mut f.applier, vec![bad_batch(1), batch(2, 2)], &o);
         let msgs = drain(&o);
         assert!(
             msgs.iter()
@@ -918,10 +923,7 @@ mod tests {
     fn a_bad_batch_that_arrives_early_is_refused_in_its_turn() {
         let mut f = fixture();
         let o = Arc::new(Outbox::new());
-        let mut bad = batch(3, 7);
-        bad.data_crc ^= 1;
-        bad.header_crc = protocol::batch::header_crc(&bad);
-        run(&mut f.applier, vec![bad], &o);
+        run(&mut f.applier, vec![bad_batch(3)], &o);
         assert!(drain(&o).is_empty(), "held until seqs 1 and 2 arrive");
         assert!(f.applier.stopped.is_none());
         run(&mut f.applier, vec![batch(1, 1), batch(2, 2)], &o);
@@ -958,47 +960,18 @@ mod tests {
         );
     }
 
-    /// A tmpfs mounted for one test (the tests run as root here), lazily unmounted on drop.
-    ///
-    /// With mount(2) and umount2(2) themselves: forking mount(8) would give the child, until
-    /// it execs, a copy of every descriptor of this process, and with them the locks of the
-    /// disks other tests are closing and reopening.
-    struct Tmpfs(std::ffi::CString);
-
-    impl Tmpfs {
-        /// `None` (and a message saying the test is skipped) when mounting is not allowed.
-        fn mount(dir: &Path, bytes: u64) -> Option<Tmpfs> {
-            use std::os::unix::ffi::OsStrExt;
-            std::fs::create_dir_all(dir).unwrap();
-            let target = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
-            let opts = std::ffi::CString::new(format!("size={bytes}")).unwrap();
-            // SAFETY: every pointer is a NUL-terminated string that outlives the call.
-            let rc = unsafe {
-                libc::mount(
-                    c"tmpfs".as_ptr(),
-                    target.as_ptr(),
-                    c"tmpfs".as_ptr(),
-                    0,
-                    opts.as_ptr().cast(),
-                )
-            };
-            if rc != 0 {
+    /// A tmpfs mounted on `dir` for one test (the tests run as root here); `None`, with a
+    /// message saying the test is skipped, when mounting is not allowed.
+    fn tmpfs(dir: &Path, bytes: u64) -> Option<protocol::testing::Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        protocol::testing::Tmpfs::mount(dir, &bytes.to_string())
+            .inspect_err(|e| {
                 eprintln!(
-                    "SKIPPED: cannot mount a tmpfs at {} (needs root): {}",
-                    dir.display(),
-                    std::io::Error::last_os_error()
-                );
-                return None;
-            }
-            Some(Tmpfs(target))
-        }
-    }
-
-    impl Drop for Tmpfs {
-        fn drop(&mut self) {
-            // SAFETY: a NUL-terminated path that outlives the call.
-            unsafe { libc::umount2(self.0.as_ptr(), libc::MNT_DETACH) };
-        }
+                    "SKIPPED: cannot mount a tmpfs at {} (needs root): {e}",
+                    dir.display()
+                )
+            })
+            .ok()
     }
 
     /// Fills the filesystem of `path` with a file, then shrinks it to leave `leave` bytes.
@@ -1067,7 +1040,7 @@ mod tests {
     fn a_full_retention_volume_refuses_with_no_space_and_the_resent_batches_apply() {
         let dir = tempfile::tempdir().unwrap();
         let ret = dir.path().join("ret");
-        let Some(_mnt) = Tmpfs::mount(&ret, 4 << 20) else {
+        let Some(_mnt) = tmpfs(&ret, 4 << 20) else {
             return;
         };
         let mut a = open_applier(&dir.path().join("ds"), &ret, DiskFormat::Vmfs, CAP);
@@ -1110,7 +1083,7 @@ mod tests {
         const SPARSE_CAP: u64 = 32 << 20;
         let dir = tempfile::tempdir().unwrap();
         let ds = dir.path().join("ds");
-        let Some(_mnt) = Tmpfs::mount(&ds, 40 << 20) else {
+        let Some(_mnt) = tmpfs(&ds, 40 << 20) else {
             return;
         };
         let mut a = open_applier(
@@ -1159,7 +1132,7 @@ mod tests {
     fn a_state_file_that_does_not_fit_cuts_back_a_committed_group() {
         let dir = tempfile::tempdir().unwrap();
         let ret = dir.path().join("ret");
-        let Some(_mnt) = Tmpfs::mount(&ret, 1 << 20) else {
+        let Some(_mnt) = tmpfs(&ret, 1 << 20) else {
             return;
         };
         let mut a = open_applier(&dir.path().join("ds"), &ret, DiskFormat::Vmfs, CAP);

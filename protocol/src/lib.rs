@@ -13,6 +13,8 @@ pub mod failpoint;
 pub mod incoming;
 pub mod limits;
 pub mod metrics;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod transport;
 
 /// Messages and services generated from `proto/failback.proto`.

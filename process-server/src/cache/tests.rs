@@ -279,42 +279,18 @@ fn a_second_server_on_the_same_directory_is_refused() {
     ));
 }
 
-/// A size-limited tmpfs mounted on a temporary directory (needs root), unmounted on drop.
-///
-/// With mount(2) and umount2(2) themselves: forking mount(8) would give the child, until
-/// it execs, a copy of every descriptor of this process, and with them the locks of the
-/// caches other tests are closing and reopening.
+/// A size-limited tmpfs mounted on a temporary directory (needs root), unmounted on drop
+/// (the mount first: fields drop in order).
 struct SmallVolume {
+    _mount: protocol::testing::Tmpfs,
     dir: tempfile::TempDir,
 }
 
 impl SmallVolume {
     fn mount(size: &str) -> Option<SmallVolume> {
-        use std::os::unix::ffi::OsStrExt;
         let dir = tempfile::tempdir().ok()?;
-        let target = std::ffi::CString::new(dir.path().as_os_str().as_bytes()).ok()?;
-        let opts = std::ffi::CString::new(format!("size={size}")).ok()?;
-        // SAFETY: every pointer is a NUL-terminated string that outlives the call.
-        let rc = unsafe {
-            libc::mount(
-                c"tmpfs".as_ptr(),
-                target.as_ptr(),
-                c"tmpfs".as_ptr(),
-                0,
-                opts.as_ptr().cast(),
-            )
-        };
-        (rc == 0).then_some(SmallVolume { dir })
-    }
-}
-
-impl Drop for SmallVolume {
-    fn drop(&mut self) {
-        use std::os::unix::ffi::OsStrExt;
-        if let Ok(target) = std::ffi::CString::new(self.dir.path().as_os_str().as_bytes()) {
-            // SAFETY: a NUL-terminated path that outlives the call.
-            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-        }
+        let mount = protocol::testing::Tmpfs::mount(dir.path(), size).ok()?;
+        Some(SmallVolume { _mount: mount, dir })
     }
 }
 
