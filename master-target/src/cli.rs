@@ -89,9 +89,10 @@ struct ServeArgs {
     #[arg(long, value_name = "DURATION")]
     thin_every: Option<String>,
     /// How the data of flat disks (vmfs, monolithicFlat, twoGbMaxExtentFlat) is written:
-    /// mmap (stores through a shared map, msync) or pwrite (pwrite/pread, fdatasync; no
-    /// map). Durability and commit order are the same; monolithicSparse disks always use
-    /// pwrite [default: mmap].
+    /// mmap (stores through a shared map, or pwrite where no page of a write is cached;
+    /// msync) or pwrite (pwrite, fdatasync; no map). Reads use pread either way. Durability
+    /// and commit order are the same; monolithicSparse disks always use pwrite
+    /// [default: mmap].
     #[arg(long, value_enum, value_name = "MODE")]
     data_io: Option<DataIo>,
     #[command(flatten)]

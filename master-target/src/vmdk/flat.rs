@@ -18,9 +18,13 @@
 //!
 //! Why two modes: a store into a mapped page that was synced (clean, write-protected) takes
 //! a write fault (`page_mkwrite`) per 4 KiB page, and a store into a page not cached makes
-//! the kernel read (or, on a never-written extent, zero) the page first; `pwrite` of whole
-//! pages does neither, with one system call per write. (Prefaulting the map with
-//! `madvise(MADV_POPULATE_WRITE)` was tried and cost more CPU per GiB in `bench apply`.)
+//! the kernel read (or, on a never-written extent, zero, with read-ahead beyond it) the page
+//! first; `pwrite` of whole pages does neither, with one system call per write. So even in
+//! mmap mode a write none of whose pages is cached (`mincore`) goes with `pwrite`: on a new
+//! disk that halved the master target's CPU per GiB (`bench apply`, fresh pass); the span's
+//! msync (an fdatasync of that file range) makes those pages durable with the mapped ones.
+//! (Prefaulting the map with `madvise(MADV_POPULATE_WRITE)` was tried and cost more CPU per
+//! GiB.)
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -52,10 +56,11 @@ static ZEROS: [u8; ZERO_RANGE_MIN as usize] = [0; ZERO_RANGE_MIN as usize];
 )]
 #[serde(rename_all = "lowercase")]
 pub enum DataIo {
-    /// Stores through a shared memory map, made durable by msync of the dirty span.
+    /// Stores through a shared memory map (pwrite where no page of a write is cached), made
+    /// durable by msync of the dirty span.
     #[default]
     Mmap,
-    /// `pwrite`/`pread` on the file, made durable by fdatasync; nothing is mapped.
+    /// `pwrite` on the file, made durable by fdatasync; nothing is mapped.
     Pwrite,
 }
 
@@ -201,6 +206,33 @@ fn map_file(file: &File, path: &Path, capacity: u64) -> Result<MmapMut, FlatErro
         .map_err(|e| FlatError::io("mmap", path, e))
 }
 
+/// Whether any page of `[offset, offset + len)` of the mapped file is in the page cache
+/// (`mincore`); `true` when it cannot tell, so that the store goes through the map.
+fn any_resident(map: &MmapMut, offset: u64, len: usize) -> bool {
+    const CHUNK: usize = 256;
+    let start = (offset / PAGE * PAGE) as usize;
+    let end = ((offset + len as u64).div_ceil(PAGE) * PAGE) as usize;
+    let mut vec = [0u8; CHUNK];
+    let mut at = start;
+    while at < end {
+        let n = ((end - at) / PAGE as usize).min(CHUNK);
+        // SAFETY: `[at, at + n pages)` lies inside the mapping (which extends to the end of
+        // its last page), `at` is page aligned and `vec` has room for one byte per page.
+        let rc = unsafe {
+            libc::mincore(
+                map.as_ptr().add(at) as *mut libc::c_void,
+                n * PAGE as usize,
+                vec.as_mut_ptr(),
+            )
+        };
+        if rc != 0 || vec[..n].iter().any(|v| v & 1 != 0) {
+            return true;
+        }
+        at += n * PAGE as usize;
+    }
+    false
+}
+
 impl FlatExtent {
     /// Creates `path` (which must not exist) with `capacity` bytes reserved, synced, and
     /// mapped. On failure the partial file is removed.
@@ -317,11 +349,14 @@ impl FlatExtent {
         let end = offset + data.len() as u64;
         assert!(end <= self.capacity, "write beyond the extent");
         match &mut self.map {
-            Some(map) => {
+            Some(map) if any_resident(map, offset, data.len()) => {
                 let at = offset as usize;
                 map[at..at + data.len()].copy_from_slice(data);
             }
-            None => self
+            // In mmap mode too when no page of the range is cached: a store would fault
+            // each page in (read, or zero-fill with read-ahead, only to overwrite it).
+            // The span's msync makes these pages durable like the mapped ones.
+            _ => self
                 .file
                 .write_all_at(data, offset)
                 .map_err(|e| FlatError::io("pwrite", &self.path, e))?,
@@ -479,6 +514,31 @@ mod tests {
         assert!(meta.blocks() * 512 >= 1 << 20, "space is reserved");
         let bytes = std::fs::read(&p).unwrap();
         assert_eq!(&bytes[4096..4101], b"hello");
+    }
+
+    /// In mmap mode a store into pages none of which is cached goes with pwrite, one into a
+    /// cached page through the map; the sync makes both durable, and the map sees both.
+    #[test]
+    fn mapped_writes_take_pwrite_for_uncached_pages_and_the_map_for_cached_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m-flat.vmdk");
+        let mut f = FlatExtent::create(&p, 1 << 20).unwrap();
+        assert_eq!(f.data_io(), DataIo::Mmap);
+        // Not cached on a disk filesystem (tmpfs keeps every allocated page).
+        f.write(0, &[1u8; 8192]).unwrap();
+        let map = f.map.as_ref().unwrap();
+        assert!(any_resident(map, 0, 8192), "written pages are cached");
+        assert_eq!(&map[..8192], &[1u8; 8192][..], "the map sees a pwrite");
+        f.write(4096, &[2u8; 100]).unwrap();
+        f.write(700_000, &[3u8; 5000]).unwrap();
+        f.sync().unwrap();
+        drop(f);
+        let bytes = std::fs::read(&p).unwrap();
+        let mut want = vec![0u8; 1 << 20];
+        want[..8192].fill(1);
+        want[4096..4196].fill(2);
+        want[700_000..705_000].fill(3);
+        assert!(bytes == want);
     }
 
     #[test]
