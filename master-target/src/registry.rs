@@ -412,6 +412,7 @@ fn open(
         journal_bytes: AtomicU64::new(journal.bytes()),
         state: SyncMutex::new(state.clone()),
         stopped: SyncMutex::new(None),
+        buffers: Default::default(),
     });
     let data_io = disk
         .extent()

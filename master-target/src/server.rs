@@ -497,8 +497,8 @@ impl Connection {
         };
         // Decoded here, on the blocking pool, so that the batches of every connection are
         // checked and decompressed in parallel while the disk's applier writes.
-        let capacity = entry.shared.capacity;
-        let checked = match tokio::task::spawn_blocking(move || Checked::new(batch, capacity)).await
+        let shared = entry.shared.clone();
+        let checked = match tokio::task::spawn_blocking(move || Checked::new(batch, &shared)).await
         {
             Ok(c) => c,
             Err(e) => {

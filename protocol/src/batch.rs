@@ -423,6 +423,10 @@ impl<'a> Decoded<'a> {
 
 /// Checks `b` (see [`check`]), decompresses its payload into `buf` (reused between calls,
 /// resized to exactly `data_len`), and verifies the decompressed length and `data_crc`.
+///
+/// A reused buffer is not zeroed first: a decompression that succeeds with the expected
+/// length has written every byte of it. After an error its contents are unspecified (old
+/// bytes of earlier batches may remain).
 pub fn decode_into<'a>(
     b: &'a Batch,
     capacity: u64,
@@ -430,7 +434,7 @@ pub fn decode_into<'a>(
 ) -> Result<Decoded<'a>, BatchError> {
     check(b, capacity)?;
     let n = b.data_len as usize;
-    buf.clear();
+    buf.truncate(n);
     buf.resize(n, 0);
     if n > 0 {
         let got =
@@ -484,6 +488,24 @@ mod tests {
             tag: "t".into(),
         });
         b.finish("disk-1", 3, 1234, 0)
+    }
+
+    /// A buffer reused from a bigger batch is cut to size and fully overwritten, not zeroed.
+    #[test]
+    fn decode_into_a_reused_buffer_gives_exactly_the_new_batch() {
+        let mut big = BatchBuilder::new();
+        big.push_write(0, &[0xAB; 65536]);
+        let big = big.finish("disk-1", 1, 0, 0);
+        let small = sample();
+        let mut buf = Vec::new();
+        decode_into(&big, CAP, &mut buf).unwrap();
+        let fresh = decode_into(&small, CAP, &mut Vec::new())
+            .unwrap()
+            .data
+            .to_vec();
+        let d = decode_into(&small, CAP, &mut buf).unwrap();
+        assert_eq!(d.data, &fresh[..]);
+        assert_eq!(d.data.len(), small.data_len as usize);
     }
 
     #[test]
