@@ -85,6 +85,16 @@ impl Checked {
         Checked { batch, data }
     }
 
+    /// A batch whose seq is durable already ([`DiskShared::is_durable`]): the applier only
+    /// acknowledges it again, so it is not decompressed.
+    pub fn durable(mut batch: Batch) -> Checked {
+        batch.payload = Default::default();
+        Checked {
+            batch,
+            data: Ok(Vec::new()),
+        }
+    }
+
     /// Bytes it holds in memory.
     fn size(&self) -> usize {
         self.data.as_ref().map_or(0, Vec::len)
@@ -125,6 +135,13 @@ pub struct DiskShared {
     pub stopped: Mutex<Option<Refusal>>,
     /// Decode buffers of committed batches, for the connections to decode into again.
     pub buffers: Buffers,
+}
+
+impl DiskShared {
+    /// Whether `seq` is durable (the durable seq only grows).
+    pub fn is_durable(&self, seq: u64) -> bool {
+        seq <= self.durable_seq.load(Ordering::Acquire)
+    }
 }
 
 /// Decode buffers handed back by the applier once their group is durable (at most
@@ -969,6 +986,31 @@ mod tests {
             want
         });
         assert_eq!((flat[4096], flat[8192]), (1, 2));
+    }
+
+    /// A batch durable already skips decompression and is acknowledged again, unchanged.
+    #[test]
+    fn a_durable_batch_is_not_decoded_again_and_is_re_acked() {
+        let mut f = fixture();
+        let o = Arc::new(Outbox::new());
+        run(&mut f.applier, vec![batch(1, 1)], &o);
+        drain(&o);
+        assert!(!f.applier.shared.is_durable(2));
+        assert!(f.applier.shared.is_durable(1));
+        let again = Checked::durable(batch(1, 9));
+        assert!(again.batch.payload.is_empty() && again.size() == 0);
+        let mut g = Group::new();
+        f.applier.handle(
+            ApplyCmd::Batch {
+                batch: Box::new(again),
+                from: o.clone(),
+            },
+            &mut g,
+        );
+        f.applier.commit(g);
+        assert!(matches!(&drain(&o)[..], [Body::Ack(p)] if p.applied_seq == 1));
+        let flat = std::fs::read(f.dir.path().join("ds/d1-flat.vmdk")).unwrap();
+        assert_eq!(flat[4096], 1);
     }
 
     /// Checked on arrival, a bad batch that arrives early waits for its turn: the batches

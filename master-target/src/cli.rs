@@ -670,12 +670,9 @@ mod tests {
             panic!("{cli:?}")
         };
         assert_eq!(a.retention, PathBuf::from(DEFAULT_RETENTION));
-        let cli = Cli::try_parse_from(["master-target", "serve"]).unwrap();
-        let Command::Serve(a) = cli.command else {
-            panic!("{cli:?}")
-        };
         assert_eq!(
-            a.retention, None,
+            serve(&[]).retention,
+            None,
             "serve resolves the default after its config file"
         );
     }
@@ -730,12 +727,21 @@ mod tests {
         assert!(toml::from_str::<ServeFile>("bogus = 1").is_err());
     }
 
-    /// `serve ARGS --print-config`'s output.
-    fn printed(args: &[&str]) -> String {
+    /// `master-target serve ARGS`, parsed.
+    fn serve(args: &[&str]) -> ServeArgs {
         let cli = Cli::try_parse_from([&["master-target", "serve"], args].concat()).unwrap();
         let Command::Serve(a) = cli.command else {
             panic!("{cli:?}")
         };
+        *a
+    }
+
+    /// The flags `serve` requires, and nothing else.
+    const REQUIRED: [&str; 4] = ["--listen", "127.0.0.1:1", "--datastore", "/ds"];
+
+    /// `serve ARGS --print-config`'s output.
+    fn printed(args: &[&str]) -> String {
+        let a = serve(args);
         assert!(a.print_config);
         render_config(&a.resolve().unwrap().file)
     }
@@ -767,13 +773,7 @@ mod tests {
         let second = printed(&["--config", again.to_str().unwrap(), "--print-config"]);
         assert_eq!(first, second);
         // Nothing but flags: the required ones and the defaults.
-        let bare = printed(&[
-            "--listen",
-            "127.0.0.1:1",
-            "--datastore",
-            "/ds",
-            "--print-config",
-        ]);
+        let bare = printed(&[&REQUIRED[..], &["--print-config"]].concat());
         assert!(bare.contains("retention = \"/mnt/retention\""), "{bare}");
         assert!(
             !bare.contains("retention_quota"),
@@ -783,13 +783,7 @@ mod tests {
 
     #[test]
     fn thinning_and_data_io_default_to_the_service_policy_and_mmap() {
-        let bare = printed(&[
-            "--listen",
-            "127.0.0.1:1",
-            "--datastore",
-            "/ds",
-            "--print-config",
-        ]);
+        let bare = printed(&[&REQUIRED[..], &["--print-config"]].concat());
         for line in [
             "thin_after = \"2h\"",
             "thin_every = \"1h\"",
@@ -797,21 +791,7 @@ mod tests {
         ] {
             assert!(bare.lines().any(|l| l == line), "{line} in\n{bare}");
         }
-        let resolve = |args: &[&str]| {
-            let base = [
-                "master-target",
-                "serve",
-                "--listen",
-                "h:1",
-                "--datastore",
-                "/d",
-            ];
-            let cli = Cli::try_parse_from([&base[..], args].concat()).unwrap();
-            let Command::Serve(a) = cli.command else {
-                panic!("{cli:?}")
-            };
-            a.resolve()
-        };
+        let resolve = |args: &[&str]| serve(&[&REQUIRED[..], args].concat()).resolve();
         let cfg = resolve(&[]).unwrap();
         assert_eq!(
             cfg.retention_policy,

@@ -498,8 +498,12 @@ impl Connection {
         // Decoded here, on the blocking pool, so that the batches of every connection are
         // checked and decompressed in parallel while the disk's applier writes.
         let shared = entry.shared.clone();
-        let checked = match tokio::task::spawn_blocking(move || Checked::new(batch, &shared)).await
-        {
+        let checked = if shared.is_durable(batch.seq) {
+            Ok(Checked::durable(batch))
+        } else {
+            tokio::task::spawn_blocking(move || Checked::new(batch, &shared)).await
+        };
+        let checked = match checked {
             Ok(c) => c,
             Err(e) => {
                 let r = Refusal::for_disk(

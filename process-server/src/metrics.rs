@@ -126,7 +126,7 @@ pub fn render(ctx: &Ctx) -> String {
     e.single(
         "process_server_ingest_streams_waiting",
         Kind::Gauge,
-        "Agent streams waiting for the ingest budget (always > 0: memory holds agents back).",
+        "Agent streams waiting for the ingest budget (staying above 0: memory holds agents back).",
         ctx.budget.waiting() as f64,
     );
     e.single(

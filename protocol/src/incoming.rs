@@ -26,15 +26,30 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 /// Pause after a failed accept (EMFILE, ENFILE, ENOBUFS...): retrying at once would spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// How long to wait before accepting again after `e`: out of descriptors or memory, the
-/// next accept would fail the same way at once (a spin), so wait [`ACCEPT_BACKOFF`]; a
-/// failure of one connection (ECONNABORTED...) concerns only it, so go on at once.
+/// How long to wait before accepting again after `e`: a failure of the one pending
+/// connection (the errors accept(2) says to treat like EAGAIN: ECONNABORTED, EPROTO, EPERM
+/// from a firewall rule, a network gone...) concerns only it, so go on at once; any other
+/// (out of descriptors or memory, or anything unforeseen) would likely fail the next accept
+/// the same way at once, a spin, so wait [`ACCEPT_BACKOFF`].
 pub(crate) fn accept_backoff(e: &io::Error) -> Option<Duration> {
-    matches!(
+    let one_connection = matches!(
         e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
-    .then_some(ACCEPT_BACKOFF)
+        Some(
+            libc::ECONNABORTED
+                | libc::ECONNRESET
+                | libc::EPROTO
+                | libc::EPERM
+                | libc::EINTR
+                | libc::ENETDOWN
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+        )
+    );
+    (!one_connection).then_some(ACCEPT_BACKOFF)
 }
 
 /// Bytes a new connection must send within the handshake timeout: the length of the HTTP/2
@@ -213,6 +228,23 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_stream::StreamExt;
+
+    #[test]
+    fn accept_waits_unless_the_error_is_the_pending_connection_s_own() {
+        let e = io::Error::from_raw_os_error;
+        assert_eq!(accept_backoff(&e(libc::ECONNABORTED)), None);
+        assert_eq!(accept_backoff(&e(libc::EPERM)), None);
+        assert_eq!(accept_backoff(&e(libc::EMFILE)), Some(ACCEPT_BACKOFF));
+        assert_eq!(
+            accept_backoff(&e(libc::EBADF)),
+            Some(ACCEPT_BACKOFF),
+            "unforeseen"
+        );
+        assert_eq!(
+            accept_backoff(&io::Error::other("no errno")),
+            Some(ACCEPT_BACKOFF)
+        );
+    }
 
     async fn setup(limits: Limits) -> (Incoming, String) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -51,42 +51,8 @@ fn wait_for_state(c: &Cluster, agent: &mut Child, state: &str) {
     }
 }
 
-/// The agent run, killed at any exit of the test so that none outlives it.
-struct Reap(Child);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
-}
-
-/// A size-limited tmpfs mounted over `path` (needs root), unmounted on drop.
-struct Tmpfs<'a>(&'a Path);
-
-impl<'a> Tmpfs<'a> {
-    fn mount(path: &'a Path, size: &str) -> Option<Tmpfs<'a>> {
-        std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(path)
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-            .then_some(Tmpfs(path))
-    }
-}
-
-impl Drop for Tmpfs<'_> {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.0)
-            .status();
-    }
 }
 
 #[test]
@@ -117,7 +83,7 @@ fn a_full_cache_volume_pauses_the_agent_until_draining_frees_space() {
     let mut c = Cluster::new(common::roles_exe(), dir.path()).unwrap();
     // A 10 MiB volume under a 1 GiB quota: only ENOSPC can stop the cache writer.
     let cache = c.cache.clone();
-    let Some(_volume) = Tmpfs::mount(&cache, "10m") else {
+    let Ok(_volume) = protocol::testing::Tmpfs::mount(&cache, "10m") else {
         eprintln!("skipped: cannot mount a tmpfs here (not root?)");
         return;
     };
@@ -158,7 +124,7 @@ fn paused_then_drained(c: &mut Cluster, dir: &Path, check_paused: impl Fn(&Statu
     c.kill_master_target();
     Workload::Random.build(&source, SIZE, 7).unwrap();
     let stderr = dir.join("agent.stderr");
-    let mut agent = Reap(
+    let mut agent = common::Reap(
         c.agent_sync(&source, DISK_ID, NAME, &["--mode", "full", "--wait"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())

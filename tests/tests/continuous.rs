@@ -5,22 +5,13 @@
 mod common;
 
 use std::net::TcpStream;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use bench::cluster::free_port;
 use bench::workload;
 
 const DISK_ID: &str = "disk-cont-1";
-
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[test]
 fn writes_over_nbd_replicate_in_order_and_a_marker_recovers_exactly() {
@@ -44,7 +35,7 @@ fn writes_over_nbd_replicate_in_order_and_a_marker_recovers_exactly() {
         .stderr(log)
         .spawn()
         .unwrap();
-    let mut agent = Agent(agent);
+    let mut agent = common::Reap(agent);
     common::wait_until(
         "the NBD export listens",
         &c,

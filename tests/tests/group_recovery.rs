@@ -8,10 +8,10 @@ mod common;
 
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
-use bench::cluster::{Cluster, free_port, run_with_timeout};
+use bench::cluster::{Cluster, free_port};
 use bench::workload;
 
 const GROUP: &str = "grp-e2e";
@@ -19,33 +19,6 @@ const GROUP: &str = "grp-e2e";
 const DISKS: [(&str, &str); 2] = [("disk-grp-a", "grpa"), ("disk-grp-b", "grpb")];
 /// Bound on every wait of the test (each is far shorter on a healthy machine).
 const WAIT: Duration = Duration::from_secs(120);
-
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Runs `master-target ARGS` and panics, with the servers' logs, unless it succeeds.
-fn master_target(c: &Cluster, args: &[&str], more: &[&Path]) -> Output {
-    let mut cmd = c.role("master-target");
-    cmd.args(args);
-    for p in more {
-        cmd.arg(p);
-    }
-    let out = run_with_timeout(&mut cmd, Duration::from_secs(60)).unwrap();
-    assert!(
-        out.status.success(),
-        "master-target {args:?} {more:?}: {}{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        c.log_tails()
-    );
-    out
-}
 
 /// A row of `recovery-points --group GROUP`'s table.
 #[derive(Debug)]
@@ -61,7 +34,7 @@ struct GroupPoint {
 /// of this test has a tag, so the columns split on whitespace.
 fn group_points(c: &Cluster) -> (Vec<String>, Vec<GroupPoint>) {
     let retention = c.retention.to_str().unwrap();
-    let out = master_target(
+    let out = common::master_target(
         c,
         &[
             "recovery-points",
@@ -70,7 +43,6 @@ fn group_points(c: &Cluster) -> (Vec<String>, Vec<GroupPoint>) {
             "--group",
             GROUP,
         ],
-        &[],
     );
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let mut lines = text.lines();
@@ -101,7 +73,7 @@ fn group_points(c: &Cluster) -> (Vec<String>, Vec<GroupPoint>) {
 fn recover_and_compare(c: &Cluster, point: &str, out: &Path, want: &[Vec<u8>]) {
     std::fs::create_dir_all(out).unwrap();
     let (ds, ret) = (c.datastore.to_str().unwrap(), c.retention.to_str().unwrap());
-    let printed = master_target(
+    let printed = common::master_target(
         c,
         &[
             "recover",
@@ -114,8 +86,8 @@ fn recover_and_compare(c: &Cluster, point: &str, out: &Path, want: &[Vec<u8>]) {
             "--point",
             point,
             "--out",
+            out.to_str().unwrap(),
         ],
-        &[out],
     );
     let printed = String::from_utf8_lossy(&printed.stdout);
     for ((id, name), want) in DISKS.iter().zip(want) {
@@ -163,7 +135,7 @@ fn two_disks_of_a_group_recover_together_to_a_group_marker() {
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log);
-    let mut agent = Agent(cmd.spawn().unwrap());
+    let mut agent = common::Reap(cmd.spawn().unwrap());
     for &port in &nbd {
         common::wait_until("the NBD exports listen", &c, WAIT, || {
             TcpStream::connect(("127.0.0.1", port)).is_ok()
@@ -197,19 +169,16 @@ fn two_disks_of_a_group_recover_together_to_a_group_marker() {
     }
     assert!(agent.0.try_wait().unwrap().is_none(), "agent exited early");
     for (a, b) in at_step1.iter().zip(&at_step2) {
-        assert!(a != b, "step2 changed every disk");
+        assert!(a != b, "step2 left a disk unchanged");
     }
 
     // Both markers are common points of the group, on both disks.
-    let deadline = Instant::now() + WAIT;
-    let (mut disks, points) = loop {
-        let (disks, points) = group_points(&c);
-        if points.iter().any(|p| p.tag == "step2") {
-            break (disks, points);
-        }
-        assert!(Instant::now() < deadline, "no step2 point: {points:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let mut seen = (Vec::new(), Vec::new());
+    common::wait_until("a step2 point of the group", &c, WAIT, || {
+        seen = group_points(&c);
+        seen.1.iter().any(|p| p.tag == "step2")
+    });
+    let (mut disks, points) = seen;
     disks.sort_unstable();
     assert_eq!(disks, [DISKS[0].0, DISKS[1].0], "{points:?}");
     for tag in ["step1", "step2"] {

@@ -21,18 +21,7 @@ fn config(dir: &Path, segment_size: u64) -> CacheConfig {
 type Seen = Arc<Mutex<Vec<(String, u64)>>>;
 
 fn open_started(dir: &Path, segment_size: u64) -> (Cache, Vec<Damage>, Seen) {
-    // The tests that mount a tmpfs fork `mount`; until the child execs it holds a copy of
-    // every descriptor of this process, the lock file of a cache closed a moment ago
-    // included. A reopen waits for that, as long as a fork and exec can take.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let (cache, damage) = loop {
-        match Cache::open(&config(dir, segment_size)) {
-            Err(CacheError::Locked { .. }) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10))
-            }
-            r => break r.unwrap(),
-        }
-    };
+    let (cache, damage) = Cache::open(&config(dir, segment_size)).unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s = seen.clone();
     cache

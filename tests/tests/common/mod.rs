@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::path::Path;
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use bench::cluster::Cluster;
@@ -16,19 +17,51 @@ pub fn roles_exe() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_failback-roles"))
 }
 
+/// A child process (an agent) killed and reaped at any exit of the test, so that none
+/// outlives it.
+pub struct Reap(pub Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `cmd` for at most `timeout` and panics, with its output and the servers' logs,
+/// unless it succeeds.
+pub fn run_ok(c: &Cluster, what: &str, cmd: &mut Command, timeout: Duration) -> Output {
+    let out = bench::cluster::run_with_timeout(cmd, timeout)
+        .unwrap_or_else(|e| panic!("{what}: {e:#}\n{}", c.log_tails()));
+    assert!(
+        out.status.success(),
+        "{what}: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        c.log_tails()
+    );
+    out
+}
+
+/// Runs `master-target ARGS` (at most 60 s) and panics, with the servers' logs, unless it
+/// succeeds.
+pub fn master_target(c: &Cluster, args: &[&str]) -> Output {
+    run_ok(
+        c,
+        &format!("master-target {args:?}"),
+        c.role("master-target").args(args),
+        Duration::from_secs(60),
+    )
+}
+
 /// Runs `agent sync --wait` of `source` to completion and panics, with the servers' logs,
 /// unless it succeeds.
 pub fn sync_ok(c: &Cluster, source: &Path, disk_id: &str, name: &str) {
-    let out = bench::cluster::run_with_timeout(
+    run_ok(
+        c,
+        &format!("agent sync of {name}"),
         &mut c.agent_sync(source, disk_id, name, &["--wait"]),
         Duration::from_secs(240),
-    )
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "agent sync of {name} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        c.log_tails()
     );
 }
 
@@ -109,19 +142,16 @@ pub fn wait_for_disk(
 /// Runs qemu-io on the NBD export at 127.0.0.1:`nbd` with these commands; panics, with the
 /// servers' logs, unless it succeeds.
 pub fn qemu_io(c: &Cluster, nbd: u16, cmds: &[&str]) {
-    let mut cmd = std::process::Command::new("qemu-io");
+    let mut cmd = Command::new("qemu-io");
     cmd.args(["-f", "raw", &format!("nbd://127.0.0.1:{nbd}")]);
     for x in cmds {
         cmd.args(["-c", x]);
     }
-    let out =
-        bench::cluster::run_with_timeout(&mut cmd, Duration::from_secs(60)).expect("qemu-io runs");
-    assert!(
-        out.status.success(),
-        "qemu-io {cmds:?}: {}{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        c.log_tails()
+    run_ok(
+        c,
+        &format!("qemu-io {cmds:?}"),
+        &mut cmd,
+        Duration::from_secs(60),
     );
 }
 
@@ -181,23 +211,23 @@ pub async fn replicate_stream(
 /// datastore and retention volume (as a new monolithic VMDK); panics, with the servers'
 /// logs, unless it succeeds.
 pub fn recover(c: &Cluster, disk_id: &str, point: &str, out: &Path) {
-    let rec = bench::cluster::run_with_timeout(
-        c.role("master-target")
-            .args(["recover", "--datastore"])
-            .arg(&c.datastore)
-            .arg("--retention")
-            .arg(&c.retention)
-            .args(["--disk", disk_id, "--point", point, "--out"])
-            .arg(out),
-        Duration::from_secs(60),
-    )
-    .unwrap();
-    assert!(
-        rec.status.success(),
-        "master-target recover --point {point}: {}{}\n{}",
-        String::from_utf8_lossy(&rec.stdout),
-        String::from_utf8_lossy(&rec.stderr),
-        c.log_tails()
+    let path = |p: &'_ Path| p.to_str().expect("test paths are UTF-8").to_string();
+    let (ds, ret, out) = (path(&c.datastore), path(&c.retention), path(out));
+    master_target(
+        c,
+        &[
+            "recover",
+            "--datastore",
+            &ds,
+            "--retention",
+            &ret,
+            "--disk",
+            disk_id,
+            "--point",
+            point,
+            "--out",
+            &out,
+        ],
     );
 }
 
