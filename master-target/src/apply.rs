@@ -600,12 +600,7 @@ impl Applier {
             }
         }
         failpoint::sync_eio("extent", last).map_err(|e| {
-            let path = extent.path().display();
-            // The call that would have failed: msync for a mapped extent, else fdatasync.
-            let op = match extent.data_io() {
-                Some(crate::vmdk::DataIo::Mmap) => "msync",
-                _ => "fdatasync",
-            };
+            let (op, path) = (extent.sync_call(), extent.path().display());
             Failed::Fatal(format!("{op} {path}: {}", sync_failed(e)))
         })?;
         extent.sync().map_err(failed(true))?;

@@ -404,12 +404,19 @@ fn record_crc_parts(segment: u64, head: &[u8], parts: &[&[u8]]) -> u32 {
 }
 
 pub(super) fn encode_record(segment: u64, kind: u8, payload: &[u8], out: &mut Vec<u8>) {
+    encode_record_head(segment, kind, &[payload], out);
+    out.extend_from_slice(payload);
+}
+
+/// Appends to `out` the head and CRC of a record whose payload is `parts` one after the
+/// other (the payload itself is not appended).
+fn encode_record_head(segment: u64, kind: u8, parts: &[&[u8]], out: &mut Vec<u8>) {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
     let mut head = [0u8; 8];
     head[0] = kind;
-    head[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    head[4..8].copy_from_slice(&(len as u32).to_le_bytes());
     out.extend_from_slice(&head);
-    out.extend_from_slice(&record_crc(segment, &head, payload).to_le_bytes());
-    out.extend_from_slice(payload);
+    out.extend_from_slice(&record_crc_parts(segment, &head, parts).to_le_bytes());
 }
 
 pub(super) fn encode_header(base_seq: u64, created_unix_ms: i64) -> [u8; SEGMENT_HEADER as usize] {
@@ -944,14 +951,8 @@ impl Journal {
         bulk: &[u8],
     ) -> Result<(), JournalError> {
         let no = self.active_meta().no;
-        let len = payload.len() + bulk.len();
-        let mut head = [0u8; 8];
-        head[0] = kind;
-        head[4..8].copy_from_slice(&(len as u32).to_le_bytes());
         self.buf.clear();
-        self.buf.extend_from_slice(&head);
-        self.buf
-            .extend_from_slice(&record_crc_parts(no, &head, &[payload, bulk]).to_le_bytes());
+        encode_record_head(no, kind, &[payload, bulk], &mut self.buf);
         self.buf.extend_from_slice(payload);
         let at = self.active_meta().len;
         let path = segment_path(&self.dir, no);

@@ -166,6 +166,15 @@ impl Extent {
         }
     }
 
+    /// The system call [`Self::sync`] makes first, for messages about it.
+    pub fn sync_call(&self) -> &'static str {
+        match self {
+            Extent::Flat(f) => f.sync_call(),
+            Extent::Sparse(_) => "fdatasync",
+            Extent::Split(s) => s.sync_call(),
+        }
+    }
+
     /// Makes every write since the last sync durable; an error is fatal for the disk.
     pub fn sync(&mut self) -> Result<(), VmdkError> {
         match self {

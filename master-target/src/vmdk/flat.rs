@@ -472,6 +472,16 @@ impl FlatExtent {
     /// the dirty span first (PITFALLS.md §3), then fdatasync if extent metadata changed; in
     /// pwrite mode one fdatasync (it covers both). An error is fatal for the disk: a failed
     /// sync cannot be retried (the kernel marks pages clean).
+    /// The system call [`Self::sync`] makes first: msync while mapped writes are pending,
+    /// else fdatasync.
+    pub fn sync_call(&self) -> &'static str {
+        if self.map.is_some() && self.dirty.is_some() {
+            "msync"
+        } else {
+            "fdatasync"
+        }
+    }
+
     pub fn sync(&mut self) -> Result<(), FlatError> {
         let dirty = self.dirty.take();
         if let (Some((start, end)), Some(map)) = (dirty, &self.map) {

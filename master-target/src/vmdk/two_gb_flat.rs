@@ -171,6 +171,16 @@ impl SplitFlat {
     pub fn sync(&mut self) -> Result<(), FlatError> {
         self.extents.iter_mut().try_for_each(FlatExtent::sync)
     }
+
+    /// The system call [`Self::sync`] makes first ([`FlatExtent::sync_call`]): msync if any
+    /// extent has mapped writes pending.
+    pub fn sync_call(&self) -> &'static str {
+        if self.extents.iter().any(|e| e.sync_call() == "msync") {
+            "msync"
+        } else {
+            "fdatasync"
+        }
+    }
 }
 
 /// Reads a twoGbMaxExtentFlat disk's data without locking it.
