@@ -13,6 +13,7 @@
 //! over the RTT) so that a figure can be read against what the configuration allows. See
 //! docs/bench.md.
 
+use std::borrow::Cow;
 use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -384,7 +385,7 @@ pub struct Report {
 /// One of the targets the bench reports against, at 1 Gbit/s and 100 ms RTT.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Target {
-    pub what: &'static str,
+    pub what: Cow<'static, str>,
     /// The measured figure, and the one wanted (`>=` or `<=`, see `cmp`).
     pub measured: Option<f64>,
     pub cmp: Cmp,
@@ -404,9 +405,14 @@ pub enum Cmp {
 
 impl Target {
     /// A target checked against `measured` (None: not measured in this run).
-    pub fn check(what: &'static str, measured: Option<f64>, cmp: Cmp, wanted: f64) -> Target {
+    pub fn check(
+        what: impl Into<Cow<'static, str>>,
+        measured: Option<f64>,
+        cmp: Cmp,
+        wanted: f64,
+    ) -> Target {
         Target {
-            what,
+            what: what.into(),
             measured,
             cmp,
             wanted,

@@ -1,6 +1,7 @@
 //! `bench apply` end to end on a small disk: the real master target and process server,
-//! the recover command and both baselines. Checks the report's shape and that every copy
-//! was verified (the run fails otherwise), never how fast anything was.
+//! the recover command and the baselines (qemu-img, a sequential write, the journaled
+//! floor). Checks the report's shape and that every copy was verified (the run fails
+//! otherwise), never how fast anything was.
 
 mod common;
 
@@ -36,8 +37,12 @@ fn apply_run_writes_a_report_with_every_figure() {
         "qemu_mb_per_sec",
         "recover_mb_per_sec",
         "seq_write_mb_per_sec",
+        "floor_mb_per_sec",
     ] {
         assert!(run[key].as_f64().unwrap() > 0.0, "{key}: {report:#}");
+    }
+    for key in ["floor_ratio", "apply_vs_floor"] {
+        assert!(report[key].as_f64().unwrap() > 0.0, "{key}: {report:#}");
     }
     assert_eq!(report["targets"].as_array().unwrap().len(), 2);
 }
