@@ -978,8 +978,11 @@ impl Journal {
         mut read: impl FnMut(u64, &mut [u8]) -> io::Result<()>,
     ) -> Result<u64, JournalError> {
         let mut pieces: Vec<Piece> = Vec::new();
-        let mut data = std::mem::take(&mut self.undo_data);
-        data.clear();
+        // Kept between calls at its largest size so far (at most UNDO_RECORD_DATA +
+        // UNDO_PIECE) and only grown, never cleared: zeroing it for every piece cost a
+        // memset of every old byte. `used` is the record's data so far.
+        let mut buf = std::mem::take(&mut self.undo_data);
+        let mut used = 0;
         let mut total = 0u64;
         for (offset, len) in extents {
             let mut at = offset;
@@ -987,13 +990,15 @@ impl Journal {
             while at < end {
                 let n = ((end - at) as usize).min(UNDO_PIECE);
                 // Read straight into the record's data (one copy from the target); an
-                // all-zero piece is taken back out.
-                let start = data.len();
-                data.resize(start + n, 0);
-                read(at, &mut data[start..]).map_err(JournalError::ReadTarget)?;
-                let zero = is_zero(&data[start..]);
-                if zero {
-                    data.truncate(start);
+                // all-zero piece is not kept.
+                if buf.len() < used + n {
+                    buf.resize(used + n, 0);
+                }
+                let piece = &mut buf[used..used + n];
+                read(at, piece).map_err(JournalError::ReadTarget)?;
+                let zero = is_zero(piece);
+                if !zero {
+                    used += n;
                 }
                 pieces.push(Piece {
                     offset: at,
@@ -1002,17 +1007,17 @@ impl Journal {
                 });
                 total += n as u64;
                 at += n as u64;
-                if data.len() >= UNDO_RECORD_DATA || pieces.len() >= UNDO_RECORD_PIECES {
-                    self.undo_record(seq, batch_unix_ms, &pieces, &data)?;
+                if used >= UNDO_RECORD_DATA || pieces.len() >= UNDO_RECORD_PIECES {
+                    self.undo_record(seq, batch_unix_ms, &pieces, &buf[..used])?;
                     pieces.clear();
-                    data.clear();
+                    used = 0;
                 }
             }
         }
         if !pieces.is_empty() {
-            self.undo_record(seq, batch_unix_ms, &pieces, &data)?;
+            self.undo_record(seq, batch_unix_ms, &pieces, &buf[..used])?;
         }
-        self.undo_data = data;
+        self.undo_data = buf;
         Ok(total)
     }
 
