@@ -11,11 +11,15 @@
 //!   then released, replication goes on, and the undo records above `p` are applied to the
 //!   copy, newest first. The copy gets a new `ddb.uuid` (it is another disk).
 //! * in place (`recover --in-place`): only while no master target serves the retention
-//!   volume (its lock is taken here). An intent file `disks/<id>.rollback` is written
-//!   first and removed last: while it exists the server refuses to open the disk, because
-//!   an interrupted roll back must be run again (rolling back is idempotent as a whole
-//!   pass). Order: intent -> uncommitted tail rolled back -> undo above `p` applied and
-//!   synced -> journal cut back to `p` -> state file says `p` -> intent removed.
+//!   volume (its lock is taken here). An intent file `disks/<id>.rollback` ([`Intent`]:
+//!   the seq `p` resolved from `--point`, and that point) is written before the target
+//!   changes and removed last: while it exists the server refuses to open the disk and
+//!   `recover --out` refuses to copy it, because an interrupted roll back must be run
+//!   again, to the same seq (rolling back is idempotent as a whole pass; the point is not
+//!   resolved again, the journal may be cut back already), and a re-run with another
+//!   `--point` is refused. Order: uncommitted tail rolled back -> point resolved -> intent
+//!   -> undo above `p` applied and synced -> journal cut back to `p` (atomically) -> state
+//!   file says `p` -> intent removed.
 
 use std::fs::File;
 use std::io;
@@ -49,9 +53,16 @@ pub enum RecoveryError {
     )]
     InUse(String, String),
     #[error(
-        "an in-place recovery of disk {0} was interrupted ({1} exists); run `master-target recover --in-place` again"
+        "an in-place recovery of disk {disk_id} to point '{point}' (seq {seq}) was interrupted \
+         and left the disk between points ({path} exists): finish it first with \
+         `master-target recover --in-place --point '{point}'`"
     )]
-    Interrupted(String, PathBuf),
+    Interrupted {
+        disk_id: String,
+        point: String,
+        seq: u64,
+        path: PathBuf,
+    },
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -98,6 +109,53 @@ const COPY_CHUNK: usize = 1 << 20;
 /// Path of the in-place intent file of `disk_id`.
 pub fn intent_path(retention: &Path, disk_id: &str) -> PathBuf {
     crate::state::disks_dir(retention).join(format!("{disk_id}.rollback"))
+}
+
+/// What an unfinished in-place recovery was doing, from its intent file (text: the seq it
+/// goes back to, a newline, the `--point` it was given). A re-run must go back to that same
+/// seq: the point cannot be resolved again, as the journal may be cut back already.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Intent {
+    pub seq: u64,
+    pub point: String,
+}
+
+impl Intent {
+    fn encode(&self) -> Vec<u8> {
+        format!("{}\n{}", self.seq, self.point).into_bytes()
+    }
+
+    /// The intent of `disk_id`, if an in-place recovery of it is unfinished.
+    pub fn read(retention: &Path, disk_id: &str) -> Result<Option<Intent>, RecoveryError> {
+        let path = intent_path(retention, disk_id);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_at("read", &path)(e)),
+        };
+        let parsed = text
+            .split_once('\n')
+            .and_then(|(seq, point)| Some((seq.parse().ok()?, point)));
+        match parsed {
+            Some((seq, point)) => Ok(Some(Intent {
+                seq,
+                point: point.to_string(),
+            })),
+            None => Err(io_at("parse", &path)(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not an in-place recovery intent (SEQ, newline, POINT)",
+            ))),
+        }
+    }
+
+    fn refusal(self, retention: &Path, disk_id: &str) -> RecoveryError {
+        RecoveryError::Interrupted {
+            disk_id: disk_id.to_string(),
+            point: self.point,
+            seq: self.seq,
+            path: intent_path(retention, disk_id),
+        }
+    }
 }
 
 fn load_state(retention: &Path, disk_id: &str) -> Result<DiskState, RecoveryError> {
@@ -344,6 +402,11 @@ fn to_copy(
     if !dir.is_dir() {
         return Err(RecoveryError::BadOutput(out.to_path_buf()));
     }
+    // An unfinished in-place recovery left the target between points: a copy of it
+    // rolled back would match no point either.
+    if let Some(i) = Intent::read(&req.retention, &req.disk_id)? {
+        return Err(i.refusal(&req.retention, &req.disk_id));
+    }
     // A sparse or split output is assembled in a raw scratch file first, then packed into
     // its extents; a single flat extent is rolled back where it lies.
     let packed = matches!(
@@ -504,7 +567,10 @@ fn in_place(
     let _lock = crate::retention::volume::claim(&req.retention)
         .map_err(|why| RecoveryError::InUse(req.disk_id.clone(), why))?;
     let intent = intent_path(&req.retention, &req.disk_id);
-    vmdk::write_atomic(&intent, req.point.as_bytes()).map_err(io_at("write", &intent))?;
+    let unfinished = Intent::read(&req.retention, &req.disk_id)?;
+    if let Some(i) = unfinished.clone().filter(|i| i.point != req.point) {
+        return Err(i.refusal(&req.retention, &req.disk_id));
+    }
     let mut extent = Extent::open(data, state.capacity)?;
     // Roll back what a crashed server left uncommitted, and reconcile with the journal.
     let (j, opened) = journal::Journal::open(
@@ -518,7 +584,24 @@ fn in_place(
     let history = History::read(&req.retention, &req.disk_id)?
         .ok_or_else(|| RecoveryError::NoJournal(req.disk_id.clone()))?;
     let points = history_points(&history);
-    let (seq, what) = select(&history, &points, &req.point)?;
+    let (seq, what) = match unfinished {
+        Some(i) => (
+            i.seq,
+            format!(
+                "{} at seq {} (an interrupted recovery, finished)",
+                i.point, i.seq
+            ),
+        ),
+        None => {
+            let (seq, what) = select(&history, &points, &req.point)?;
+            let i = Intent {
+                seq,
+                point: req.point.clone(),
+            };
+            vmdk::write_atomic(&intent, &i.encode()).map_err(io_at("write", &intent))?;
+            (seq, what)
+        }
+    };
     history.roll_back(seq, &mut extent)?;
     journal::truncate_to(&req.retention, &req.disk_id, seq)?;
     let point_time = points
@@ -538,9 +621,7 @@ fn in_place(
     // The removal is the end of the recovery: make it durable, or a crash could bring the
     // intent back and keep the disk refused until `recover` runs again.
     let dir = intent.parent().unwrap_or(&req.retention);
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_at("fsync dir", dir))?;
+    crate::storage::sync_dir(dir).map_err(io_at("fsync dir", dir))?;
     Ok(Recovered {
         seq,
         point: what,

@@ -304,12 +304,16 @@ impl Registry {
 fn refuse_interrupted_recovery(retention: &Path, id: &str) -> Result<(), Refusal> {
     let intent = crate::recovery::intent_path(retention, id);
     if intent.exists() {
+        let point = match crate::recovery::Intent::read(retention, id) {
+            Ok(Some(i)) => format!(" --point '{}'", i.point),
+            _ => String::new(),
+        };
         return Err(Refusal::for_disk(
             Code::DiskConflict,
             id,
             format!(
                 "an in-place recovery of disk {id} was interrupted ({} exists); run \
-                 `master-target recover --in-place` again before replicating it",
+                 `master-target recover --in-place{point}` again before replicating it",
                 intent.display()
             ),
         ));

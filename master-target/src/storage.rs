@@ -21,6 +21,12 @@ pub fn sync_failed(source: io::Error) -> io::Error {
     io::Error::new(source.kind(), SyncFailed { source })
 }
 
+/// Makes the entries of directory `dir` durable: a file created, renamed or removed in it
+/// (a file's own fsync does not promise its name).
+pub fn sync_dir(dir: &std::path::Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all().map_err(sync_failed)
+}
+
 /// Whether `e` is a write refused for lack of space (never true for a [`sync_failed`]).
 pub fn is_no_space(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::ENOSPC)

@@ -1,7 +1,8 @@
 //! `recovery-points` and `recover` against the real binary: markers cut between scripted
 //! batches, a copy of the expected disk kept at each, recovery to each (while the server
 //! keeps replicating) compared byte for byte and with qemu-img; then an in-place roll back,
-//! refused while the server runs, and replication resuming from the recovered seq.
+//! refused while the server runs, an interrupted one finished at its recorded seq, and
+//! replication resuming from the recovered seq.
 
 mod common;
 
@@ -106,6 +107,34 @@ async fn recovery_to_every_marker_equals_the_disk_at_that_marker() {
     drop(c);
     stop(child);
 
+    // An in-place recovery given `--point latest` (resolved to seq 7 then) was interrupted:
+    // its intent file says so. Another point is refused, and so is a copy (the disk may be
+    // between points); the same point finishes it at the recorded seq 7, where `latest`
+    // would now resolve to 10.
+    let intent = dir.join(format!("ret/disks/{DISK}.rollback"));
+    std::fs::write(&intent, "7\nlatest").unwrap();
+    for out in [None, Some(dir.join("y.vmdk"))] {
+        let o = recover(dir, "m3", out.as_ref().map(|p| p.to_str().unwrap()));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success());
+        assert!(
+            err.contains("to point 'latest' (seq 7) was interrupted"),
+            "{err}"
+        );
+    }
+    assert!(!dir.join("y-flat.vmdk").exists());
+    let o = recover(dir, "latest", None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        !intent.exists(),
+        "the intent goes once the recovery is done"
+    );
+    assert_bytes(
+        &flat(dir),
+        &s.states[7],
+        "in place to the interrupted point",
+    );
+    // Going to m7 again changes nothing.
     let o = recover(dir, "m7", None);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_bytes(&flat(dir), &s.states[7], "in place to m7");

@@ -517,8 +517,9 @@ pub(super) fn scan(
         let plen = u32::from_le_bytes(rh[4..8].try_into().expect("4")) as usize;
         let crc = u32::from_le_bytes(rh[8..12].try_into().expect("4"));
         if plen > MAX_RECORD {
-            bad("record length beyond the cap", len)?;
-            break;
+            // Never a torn append, even at the tail: bytes past what reached the disk read
+            // as zeros, so a partly written length is at most the real one (<= the cap).
+            return Err(corrupt(at, "record length beyond the cap"));
         }
         let end = at + (RECORD_HEADER + plen) as u64;
         if end > len {
@@ -749,17 +750,33 @@ pub fn truncate_to(retention: &Path, disk_id: &str, seq: u64) -> Result<(), Jour
                 }
             }
         }
-        s.file.set_len(cut).map_err(io_err("truncate", &s.path))?;
-        if let Some(c) = partial.filter(|c| !c.batches.is_empty()) {
-            let mut p = Vec::new();
-            c.encode(&mut p);
-            let mut rec = Vec::new();
-            encode_record(no, KIND_COMMIT, &p, &mut rec);
-            s.file
-                .write_all_at(&rec, cut)
-                .map_err(io_err("write", &s.path))?;
+        match partial.filter(|c| !c.batches.is_empty()) {
+            // A cut at a COMMIT: truncating is atomic (a crash leaves the old length, and
+            // the roll back and cut are simply made again).
+            None => {
+                s.file.set_len(cut).map_err(io_err("truncate", &s.path))?;
+                s.file.sync_all().map_err(sync_err("fsync", &s.path))?;
+            }
+            // Inside a group: the kept records and their new COMMIT go to a copy renamed
+            // over the segment. Cutting in place and then appending the COMMIT could crash
+            // in between, and the next open would roll the kept batches back as an
+            // uncommitted group, below the point.
+            Some(c) => {
+                let mut p = Vec::new();
+                c.encode(&mut p);
+                let mut rec = Vec::new();
+                encode_record(no, KIND_COMMIT, &p, &mut rec);
+                let tmp = segment_tmp_path(&dir, no);
+                let mut out = File::create(&tmp).map_err(io_err("create", &tmp))?;
+                (&s.file)
+                    .seek(SeekFrom::Start(0))
+                    .map_err(io_err("seek", &s.path))?;
+                io::copy(&mut (&s.file).take(cut), &mut out).map_err(io_err("copy", &tmp))?;
+                out.write_all(&rec).map_err(io_err("write", &tmp))?;
+                out.sync_all().map_err(sync_err("fsync", &tmp))?;
+                std::fs::rename(&tmp, &s.path).map_err(io_err("rename", &s.path))?;
+            }
         }
-        s.file.sync_all().map_err(sync_err("fsync", &s.path))?;
         break;
     }
     sync_dir(&dir)
@@ -822,6 +839,11 @@ impl Journal {
     ) -> Result<(Journal, Opened), JournalError> {
         let dir = journal_dir(retention, disk_id);
         std::fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        // The journal's directory may be new: its name must be durable before anything in
+        // it is relied on.
+        if let Some(parent) = dir.parent() {
+            sync_dir(parent)?;
+        }
         remove_temporaries(&dir)?;
         let nos = list_segments(&dir)?;
         let mut segments = VecDeque::new();
@@ -1355,6 +1377,43 @@ mod tests {
     }
 
     #[test]
+    fn cutting_back_inside_a_group_keeps_its_batches_up_to_the_point_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut disk = Mem(vec![0u8; 65536]);
+        let (mut j, _) =
+            Journal::open(dir.path(), "d", 0, RetentionPolicy::default(), &mut disk).unwrap();
+        write(&mut j, &mut disk, 1, &[(0, 1, 8192)], true);
+        let after1 = disk.0.clone();
+        // Batches 2 and 3 in one commit group.
+        write(&mut j, &mut disk, 2, &[(4096, 2, 8192)], false);
+        let after2 = disk.0.clone();
+        write(&mut j, &mut disk, 3, &[(0, 3, 4096)], false);
+        let mut group = Commit::of_one(2, vec![]);
+        group.batches.extend(Commit::of_one(3, vec![]).batches);
+        j.commit(&group).unwrap();
+        drop(j);
+        let h = History::read(dir.path(), "d").unwrap().unwrap();
+        h.roll_back(2, &mut disk).unwrap();
+        assert_eq!(disk.0, after2);
+        drop(h);
+        truncate_to(dir.path(), "d", 2).unwrap();
+        let jd = journal_dir(dir.path(), "d");
+        assert!(
+            !segment_tmp_path(&jd, 1).exists(),
+            "the copy was renamed over"
+        );
+        // Seq 2 is committed on its own now: opening keeps it, and the history goes on.
+        let (_j, o) =
+            Journal::open(dir.path(), "d", 2, RetentionPolicy::default(), &mut disk).unwrap();
+        assert_eq!((o.committed_seq, o.rolled_back), (2, 0));
+        assert_eq!(disk.0, after2);
+        let h = History::read(dir.path(), "d").unwrap().unwrap();
+        assert_eq!(h.committed_seq, 2);
+        h.roll_back(1, &mut disk).unwrap();
+        assert_eq!(disk.0, after1);
+    }
+
+    #[test]
     fn a_torn_tail_is_truncated_and_mid_segment_corruption_refused() {
         let dir = tempfile::tempdir().unwrap();
         let mut disk = Mem(vec![0u8; 65536]);
@@ -1379,6 +1438,17 @@ mod tests {
         std::fs::write(&seg, &bad).unwrap();
         let e = Journal::open(dir.path(), "d", 1, RetentionPolicy::default(), &mut d2).unwrap_err();
         assert!(matches!(e, JournalError::Corrupt { .. }), "{e}");
+        // A length above the cap is corruption too, even in the active segment: a torn
+        // write leaves at most the real length. (Read as a torn tail, it cut every commit
+        // after it and lost their points.)
+        let mut huge = full.clone();
+        huge[SEGMENT_HEADER as usize + 7] |= 0x80;
+        std::fs::write(&seg, &huge).unwrap();
+        let e = Journal::open(dir.path(), "d", 2, RetentionPolicy::default(), &mut d2).unwrap_err();
+        assert!(
+            matches!(&e, JournalError::Corrupt { reason, .. } if reason.contains("beyond the cap")),
+            "{e}"
+        );
     }
 
     #[test]

@@ -221,9 +221,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     f.sync_all().map_err(crate::storage::sync_failed)?;
     drop(f);
     std::fs::rename(&tmp, path)?;
-    File::open(dir)?
-        .sync_all()
-        .map_err(crate::storage::sync_failed)
+    crate::storage::sync_dir(dir)
 }
 
 /// What the retention volume knew of a disk before this open.

@@ -193,7 +193,9 @@ impl Header {
         if header.gd_offset == u64::MAX || header.gd_offset == 0 {
             return Err("grain directory at the end (streamOptimized)".into());
         }
-        if header.capacity_sectors == 0 || header.capacity_sectors * SECTOR > MAX_CAPACITY {
+        // Checked: the fields are untrusted, and a wrapped product would pass the cap.
+        let capacity = header.capacity_sectors.checked_mul(SECTOR);
+        if header.capacity_sectors == 0 || capacity.is_none_or(|c| c > MAX_CAPACITY) {
             return Err(format!("capacity {} sectors", header.capacity_sectors));
         }
         Ok(header)
@@ -231,8 +233,14 @@ pub(super) fn read_u32s(
     sector: u64,
     n: usize,
 ) -> Result<Vec<u32>, SparseError> {
+    let offset = sector
+        .checked_mul(SECTOR)
+        .ok_or_else(|| SparseError::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!("table at sector {sector} is past any file"),
+        })?;
     let mut b = vec![0u8; n * 4];
-    file.read_exact_at(&mut b, sector * SECTOR)
+    file.read_exact_at(&mut b, offset)
         .map_err(io_err("read", path))?;
     Ok(b.chunks_exact(4)
         .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
@@ -264,7 +272,7 @@ impl Tables {
             path: path.to_path_buf(),
             reason,
         };
-        if len < header.overhead * SECTOR {
+        if header.overhead.checked_mul(SECTOR).is_none_or(|o| len < o) {
             return Err(corrupt(format!(
                 "file of {len} bytes ends inside its metadata"
             )));
@@ -445,6 +453,9 @@ impl SparseExtent {
             }
             write_descriptor_area(&file, path, descriptor)?;
             file.sync_all().map_err(sync_err("fsync", path))?;
+            // The descriptor is inside: no later rename makes the new name durable.
+            let dir = path.parent().unwrap_or(Path::new("."));
+            crate::storage::sync_dir(dir).map_err(io_err("fsync dir", dir))?;
             Self::from_file(path, file)
         })();
         super::remove_if_failed(path, made)
@@ -778,6 +789,35 @@ mod tests {
             let mut got = vec![0u8; cap as usize];
             r.read_at(&mut got, 0).unwrap();
             prop_assert!(got == plain);
+        }
+    }
+
+    /// Header fields whose sector counts overflow 64 bits in bytes are refused, not
+    /// wrapped (a wrapped capacity passed the cap and then asked for terabytes of tables).
+    #[test]
+    fn header_sector_counts_that_overflow_in_bytes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.vmdk");
+        drop(SparseExtent::create(&p, 1 << 20, "d").unwrap());
+        let good = std::fs::read(&p).unwrap();
+        // capacity (offset 12), rgdOffset (48), gdOffset (56), overHead (64).
+        for (field, value) in [
+            (12, 1u64 << 55),
+            (48, 1 << 60),
+            (56, 1 << 60),
+            (64, 1 << 56),
+        ] {
+            let mut b = good.clone();
+            b[field..field + 8].copy_from_slice(&value.to_le_bytes());
+            std::fs::write(&p, &b).unwrap();
+            let e = SparseReader::open(&p).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    SparseError::Unsupported { .. } | SparseError::Corrupt { .. }
+                ),
+                "field at {field}: {e}"
+            );
         }
     }
 
