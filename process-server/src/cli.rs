@@ -375,6 +375,21 @@ impl Effective {
         if !SEGMENT_SIZE_RANGE.contains(&self.segment_size.0) {
             bail!("segment_size must be 1M..=1G, not {}", self.segment_size.0);
         }
+        // Only segments below the active one are ever deleted, and the writer starts a new
+        // one only when a record does not fit: a mark that one segment's records can reach
+        // would pause the agents with everything forwarded, for good.
+        let mark = u128::from(self.cache_quota.0) * u128::from(self.high_water) / 100;
+        let least = 2 * u128::from(self.segment_size.0);
+        if mark < least {
+            bail!(
+                "the high-water mark ({}% of cache_quota {} = {mark} bytes) must hold at least \
+                 two segments (2 x segment_size = {least} bytes): the records of one active \
+                 segment could reach it and the cache would never resume; raise cache_quota \
+                 or high_water, or lower segment_size",
+                self.high_water,
+                self.cache_quota.0
+            );
+        }
         if self.forward_window.0 == 0 {
             bail!("forward_window must be at least 1 byte");
         }
@@ -603,6 +618,12 @@ mod tests {
             ("[priorities]\nd = 0", "priority of disk d"),
             ("[priorities]\nd = 101", "priority of disk d"),
             ("bandwidth_schedule = \"mon=fast\"", "bandwidth_schedule"),
+            // 80 % of 64M is under two 64M segments (the default size).
+            ("cache_quota = \"64M\"", "must hold at least two segments"),
+            (
+                "cache_quota = \"16M\"\nsegment_size = \"4M\"\nhigh_water = 49",
+                "must hold at least two segments",
+            ),
         ] {
             std::fs::write(&file, format!("{base}{bad}\n")).unwrap();
             let e = effective(&[&format!("--config={}", file.display())]).unwrap_err();
