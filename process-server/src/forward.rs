@@ -431,7 +431,8 @@ impl Session {
             }
         }
         if let Some(n) = self.next.get_mut(&p.disk_id) {
-            *n = (*n).max(p.applied_seq + 1);
+            // Saturating: the seq is the master target's word, u64::MAX included.
+            *n = (*n).max(p.applied_seq.saturating_add(1));
         }
         // Progress after a retry: the fault cleared, the backoff starts over.
         if self.retry.get(&p.disk_id).is_some_and(|r| r.at.is_none()) {

@@ -93,7 +93,7 @@ impl Index {
     /// target and will not be read again).
     pub fn prune(&mut self, disk: &str, applied: u64) {
         if let Some(m) = self.disks.get_mut(disk) {
-            *m = m.split_off(&(applied + 1));
+            *m = m.split_off(&applied.saturating_add(1));
         }
     }
 
