@@ -680,6 +680,22 @@ impl History {
                 }
                 Err(e) => return Err(e),
             };
+            if !h.files.is_empty() && s.base_seq != h.committed_seq {
+                // A segment started above where the journal reached (opened behind the
+                // state file, `Journal::open`): the undo between is missing, so no point
+                // before the gap can be rebuilt. The history starts after it.
+                tracing::warn!(
+                    disk = disk_id,
+                    "undo journal segment {no} starts at seq {} where the history reached seq \
+                     {}: points before seq {} are gone",
+                    s.base_seq,
+                    h.committed_seq,
+                    s.base_seq
+                );
+                h.commits.clear();
+                h.undos.clear();
+                h.files.clear();
+            }
             if h.files.is_empty() {
                 h.base_seq = s.base_seq;
                 h.committed_seq = s.base_seq;
@@ -1449,6 +1465,29 @@ mod tests {
             matches!(&e, JournalError::Corrupt { reason, .. } if reason.contains("beyond the cap")),
             "{e}"
         );
+    }
+
+    #[test]
+    fn history_starts_after_a_gap_in_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut disk = Mem(vec![0u8; 65536]);
+        let (mut j, _) =
+            Journal::open(dir.path(), "d", 0, RetentionPolicy::default(), &mut disk).unwrap();
+        write(&mut j, &mut disk, 1, &[(0, 1, 4096)], true);
+        write(&mut j, &mut disk, 2, &[(0, 2, 4096)], true);
+        drop(j);
+        // The state file says seq 5 (seqs 3-5 left no undo): the journal starts a segment
+        // there, and its history cannot reach below it.
+        let (mut j, o) =
+            Journal::open(dir.path(), "d", 5, RetentionPolicy::default(), &mut disk).unwrap();
+        assert_eq!(o.committed_seq, 5);
+        let at5 = disk.0.clone();
+        write(&mut j, &mut disk, 6, &[(0, 6, 4096)], true);
+        let h = History::read(dir.path(), "d").unwrap().unwrap();
+        assert_eq!((h.base_seq, h.committed_seq), (5, 6));
+        assert_eq!(h.commits.len(), 1, "seqs 1 and 2 are no points any more");
+        h.roll_back(5, &mut disk).unwrap();
+        assert_eq!(disk.0, at5);
     }
 
     #[test]
