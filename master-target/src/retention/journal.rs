@@ -1429,15 +1429,20 @@ mod tests {
         assert_eq!(disk.0, after1);
     }
 
+    /// Disk "d" with a journal in `dir` where seqs 1 and 2 (4 KiB at 0, filled with the
+    /// seq) are committed; returns the disk.
+    fn journal_of_two(dir: &Path) -> Mem {
+        let mut disk = Mem(vec![0u8; 65536]);
+        let (mut j, _) = Journal::open(dir, "d", 0, RetentionPolicy::default(), &mut disk).unwrap();
+        write(&mut j, &mut disk, 1, &[(0, 1, 4096)], true);
+        write(&mut j, &mut disk, 2, &[(0, 2, 4096)], true);
+        disk
+    }
+
     #[test]
     fn a_torn_tail_is_truncated_and_mid_segment_corruption_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let mut disk = Mem(vec![0u8; 65536]);
-        let (mut j, _) =
-            Journal::open(dir.path(), "d", 0, RetentionPolicy::default(), &mut disk).unwrap();
-        write(&mut j, &mut disk, 1, &[(0, 1, 4096)], true);
-        write(&mut j, &mut disk, 2, &[(0, 2, 4096)], true);
-        drop(j);
+        let mut disk = journal_of_two(dir.path());
         let seg = segment_path(&journal_dir(dir.path(), "d"), 1);
         let full = std::fs::read(&seg).unwrap();
         // Torn: the second commit record loses its last byte.
@@ -1470,12 +1475,7 @@ mod tests {
     #[test]
     fn history_starts_after_a_gap_in_the_journal() {
         let dir = tempfile::tempdir().unwrap();
-        let mut disk = Mem(vec![0u8; 65536]);
-        let (mut j, _) =
-            Journal::open(dir.path(), "d", 0, RetentionPolicy::default(), &mut disk).unwrap();
-        write(&mut j, &mut disk, 1, &[(0, 1, 4096)], true);
-        write(&mut j, &mut disk, 2, &[(0, 2, 4096)], true);
-        drop(j);
+        let mut disk = journal_of_two(dir.path());
         // The state file says seq 5 (seqs 3-5 left no undo): the journal starts a segment
         // there, and its history cannot reach below it.
         let (mut j, o) =
