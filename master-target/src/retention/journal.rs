@@ -1442,7 +1442,7 @@ mod tests {
     #[test]
     fn a_torn_tail_is_truncated_and_mid_segment_corruption_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let mut disk = journal_of_two(dir.path());
+        let disk = journal_of_two(dir.path());
         let seg = segment_path(&journal_dir(dir.path(), "d"), 1);
         let full = std::fs::read(&seg).unwrap();
         // Torn: the second commit record loses its last byte.
