@@ -382,7 +382,11 @@ impl Session {
                 for reply in self.pending_adds.remove(&r.disk_id).unwrap_or_default() {
                     let _ = reply.send(Err(refusal.clone()));
                 }
-                let retryable = refusal.code.is_retryable();
+                // OutOfSequence from the master target: its reorder buffer overflowed and it
+                // dropped what it held above the gap; re-sending from the applied seq is the
+                // remedy (an agent's gap, by contrast, is its own error to report).
+                let retryable = refusal.code.is_retryable()
+                    || refusal.code == protocol::error::Code::OutOfSequence;
                 ctx.disks.set_failed(&r.disk_id, Some(refusal));
                 self.next.remove(&r.disk_id);
                 if let Some(q) = self.inflight.remove(&r.disk_id) {

@@ -162,6 +162,29 @@ async fn a_full_master_target_volume_is_retried_from_the_applied_seq_once_it_fre
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batches_the_master_target_drops_from_a_full_reorder_buffer_are_re_sent() {
+    let cache = tempfile::tempdir().unwrap();
+    let mt = FakeMt::new();
+    let mt_url = start_fake_mt(mt.clone()).await;
+    let server = start_server(cache.path(), &mt_url).await;
+
+    let mut a = agent(&server.url).await;
+    a.send(1..=5).await;
+    a.until(|p| p.applied_seq == 5).await;
+    mt.reorder_overflows
+        .store(3, std::sync::atomic::Ordering::SeqCst);
+    a.send(6..=20).await;
+    // No new session and no agent action: the forwarder re-sends from the applied seq
+    // after its backoff (the disk stayed stopped until the next session before).
+    tokio::time::timeout(Duration::from_secs(20), a.until(|p| p.applied_seq == 20))
+        .await
+        .expect("the dropped batches were never re-sent");
+    assert_eq!(mt.applied_order("disk-1"), (1..=20).collect::<Vec<_>>());
+    drop(a);
+    server.stop().await;
+}
+
 /// Registers disk-1 with a reachable (fake) master target, then has batches 1..=12
 /// acknowledged while it is unreachable; returns the stopped server's cache and the fake.
 async fn twelve_cached_while_the_master_target_is_away() -> (tempfile::TempDir, FakeMt, String) {

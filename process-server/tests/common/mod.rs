@@ -43,6 +43,9 @@ pub struct FakeMt {
     pub full: Arc<std::sync::atomic::AtomicBool>,
     /// Batches refused because of `full`, so far.
     pub refused: Arc<std::sync::atomic::AtomicU64>,
+    /// The next this-many batches are refused with OutOfSequence and dropped, as a master
+    /// target whose reorder buffer overflowed does.
+    pub reorder_overflows: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl FakeMt {
@@ -53,6 +56,7 @@ impl FakeMt {
             gate: Arc::new(watch::Sender::new(true)),
             full: Arc::default(),
             refused: Arc::default(),
+            reorder_overflows: Arc::default(),
         }
     }
 
@@ -148,6 +152,22 @@ impl MasterTarget for FakeMt {
                             code: protocol::error::Code::NoSpace.value(),
                             disk_id: b.disk_id,
                             message: "the retention volume is full".into(),
+                        })
+                    }
+                    Some(forward_message::Body::Batch(b))
+                        if mt
+                            .reorder_overflows
+                            .fetch_update(
+                                std::sync::atomic::Ordering::SeqCst,
+                                std::sync::atomic::Ordering::SeqCst,
+                                |n| n.checked_sub(1),
+                            )
+                            .is_ok() =>
+                    {
+                        apply_message::Body::Error(protocol::pb::ErrorReport {
+                            code: protocol::error::Code::OutOfSequence.value(),
+                            disk_id: b.disk_id,
+                            message: "the reorder buffer is full; re-send".into(),
                         })
                     }
                     Some(forward_message::Body::Batch(b)) => {
