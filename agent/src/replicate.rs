@@ -304,6 +304,45 @@ impl FileDisk {
         }
     }
 
+    /// After a write or zero that failed (`errno`) once FILE may have taken part of it:
+    /// whatever FILE now holds in `[offset, offset + len)` must still reach the target, or
+    /// the target silently differs from the source. In bitmap mode the range is marked
+    /// (re-read later); otherwise FILE's bytes are read back and queued as writes. Returns
+    /// `errno` for the client.
+    fn record_failed(
+        &self,
+        sink: &mut Option<DirtyMap>,
+        offset: u64,
+        len: u64,
+        errno: u32,
+    ) -> Result<(), u32> {
+        if let Some(dirty) = sink {
+            dirty.mark(offset, len);
+            return Err(errno);
+        }
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(ZERO_CHUNK as u64) as usize;
+            let data = match self.read(at, n) {
+                Ok(d) => d,
+                Err(e) => {
+                    let why = format!(
+                        "a write to [{offset}, {}) failed (errno {errno}) and reading it back \
+                         failed too (errno {e}): the target may differ there; run a \
+                         differential sync",
+                        offset + len
+                    );
+                    tracing::error!(disk = %self.state.disk_id, "{why}");
+                    *self.state.last_error.lock() = Some(why);
+                    return Err(errno);
+                }
+            };
+            self.record(sink, Change::Write { offset: at, data })?;
+            at += n as u64;
+        }
+        Err(errno)
+    }
+
     fn sync(&self, fua: bool) -> Result<(), u32> {
         if fua {
             self.file.sync_data().map_err(|e| io_errno(&e))?;
@@ -382,11 +421,15 @@ impl Backend for FileDisk {
             return Ok(());
         }
         let mut sink = self.sink.lock();
-        self.file
+        let done = self
+            .file
             .write_all_at(&data, offset)
-            .map_err(|e| io_errno(&e))?;
-        self.sync(fua)?;
-        self.record(&mut sink, Change::Write { offset, data })
+            .map_err(|e| io_errno(&e))
+            .and_then(|()| self.sync(fua));
+        match done {
+            Ok(()) => self.record(&mut sink, Change::Write { offset, data }),
+            Err(errno) => self.record_failed(&mut sink, offset, data.len() as u64, errno),
+        }
     }
 
     fn zero(&self, offset: u64, len: u64, fua: bool) -> Result<(), u32> {
@@ -396,15 +439,19 @@ impl Backend for FileDisk {
         let zeros = vec![0u8; ZERO_CHUNK.min(len as usize)];
         let mut sink = self.sink.lock();
         let mut at = offset;
-        while at < offset + len {
+        let mut done = Ok(());
+        while at < offset + len && done.is_ok() {
             let n = (zeros.len() as u64).min(offset + len - at) as usize;
-            self.file
+            done = self
+                .file
                 .write_all_at(&zeros[..n], at)
-                .map_err(|e| io_errno(&e))?;
+                .map_err(|e| io_errno(&e));
             at += n as u64;
         }
-        self.sync(fua)?;
-        self.record(&mut sink, Change::Zero { offset, len })
+        match done.and_then(|()| self.sync(fua)) {
+            Ok(()) => self.record(&mut sink, Change::Zero { offset, len }),
+            Err(errno) => self.record_failed(&mut sink, offset, len, errno),
+        }
     }
 
     fn flush(&self) -> Result<(), u32> {
@@ -945,4 +992,68 @@ fn resync(
         tracing::info!("the target is consistent; replicating continuously");
     }
     Ok(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A write that fails partway (ENOSPC on a small tmpfs, after FILE took some of it)
+    /// must still reach the target as what FILE now holds: queued from a read-back while
+    /// changes stream, marked dirty in bitmap mode. It was dropped: FILE changed and the
+    /// target never learned.
+    #[test]
+    fn a_write_that_fails_partway_still_reaches_the_target() {
+        let dir = tempfile::tempdir().unwrap();
+        for tracking in [false, true] {
+            let mnt = dir.path().join(format!("fs-{tracking}"));
+            std::fs::create_dir_all(&mnt).unwrap();
+            let _fs = match protocol::testing::Tmpfs::mount(&mnt, "65536") {
+                Ok(fs) => fs,
+                Err(e) => {
+                    eprintln!("SKIPPED: cannot mount a tmpfs (needs root): {e}");
+                    return;
+                }
+            };
+            let path = mnt.join("source.raw");
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .unwrap();
+            let size = 1u64 << 20;
+            file.set_len(size).unwrap();
+            let (queue, changes) = std::sync::mpsc::sync_channel(64);
+            let disk = FileDisk {
+                file,
+                size,
+                sink: Mutex::new(tracking.then(|| DirtyMap::new(size))),
+                queue,
+                ids: Arc::default(),
+                state: Arc::new(DiskState::new("d", "d")),
+            };
+            // 256 KiB into a 64 KiB volume: some pages are written, then ENOSPC.
+            let e = disk.write(0, vec![7u8; 256 << 10], false).unwrap_err();
+            assert_eq!(e, libc::ENOSPC as u32);
+            let held = disk.read(0, 256 << 10).unwrap();
+            assert!(held[..4096].iter().all(|&b| b == 7), "FILE took part of it");
+            if tracking {
+                let sink = disk.sink.lock();
+                let marked: Vec<_> = sink.as_ref().unwrap().ranges().collect();
+                assert_eq!(marked, vec![(0, 256 << 10)], "the range is re-read later");
+            } else {
+                // Queued: exactly what FILE holds over the whole range.
+                let mut queued = vec![0u8; 256 << 10];
+                while let Ok(c) = changes.try_recv() {
+                    let Change::Write { offset, data } = c else {
+                        panic!("only writes are queued");
+                    };
+                    queued[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+                }
+                assert!(queued == held, "the queue holds FILE's bytes");
+            }
+        }
+    }
 }
