@@ -133,16 +133,22 @@ async fn batches_are_acked_forwarded_in_order_and_deleted_after_apply() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_full_master_target_volume_is_retried_from_the_applied_seq_once_it_frees() {
+/// A server forwarding to a fake master target, and an agent whose batches 1..=5 are
+/// applied; the cache directory is returned to be kept alive.
+async fn five_applied() -> (tempfile::TempDir, FakeMt, Running, Agent) {
     let cache = tempfile::tempdir().unwrap();
     let mt = FakeMt::new();
     let mt_url = start_fake_mt(mt.clone()).await;
     let server = start_server(cache.path(), &mt_url).await;
-
     let mut a = agent(&server.url).await;
     a.send(1..=5).await;
     a.until(|p| p.applied_seq == 5).await;
+    (cache, mt, server, a)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_master_target_volume_is_retried_from_the_applied_seq_once_it_frees() {
+    let (_cache, mt, server, mut a) = five_applied().await;
     mt.full.store(true, std::sync::atomic::Ordering::SeqCst);
     a.send(6..=20).await;
     a.until(|p| p.cached_seq == 20).await;
@@ -164,14 +170,7 @@ async fn a_full_master_target_volume_is_retried_from_the_applied_seq_once_it_fre
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn batches_the_master_target_drops_from_a_full_reorder_buffer_are_re_sent() {
-    let cache = tempfile::tempdir().unwrap();
-    let mt = FakeMt::new();
-    let mt_url = start_fake_mt(mt.clone()).await;
-    let server = start_server(cache.path(), &mt_url).await;
-
-    let mut a = agent(&server.url).await;
-    a.send(1..=5).await;
-    a.until(|p| p.applied_seq == 5).await;
+    let (_cache, mt, server, mut a) = five_applied().await;
     mt.reorder_overflows
         .store(3, std::sync::atomic::Ordering::SeqCst);
     a.send(6..=20).await;
