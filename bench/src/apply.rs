@@ -809,7 +809,8 @@ pub fn journaled_overwrite(base: &Path, source: &Path, dir: &Path, batch: usize)
             let bytes = &new[piece..len.min(piece + batch)];
             let offset = at + piece as u64;
             if bytes.iter().all(|&b| b == 0) {
-                zero_range(&disk, offset, bytes.len() as u64)?;
+                master_target::vmdk::flat::zero_range(&disk, offset, bytes.len() as u64)
+                    .context("fallocate(ZERO_RANGE)")?;
             } else {
                 disk.write_all_at(bytes, offset)?;
             }
@@ -825,25 +826,6 @@ pub fn journaled_overwrite(base: &Path, source: &Path, dir: &Path, batch: usize)
         .context("the journaled copy differs from the source")?;
     fs::remove_dir_all(dir)?;
     Ok(spent.as_secs_f64())
-}
-
-/// Zeros `[offset, offset + len)` of `file`, its blocks kept allocated (the master
-/// target's zero-fill).
-fn zero_range(file: &File, offset: u64, len: u64) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: fallocate on an open descriptor, with no pointers.
-    let r = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if r != 0 {
-        bail!("fallocate(ZERO_RANGE): {}", std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// dd `bs=1M conv=fsync`: `source`'s bytes written to a new file at `path` in 1 MiB writes,

@@ -568,8 +568,10 @@ fn in_place(
         .map_err(|why| RecoveryError::InUse(req.disk_id.clone(), why))?;
     let intent = intent_path(&req.retention, &req.disk_id);
     let unfinished = Intent::read(&req.retention, &req.disk_id)?;
-    if let Some(i) = unfinished.clone().filter(|i| i.point != req.point) {
-        return Err(i.refusal(&req.retention, &req.disk_id));
+    if let Some(i) = &unfinished
+        && i.point != req.point
+    {
+        return Err(i.clone().refusal(&req.retention, &req.disk_id));
     }
     let mut extent = Extent::open(data, state.capacity)?;
     // Roll back what a crashed server left uncommitted, and reconcile with the journal.

@@ -302,23 +302,22 @@ impl Registry {
 /// An in-place recovery that did not finish leaves the target half rolled back: refuse
 /// the disk until it is run again.
 fn refuse_interrupted_recovery(retention: &Path, id: &str) -> Result<(), Refusal> {
+    // An unreadable intent refuses the disk too, without naming the point.
+    let point = match crate::recovery::Intent::read(retention, id) {
+        Ok(None) => return Ok(()),
+        Ok(Some(i)) => format!(" --point '{}'", i.point),
+        Err(_) => String::new(),
+    };
     let intent = crate::recovery::intent_path(retention, id);
-    if intent.exists() {
-        let point = match crate::recovery::Intent::read(retention, id) {
-            Ok(Some(i)) => format!(" --point '{}'", i.point),
-            _ => String::new(),
-        };
-        return Err(Refusal::for_disk(
-            Code::DiskConflict,
-            id,
-            format!(
-                "an in-place recovery of disk {id} was interrupted ({} exists); run \
-                 `master-target recover --in-place{point}` again before replicating it",
-                intent.display()
-            ),
-        ));
-    }
-    Ok(())
+    Err(Refusal::for_disk(
+        Code::DiskConflict,
+        id,
+        format!(
+            "an in-place recovery of disk {id} was interrupted ({} exists); run \
+             `master-target recover --in-place{point}` again before replicating it",
+            intent.display()
+        ),
+    ))
 }
 
 /// Opens `id`'s journal, which rolls an uncommitted group back into the target, and brings

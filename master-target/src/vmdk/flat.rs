@@ -208,6 +208,24 @@ fn map_file(file: &File, path: &Path, capacity: u64) -> Result<MmapMut, FlatErro
 
 /// Whether any page of `[offset, offset + len)` of the mapped file is in the page cache
 /// (`mincore`); `true` when it cannot tell, so that the store goes through the map.
+/// `fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)`: `[offset, offset + len)` of
+/// `file` reads as zeros, its blocks stay allocated (no hole is punched).
+pub fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate on an open descriptor, with no pointers.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn any_resident(map: &MmapMut, offset: u64, len: usize) -> bool {
     const CHUNK: usize = 256;
     let start = (offset / PAGE * PAGE) as usize;
@@ -420,18 +438,8 @@ impl FlatExtent {
         if len < ZERO_RANGE_MIN || inner_end <= inner_start {
             return self.memset(offset, end);
         }
-        // SAFETY: fallocate on a valid descriptor over a range inside the file; the kernel
-        // drops the page-cache pages of the range, so the map reads the zeros.
-        let rc = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-                inner_start as libc::off_t,
-                (inner_end - inner_start) as libc::off_t,
-            )
-        };
-        if rc != 0 {
-            let e = io::Error::last_os_error();
+        // The kernel drops the page-cache pages of the range, so the map reads the zeros.
+        if let Err(e) = zero_range(&self.file, inner_start, inner_end - inner_start) {
             if matches!(
                 e.raw_os_error(),
                 Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
